@@ -1,0 +1,24 @@
+"""slimtorch: make trained PyTorch models smaller and faster with little loss, and prove it.
+
+import slimtorch as st
+result = st.compress(model, "sparse90-int8", data=task)
+st.save(result.model, "out/")
+model = st.load("out/")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "compress", "evaluate", "load", "save"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing slimtorch stays cheap and side-effect free.
+    if name in {"compress", "save", "load", "evaluate"}:
+        from slimtorch import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'slimtorch' has no attribute {name!r}")

@@ -1,0 +1,238 @@
+"""The Python API: compress, save, load, evaluate.
+
+import slimtorch as st
+loaded = st.models.load_model("builtin:lenet5-fashion")
+result = st.compress(loaded.model, "sparse90-int8", data=task)
+st.save(result.model, "out/")
+model = st.load("out/")
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ArtifactError, ConfigError, UserInputError
+from slimtorch.core.methods import Run, Task
+from slimtorch.formats.artifact import (
+    artifact_bytes,
+    dense_safetensors_bytes,
+    read_artifact,
+    write_artifact,
+)
+from slimtorch.formats.state import iter_states, set_state
+from slimtorch.graph.weights import replace_module
+from slimtorch.models.registry import rebuild
+from slimtorch.recipe import Recipe, load_recipe
+from slimtorch.runtime import RUNTIME_MODULES
+
+log = logging.getLogger(__name__)
+
+_ARCH_ATTR = "_slimtorch_architecture"
+_META_ATTR = "_slimtorch_metadata"
+
+
+@dataclass
+class CompressResult:
+    """The compressed model and a report of what each stage did."""
+
+    model: nn.Module
+    recipe: Recipe
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    dense_bytes: int = 0
+
+
+def set_architecture(model: nn.Module, architecture: dict[str, Any]) -> None:
+    """Record how to rebuild ``model`` (see slimtorch.models.registry.rebuild)."""
+    model.__dict__[_ARCH_ATTR] = architecture
+
+
+def get_metadata(model: nn.Module) -> dict[str, Any]:
+    """Metadata that travels with a model into its artifact (source, recipe, evaluator, ...)."""
+    meta: dict[str, Any] = model.__dict__.setdefault(_META_ATTR, {})
+    return meta
+
+
+def compress(
+    model: nn.Module,
+    recipe: str | Path | dict[str, Any] | Recipe,
+    data: Task | None = None,
+    ctx: Context | None = None,
+    inplace: bool = False,
+) -> CompressResult:
+    """Apply ``recipe``'s stages to (a copy of) ``model``.
+
+    ``data`` is the training/calibration Task used by stages that need data; optional stages
+    that need data are skipped with a warning when it is None.
+    """
+    ctx = ctx or Context()
+    rec = load_recipe(recipe)
+    if rec.needs_data and data is None:
+        names = [s.spec.name for s in rec.stages if s.spec.needs_data and not s.optional]
+        raise ConfigError(f"stages {names} need training data: pass --data (data= in Python)")
+    dense = dense_safetensors_bytes(model.state_dict())
+    work = model if inplace else copy.deepcopy(model)
+    run = Run(ctx, data)
+    report = []
+    for i, stage in enumerate(rec.stages):
+        name = stage.spec.name
+        if stage.spec.needs_data and data is None:
+            warnings.warn(f"stage {i + 1} ({name}) skipped: no training data given", stacklevel=2)
+            report.append({"stage": i + 1, "method": name, "skipped": "no data"})
+            continue
+        log.info("stage %d: %s", i + 1, name)
+        stage.spec.apply(work, stage.config, run)
+        report.append({"stage": i + 1, "method": name})
+    meta = get_metadata(work)
+    meta.update({"recipe": rec.to_dict(), "recipe_name": rec.name, "dense_bytes": dense})
+    return CompressResult(work, rec, report, dense)
+
+
+def _runtime_modules(model: nn.Module) -> list[dict[str, Any]]:
+    out = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind in RUNTIME_MODULES and name:
+            out.append({"name": name, "type": kind, "config": module.config()})  # type: ignore[operator]
+    return out
+
+
+def _architecture(model: nn.Module) -> dict[str, Any]:
+    arch = model.__dict__.get(_ARCH_ATTR)
+    if arch is not None:
+        return dict(arch)
+    cls = type(model)
+    return {"kind": "factory", "ref": f"{cls.__module__}:{cls.__qualname__}"}
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    force: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``model`` as a compressed artifact at ``path``; returns the manifest.
+
+    Refuses an existing ``path`` unless ``force``; never leaves a half-written directory.
+    """
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    states = {
+        (f"{mname}.{param}" if mname else param): state
+        for mname, _, param, state in iter_states(model)
+    }
+    meta = {**get_metadata(model), **(metadata or {})}
+    meta.setdefault("dense_bytes", dense_safetensors_bytes(tensors))
+    manifest = {
+        "architecture": _architecture(model),
+        "modules": _runtime_modules(model),
+        "metadata": meta,
+    }
+    return write_artifact(Path(path), tensors, states, manifest, overwrite=force)
+
+
+def load(path: str | Path) -> nn.Module:
+    """Rebuild the model saved at ``path``: no pickle, outputs identical to the saved model."""
+    art = read_artifact(Path(path))
+    arch = art.manifest.get("architecture")
+    if not isinstance(arch, dict):
+        raise ArtifactError(f"{path}: manifest has no architecture; re-create the artifact")
+    model = rebuild(arch)
+    for entry in art.manifest.get("modules", []):
+        cls = RUNTIME_MODULES.get(entry["type"])
+        replace_module(model, entry["name"], cls.from_config(entry["config"]))  # type: ignore[attr-defined]
+    missing, unexpected = model.load_state_dict(art.tensors, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{path}: artifact does not fit its architecture (missing {missing[:5]},"
+            f" unexpected {unexpected[:5]}); re-create it with this slimtorch version"
+        )
+    for name, state in art.states.items():
+        mname, _, param = name.rpartition(".")
+        set_state(model.get_submodule(mname) if mname else model, param, state)
+    set_architecture(model, arch)
+    get_metadata(model).update(art.manifest.get("metadata", {}))
+    return model.eval()
+
+
+def artifact_size(path: str | Path) -> int:
+    return artifact_bytes(Path(path))
+
+
+def example_inputs_for(
+    model: nn.Module, architecture: dict[str, Any], batch: int
+) -> tuple[Any, ...] | None:
+    """Inputs for a latency run, when slimtorch knows the model's input."""
+    spec = get_metadata(model).get("input")
+    gen = torch.Generator().manual_seed(0)
+    if spec:
+        shape = list(spec["shape"])
+        if spec.get("dtype") == "int64":
+            return (torch.randint(0, 2, shape, generator=gen),)
+        return (torch.randn(shape, generator=gen),)
+    kind = architecture.get("kind")
+    if kind == "builtin":
+        from slimtorch.models.registry import builtin_info
+
+        return builtin_info(str(architecture["name"])).example_inputs(batch)
+    if kind == "hf":
+        vocab = int(architecture.get("config", {}).get("vocab_size") or 0)
+        if vocab:
+            return (torch.randint(0, vocab, (batch, 128), generator=gen),)
+    return None
+
+
+def require_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise UserInputError(
+            f"{p} is not a directory: give the --out directory of `slimtorch compress`"
+        )
+    return p
+
+
+def evaluate(
+    model: nn.Module,
+    evaluator: str | None = None,
+    data: str | None = None,
+    ctx: Context | None = None,
+    latency_batch: int = 1,
+) -> dict[str, Any]:
+    """Measure ``model``: parameters, nonzeros, latency (ms, median) and its quality metric.
+
+    ``evaluator`` and ``data`` default to what the model's metadata records (builtin models
+    record their own). Missing pieces are reported as None rather than guessed.
+    """
+    from slimtorch.eval.latency import measure_latency_ms
+    from slimtorch.eval.quality import get_evaluator
+    from slimtorch.eval.size import count_params
+
+    ctx = ctx or Context(progress=False)
+    meta = get_metadata(model)
+    evaluator = evaluator or meta.get("evaluator")
+    data = data or meta.get("data")
+    params, nonzero = count_params(model)
+    out: dict[str, Any] = {"params": params, "nonzero_params": nonzero}
+    inputs = example_inputs_for(model, _architecture(model), latency_batch)
+    out["latency_ms"] = measure_latency_ms(model, inputs) if inputs is not None else None
+    out["latency_batch"] = latency_batch
+    if evaluator:
+        quality = get_evaluator(evaluator)(model, ctx, data)
+        out.update(
+            {
+                "metric": quality.metric,
+                "value": quality.value,
+                "higher_is_better": quality.higher_is_better,
+                **quality.extra,
+            }
+        )
+    else:
+        out.update({"metric": None, "value": None})
+    return out

@@ -1,0 +1,164 @@
+"""The one training loop that fine-tuning stages share, with a small callback API.
+
+    trainer callbacks see the model at: on_train_begin, on_step_begin(step),
+    on_after_backward(step), on_step_end(step), on_train_end
+
+:class:`KeepMasks` (always on) keeps pruned weights at exactly zero: their gradients are zeroed
+after backward and the mask is re-applied after every optimizer step. Weights that already carry
+a quantization grid are frozen (re-quantize or use ``quantize.qat`` to train them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from slimtorch.core.config import StageConfig, StrictModel
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError
+from slimtorch.core.methods import Run, Task, register_method
+from slimtorch.formats.state import iter_states
+
+log = logging.getLogger(__name__)
+
+
+class TrainOptions(StrictModel):
+    """Optimizer settings shared by every stage that trains."""
+
+    steps: int = Field(default=300, ge=1, description="optimizer steps")
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=64, ge=1)
+    optimizer: str = Field(default="adam", pattern="^(adam|sgd)$")
+    weight_decay: float = Field(default=0.0, ge=0)
+    lr_schedule: str = Field(default="cosine", pattern="^(constant|cosine)$")
+
+
+class TrainingCallback:
+    """Hooks into :func:`train`; subclass and override what you need."""
+
+    def on_train_begin(self, model: nn.Module) -> None:
+        """Called once before the first step."""
+
+    def on_step_begin(self, model: nn.Module, step: int) -> None:
+        """Called before the forward pass of ``step``."""
+
+    def on_after_backward(self, model: nn.Module, step: int) -> None:
+        """Called after ``loss.backward()``, before the optimizer step."""
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        """Called after the optimizer step."""
+
+    def on_train_end(self, model: nn.Module) -> None:
+        """Called once after the last step."""
+
+
+class KeepMasks(TrainingCallback):
+    """Keeps every masked weight at exactly zero where its mask is False."""
+
+    def _masked(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for _, module, param, state in iter_states(model):
+            if state.mask is not None:
+                out.append((getattr(module, param), state.mask))
+        return out
+
+    def on_after_backward(self, model: nn.Module, step: int) -> None:
+        for p, mask in self._masked(model):
+            if p.grad is not None:
+                p.grad.mul_(mask.to(p.grad.dtype))
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        with torch.no_grad():
+            for p, mask in self._masked(model):
+                p.mul_(mask.to(p.dtype))
+
+
+def _frozen_quantized(model: nn.Module) -> list[nn.Parameter]:
+    frozen = []
+    for _, module, param, state in iter_states(model):
+        p = getattr(module, param)
+        if state.quant is not None and p.requires_grad:
+            p.requires_grad_(False)
+            frozen.append(p)
+    return frozen
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    ctx: Context,
+    options: TrainOptions,
+    callbacks: Sequence[TrainingCallback] = (),
+) -> list[float]:
+    """Train ``model`` on ``task`` for ``options.steps`` steps; returns the loss per step."""
+    cbs: list[TrainingCallback] = [*callbacks, KeepMasks()]
+    frozen = _frozen_quantized(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen or quantized")
+    opt: torch.optim.Optimizer
+    if options.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=options.lr, weight_decay=options.weight_decay)
+    else:
+        opt = torch.optim.SGD(
+            params, lr=options.lr, momentum=0.9, weight_decay=options.weight_decay
+        )
+    sched = None
+    if options.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.steps)
+    torch.manual_seed(ctx.seed)
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    for cb in cbs:
+        cb.on_train_begin(model)
+    batches = task.train_batches(ctx, options.steps, options.batch_size)
+    try:
+        for step, batch in enumerate(ctx.progress_bar(batches, "fine-tune", options.steps)):
+            for cb in cbs:
+                cb.on_step_begin(model, step)
+            opt.zero_grad(set_to_none=True)
+            loss = task.loss(model, batch)
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                raise ConfigError(f"training diverged at step {step} (loss {value}); lower `lr`")
+            loss.backward()
+            for cb in cbs:
+                cb.on_after_backward(model, step)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            for cb in cbs:
+                cb.on_step_end(model, step)
+            losses.append(value)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    for cb in cbs:
+        cb.on_train_end(model)
+    return losses
+
+
+class FinetuneConfig(StageConfig):
+    """Plain fine-tuning on the task's training data; masks stay, quantized weights stay frozen."""
+
+    train: TrainOptions = Field(default_factory=TrainOptions)
+
+
+@register_method(
+    "train.finetune",
+    FinetuneConfig,
+    "fine-tune on --data, keeping pruned weights at zero",
+    needs_data=True,
+)
+def finetune(model: nn.Module, config: FinetuneConfig, run: Run) -> None:
+    if run.task is None:
+        raise ConfigError("train.finetune needs training data: pass --data (or data= in Python)")
+    losses = train(model, run.task, run.ctx, config.train)
+    log.info("fine-tuned %d steps: loss %.4f -> %.4f", len(losses), losses[0], losses[-1])

@@ -1,0 +1,1 @@
+"""The `slimtorch` command line."""

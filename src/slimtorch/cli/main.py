@@ -1,0 +1,108 @@
+"""The `slimtorch` command: a thin layer over slimtorch.api. Logic here is a bug.
+
+Exit codes: 0 success, 2 bad user input (message, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from slimtorch.core.errors import UserInputError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimtorch",
+        description="Make trained PyTorch models smaller and faster, and prove it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a model with a recipe and save the artifact")
+    p.add_argument(
+        "--model", required=True, help="builtin:NAME, a local HF directory, or pkg.mod:factory"
+    )
+    p.add_argument(
+        "--recipe", required=True, help="a preset name (see `slimtorch recipes`) or a YAML file"
+    )
+    p.add_argument(
+        "--data", help="builtin:NAME or a path: training/calibration and evaluation data"
+    )
+    p.add_argument("--out", required=True, help="output directory for the artifact")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--latency-batch", type=int, default=1)
+    p.add_argument(
+        "--input-shape",
+        help="input shape for latency runs of models slimtorch does"
+        " not know, e.g. 1,3,224,224 (recorded in the artifact)",
+    )
+    p.add_argument("--input-dtype", default="float32", choices=["float32", "int64"])
+    _add_common(p)
+
+    p = sub.add_parser(
+        "eval", help="measure an artifact: size, latency, quality, against the original"
+    )
+    p.add_argument("dir")
+    p.add_argument("--data", help="evaluation data (default: what the artifact records)")
+    p.add_argument("--latency-batch", type=int, default=1)
+    p.add_argument("--no-baseline", action="store_true", help="skip measuring the original model")
+    _add_common(p)
+
+    p = sub.add_parser("inspect", help="per-layer table of an artifact")
+    p.add_argument("dir")
+    _add_common(p)
+
+    p = sub.add_parser("recipes", help="list the shipped presets")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="compress the bundled LeNet-5 and show before/after")
+    p.add_argument("--out", help="keep the artifact here (default: a temporary directory)")
+    p.add_argument("--recipe", default="sparse90-int8")
+    _add_common(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from slimtorch.cli import commands
+
+    handlers: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+        "compress": commands.compress,
+        "eval": commands.evaluate,
+        "inspect": commands.inspect,
+        "recipes": commands.recipes,
+        "demo": commands.demo,
+    }
+    try:
+        result = handlers[args.command](args)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # internal error: show the traceback, exit 1
+        traceback.print_exc()
+        print("internal error: please report it with the command you ran", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(commands.render(args.command, result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The method protocol and the registry every recipe stage is looked up in.
+
+A method is a config class plus a pure ``apply(model, config, run)`` function; technique folders
+register theirs with :func:`register_method`, and ``slimtorch.recipe`` imports them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+
+from slimtorch.core.config import StageConfig
+from slimtorch.core.context import Context
+from slimtorch.core.registry import Registry
+
+
+class Task(Protocol):
+    """Training/calibration data bound to a model: batches and the loss on a batch."""
+
+    name: str
+
+    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Any:
+        """Yield ``steps`` training batches."""
+
+    def loss(self, model: nn.Module, batch: Any) -> Any:
+        """Scalar training loss of ``model`` on ``batch``."""
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        """Run ``model`` on the inputs of ``batch`` (for calibration statistics)."""
+
+
+@dataclass
+class Run:
+    """What a stage gets besides its config: the context and the optional task."""
+
+    ctx: Context
+    task: Task | None = None
+
+
+ApplyFn = Callable[[nn.Module, Any, Run], None]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config: type[StageConfig]
+    apply: ApplyFn
+    summary: str
+    needs_data: bool = False
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register_method(
+    name: str, config: type[StageConfig], summary: str, needs_data: bool = False
+) -> Callable[[ApplyFn], ApplyFn]:
+    """Register ``apply`` as the recipe method ``name`` with its typed ``config``."""
+
+    def deco(fn: ApplyFn) -> ApplyFn:
+        METHODS.add(name, MethodSpec(name, config, fn, summary, needs_data))
+        return fn
+
+    return deco

@@ -1,0 +1,65 @@
+"""A typed name -> object registry whose lookup errors list the known names and the nearest one."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from slimtorch.core.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def nearest(name: str, candidates: list[str]) -> str | None:
+    """The closest candidate to ``name`` by edit similarity, if any is reasonably close."""
+    found = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+class Registry(Generic[T]):
+    """Maps names to objects. ``kind`` names what is registered, for error messages."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def add(self, name: str, item: T) -> T:
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = item
+        return item
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator form of :meth:`add`."""
+
+        def deco(item: T) -> T:
+            return self.add(name, item)
+
+        return deco
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise ConfigError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        known = sorted(self._items)
+        hint = nearest(name, known)
+        msg = f"unknown {self.kind} {name!r}"
+        if hint:
+            msg += f"; did you mean {hint!r}?"
+        return msg + f" Known {self.kind}s: {', '.join(known)}"
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))
+
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._items.items())

@@ -1,0 +1,147 @@
+"""The compression state of one weight, as techniques leave it and as the artifact stores it.
+
+A compressed weight is still an ordinary parameter holding its *effective* values (what the model
+computes with), so a compressed model runs unchanged. Beside it, the owning module carries a
+:class:`WeightState`: the pruning mask and/or the quantization grid (integer codes, scales, zero
+points). :func:`effective_weight` turns a state back into values, and both the techniques and the
+artifact loader use it, so a loaded model is bit-identical to the one that was saved.
+
+Shapes: quantization parameters live in the matrix view of the weight (``[out, in]``, see
+``slimtorch.graph.weights.to_matrix``; here re-implemented to keep formats free of graph):
+per tensor ``[1, 1]``, per channel ``[out, 1]``, per group ``[out, ceil(in / group_size)]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+Scheme = Literal["affine", "binary", "ternary"]
+Granularity = Literal["per_tensor", "per_channel", "per_group"]
+
+_STATE_ATTR = "_slimtorch_state"
+
+
+def to_matrix(w: torch.Tensor) -> torch.Tensor:
+    """View a weight as ``[out, in]``; ND conv weights put the input channel last."""
+    if w.dim() == 2:
+        return w
+    if w.dim() < 2:
+        return w.reshape(1, -1)
+    perm = (0, *range(2, w.dim()), 1)
+    return w.permute(perm).reshape(w.shape[0], -1)
+
+
+def from_matrix(m: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`to_matrix` for a tensor of the original ``shape``."""
+    shape = tuple(shape)
+    if len(shape) <= 2:
+        return m.reshape(shape)
+    permuted = (shape[0], *shape[2:], shape[1])
+    inv = (0, len(shape) - 1, *range(1, len(shape) - 1))
+    return m.reshape(permuted).permute(inv).contiguous()
+
+
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of ``bits``-bit integer codes."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+@dataclass
+class QuantState:
+    """A weight quantized onto an integer grid.
+
+    affine:  w = (codes - zero_point) * scale
+    binary:  codes in {0, 1},    w = (2 * codes - 1) * scale      (sign times alpha, 1 bit)
+    ternary: codes in {0, 1, 2}, w = (codes - 1) * scale          ({-a, 0, +a}, 2 bits)
+    """
+
+    scheme: Scheme
+    bits: int
+    signed: bool
+    granularity: Granularity
+    codes: torch.Tensor  # integer tensor, same shape as the weight
+    scale: torch.Tensor  # float32, matrix-view shape (see module docstring)
+    zero_point: torch.Tensor  # int32, same shape as scale
+    group_size: int | None = None
+    scale_dtype: Literal["float16", "float32"] = "float32"
+
+    def expand(self, t: torch.Tensor, in_features: int) -> torch.Tensor:
+        """Broadcast a per-group parameter to ``[out, in]``."""
+        if self.granularity == "per_group":
+            assert self.group_size is not None
+            return t.repeat_interleave(self.group_size, dim=1)[:, :in_features]
+        return t
+
+
+@dataclass
+class WeightState:
+    """What slimtorch knows about one compressed weight. ``mask`` is True where a weight is kept."""
+
+    mask: torch.Tensor | None = None
+    quant: QuantState | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def dequantize(q: QuantState, shape: Sequence[int]) -> torch.Tensor:
+    """Float32 values of a quantized weight (without its mask)."""
+    codes = to_matrix(q.codes.to(torch.int32))
+    in_features = codes.shape[1]
+    scale = q.expand(q.scale.to(torch.float32), in_features)
+    if q.scheme == "affine":
+        zp = q.expand(q.zero_point.to(torch.int32), in_features)
+        m = (codes - zp).to(torch.float32) * scale
+    elif q.scheme == "binary":
+        m = (codes * 2 - 1).to(torch.float32) * scale
+    elif q.scheme == "ternary":
+        m = (codes - 1).to(torch.float32) * scale
+    else:  # pragma: no cover - guarded by the Literal type
+        raise ValueError(f"unknown quantization scheme {q.scheme!r}")
+    return from_matrix(m, shape)
+
+
+def effective_weight(state: WeightState, like: torch.Tensor) -> torch.Tensor:
+    """The values a weight with ``state`` computes with, in the dtype and shape of ``like``."""
+    if state.quant is not None:
+        w = dequantize(state.quant, like.shape)
+    else:
+        w = like.detach().to(torch.float32)
+    if state.mask is not None:
+        w = w * state.mask.to(w.dtype)
+    return w.to(like.dtype)
+
+
+def get_state(module: nn.Module, param: str) -> WeightState | None:
+    states: dict[str, WeightState] = module.__dict__.get(_STATE_ATTR, {})
+    return states.get(param)
+
+
+def set_state(module: nn.Module, param: str, state: WeightState) -> None:
+    module.__dict__.setdefault(_STATE_ATTR, {})[param] = state
+
+
+def clear_state(module: nn.Module, param: str) -> None:
+    module.__dict__.get(_STATE_ATTR, {}).pop(param, None)
+
+
+def iter_states(model: nn.Module) -> list[tuple[str, nn.Module, str, WeightState]]:
+    """``(module_name, module, param, state)`` for every weight of ``model`` with a state."""
+    out = []
+    for name, module in model.named_modules():
+        for param, state in module.__dict__.get(_STATE_ATTR, {}).items():
+            out.append((name, module, param, state))
+    return out
+
+
+def apply_state(module: nn.Module, param: str, state: WeightState) -> None:
+    """Record ``state`` and write its effective values into the parameter, in place."""
+    set_state(module, param, state)
+    p = getattr(module, param)
+    with torch.no_grad():
+        p.copy_(effective_weight(state, p))

@@ -1,0 +1,194 @@
+"""Hugging Face ``transformers`` models from a local directory; never touches the network.
+
+A directory holding ``config.json`` (and usually ``model.safetensors``) loads with
+:func:`load_directory`. Its architecture spec is plain JSON::
+
+    {"kind": "hf", "class": "BertModel", "config": {...config.to_dict()...},
+     "attn_implementation": "sdpa", "dtype": "float32"}
+
+and :func:`from_config` builds the same class from it with fresh (untrained) weights, so a saved
+artifact reloads without unpickling and without the original directory. The attention kernel
+is recorded and reused so that the loaded and the rebuilt model compute the same outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.core.errors import UserInputError
+from slimtorch.models.registry import LoadedModel
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_SEQ_LEN = 128
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise UserInputError(
+            "Hugging Face models need transformers: `pip install 'slimtorch[hf]'`"
+        ) from None
+    return transformers
+
+
+def _attn_implementation(model_cls: type) -> str:
+    """``sdpa`` where the class supports it (fast, deterministic on CPU), else ``eager``."""
+    return "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UserInputError(f"unknown dtype {name!r} in the architecture spec; use e.g. 'float32'")
+    return dtype
+
+
+def _config_json(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise UserInputError(
+            f"{path} is not a Hugging Face model directory (no config.json); give a directory"
+            " written by save_pretrained, builtin:NAME, or package.module:factory"
+        )
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError(
+            f"{cfg_path} is not valid JSON ({exc}); fix or re-save the model"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{cfg_path} must hold a JSON object; re-save the model")
+    return data
+
+
+def _model_class(architectures: list[str]) -> type | None:
+    """The class to load: the one ``config.architectures`` names if transformers has it."""
+    tf = _transformers()
+    for name in architectures:
+        cls = getattr(tf, name, None)
+        if isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel):
+            return cls
+    return None
+
+
+def read_architecture(path: str | Path) -> dict[str, Any]:
+    """The architecture spec of the model in ``path`` (reads only its config, no weights)."""
+    path = Path(path)
+    _config_json(path)
+    tf = _transformers()
+    try:
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UserInputError(
+            f"cannot read the Hugging Face config in {path}: {exc}; check config.json has a"
+            " model_type this transformers version knows (custom code is not run)"
+        ) from None
+    archs = list(config.architectures or [])
+    cls = _model_class(archs)
+    if cls is None:
+        auto = (
+            tf.AutoModelForCausalLM
+            if any(a.endswith("ForCausalLM") for a in archs)
+            else tf.AutoModel
+        )
+        try:
+            cls = auto._model_mapping[type(config)]
+        except KeyError:
+            raise UserInputError(
+                f"transformers has no model class for {type(config).__name__} (architectures"
+                f" {archs}); give a directory of a model transformers supports"
+            ) from None
+    config_dict = config.to_dict()
+    dtype = config_dict.get("dtype") or config_dict.get("torch_dtype") or "float32"
+    dtype_name = _dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype)
+    return {
+        "kind": "hf",
+        "class": cls.__name__,
+        "config": config_dict,
+        "attn_implementation": _attn_implementation(cls),
+        "dtype": dtype_name,
+    }
+
+
+def _config_from_dict(config: dict[str, Any]) -> Any:
+    tf = _transformers()
+    model_type = config.get("model_type")
+    try:
+        config_cls = tf.CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise UserInputError(
+            f"unknown Hugging Face model_type {model_type!r} in the architecture spec; it needs a"
+            " transformers version that supports it"
+        ) from None
+    return config_cls.from_dict(dict(config))
+
+
+def from_config(architecture: dict[str, Any]) -> nn.Module:
+    """Build the ``architecture`` spec's model class from its config, with no trained weights."""
+    tf = _transformers()
+    name = str(architecture.get("class"))
+    cls = getattr(tf, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
+        raise UserInputError(
+            f"unknown Hugging Face model class {name!r} in the architecture spec; it must be a"
+            f" transformers model class (installed transformers {tf.__version__})"
+        )
+    cfg = architecture.get("config")
+    if not isinstance(cfg, dict):
+        raise UserInputError("the architecture spec has no 'config' object; re-save the model")
+    config = _config_from_dict(cfg)
+    attn = str(architecture.get("attn_implementation", "eager"))
+    dtype = _dtype(str(architecture.get("dtype", "float32")))
+    model = cls._from_config(config, attn_implementation=attn, dtype=dtype)  # type: ignore[attr-defined]
+    return model.eval()  # type: ignore[no-any-return]
+
+
+def token_inputs(vocab_size: int, seq_len: int) -> Callable[[int], tuple[torch.Tensor, ...]]:
+    """``example_inputs`` for a token model: fixed pseudo-random ids ``[batch, seq_len]``."""
+
+    def make(batch: int) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(0)
+        return (torch.randint(0, vocab_size, (batch, seq_len), generator=gen),)
+
+    return make
+
+
+def load_directory(path: str | Path) -> LoadedModel:
+    """Load the model saved in the local Hugging Face directory ``path`` (weights included)."""
+    path = Path(path)
+    architecture = read_architecture(path)
+    tf = _transformers()
+    cls = getattr(tf, architecture["class"])
+    try:
+        model = cls.from_pretrained(
+            path,
+            local_files_only=True,
+            attn_implementation=architecture["attn_implementation"],
+            dtype="auto",
+        )
+    except OSError as exc:
+        raise UserInputError(
+            f"cannot load the weights in {path}: {exc}; the directory needs model.safetensors"
+            " (or pytorch_model.bin) written by save_pretrained"
+        ) from None
+    architecture["dtype"] = _dtype_name(next(model.parameters()).dtype)
+    cfg = architecture["config"]
+    seq = min(EXAMPLE_SEQ_LEN, int(cfg.get("max_position_embeddings") or EXAMPLE_SEQ_LEN))
+    vocab = int(cfg.get("vocab_size") or 2)
+    log.info("loaded %s from %s", architecture["class"], path)
+    return LoadedModel(
+        model.eval(), str(path), architecture, example_inputs=token_inputs(vocab, seq)
+    )

@@ -1,0 +1,134 @@
+"""Where models come from: ``builtin:NAME``, a local Hugging Face directory, or ``pkg.mod:factory``.
+
+Every loaded model carries an *architecture* spec (plain JSON) from which
+:func:`rebuild` constructs the same architecture without weights and without unpickling
+anything; ``slimtorch.load`` uses it to rebuild a saved artifact.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimtorch.core.errors import UserInputError
+from slimtorch.core.registry import Registry
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model the project ships or finds in an installed package.
+
+    ``build(pretrained)`` returns the model; with ``pretrained=False`` it must not read any
+    weights (the architecture only). ``evaluator`` names an entry of
+    ``slimtorch.eval.quality.EVALUATORS``; ``data`` names the default dataset (for training,
+    calibration and evaluation); ``example_inputs(batch)`` gives inputs for latency runs.
+    """
+
+    name: str
+    summary: str
+    build: Callable[[bool], nn.Module]
+    evaluator: str
+    data: str
+    example_inputs: Callable[[int], tuple[Any, ...]]
+    task: str | None = None  # name in slimtorch.calibrate.tasks.TASKS, for fine-tuning
+
+
+MODELS: Registry[BuiltinModel] = Registry("builtin model")
+
+
+@dataclass
+class LoadedModel:
+    """A model and what slimtorch knows about it."""
+
+    model: nn.Module
+    source: str
+    architecture: dict[str, Any]
+    evaluator: str | None = None
+    data: str | None = None
+    task: str | None = None
+    example_inputs: Callable[[int], tuple[Any, ...]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _ensure_builtins() -> None:
+    # Importing the package registers every builtin model.
+    importlib.import_module("slimtorch.models.builtins")
+
+
+def builtin_info(name: str) -> BuiltinModel:
+    _ensure_builtins()
+    return MODELS.get(name)
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load ``builtin:NAME``, a local Hugging Face directory, or ``package.module:factory``."""
+    if spec.startswith("builtin:"):
+        info = builtin_info(spec.split(":", 1)[1])
+        model = info.build(True).eval()
+        return LoadedModel(
+            model,
+            spec,
+            {"kind": "builtin", "name": info.name},
+            info.evaluator,
+            info.data,
+            info.task,
+            info.example_inputs,
+        )
+    path = Path(spec)
+    if path.is_dir():
+        from slimtorch.models import hf
+
+        return hf.load_directory(path)
+    if ":" in spec and not path.exists():
+        module_name, _, attr = spec.partition(":")
+        model = _call_factory(module_name, attr)
+        return LoadedModel(model.eval(), spec, {"kind": "factory", "ref": spec})
+    raise UserInputError(
+        f"cannot load model {spec!r}: give builtin:NAME (one of {', '.join(_builtin_names())}),"
+        " a local Hugging Face model directory, or package.module:factory"
+    )
+
+
+def _builtin_names() -> list[str]:
+    _ensure_builtins()
+    return MODELS.names()
+
+
+def _call_factory(module_name: str, attr: str) -> nn.Module:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserInputError(
+            f"cannot import {module_name!r} for model factory: {exc}; check the module is on"
+            " PYTHONPATH"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserInputError(f"{module_name!r} has no callable {attr!r} returning an nn.Module")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"{module_name}:{attr} returned {type(model).__name__}, not nn.Module")
+    return model
+
+
+def rebuild(architecture: dict[str, Any]) -> nn.Module:
+    """Construct the architecture described by ``architecture``, without its trained weights."""
+    kind = architecture.get("kind")
+    if kind == "builtin":
+        return builtin_info(str(architecture["name"])).build(False).eval()
+    if kind == "factory":
+        module_name, _, attr = str(architecture["ref"]).partition(":")
+        return _call_factory(module_name, attr).eval()
+    if kind == "hf":
+        from slimtorch.models import hf
+
+        return hf.from_config(architecture)
+    raise UserInputError(
+        f"unknown architecture kind {kind!r} in manifest: {json.dumps(architecture)[:200]}"
+    )

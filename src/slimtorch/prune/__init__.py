@@ -1,0 +1,37 @@
+"""slimtorch.prune: unstructured, N:M and gradual pruning.
+
+Importing this package registers the recipe methods ``prune.magnitude``, ``prune.threshold``,
+``prune.random``, ``prune.probabilistic``, ``prune.nm`` and ``prune.gradual``.
+"""
+
+from slimtorch.prune import methods as methods
+from slimtorch.prune.criteria import (
+    global_magnitude_masks,
+    lowest_k_mask,
+    magnitude_mask,
+    probabilistic_mask,
+    random_mask,
+    threshold_mask,
+)
+from slimtorch.prune.masking import magnitude_prune, reapply_masks, set_mask, sparsity_of
+from slimtorch.prune.nm import is_nm_sparse, nm_mask
+from slimtorch.prune.schedules import CubicSchedule, GradualPruning, cubic_sparsity
+
+__all__ = [
+    "CubicSchedule",
+    "GradualPruning",
+    "cubic_sparsity",
+    "global_magnitude_masks",
+    "is_nm_sparse",
+    "lowest_k_mask",
+    "magnitude_mask",
+    "magnitude_prune",
+    "methods",
+    "nm_mask",
+    "probabilistic_mask",
+    "random_mask",
+    "reapply_masks",
+    "set_mask",
+    "sparsity_of",
+    "threshold_mask",
+]

@@ -1,0 +1,83 @@
+"""Tiny models covering every supported layer type, with zero-argument factories so that an
+artifact can rebuild them (``--model slimtorch.testing.models:tiny_cnn``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Conv1d, Conv2d, Linear: input [B, 1, 8, 8]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 16, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        x = nn.functional.max_pool2d(x, 2)  # [B, 8, 4, 4]
+        x = torch.relu(self.conv1d(x.flatten(2)))  # [B, 8, 16]
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class TinyLSTM(nn.Module):
+    """Embedding, LSTM (2 layers, bidirectional), GRU, Linear: input int64 [B, T]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.lstm = nn.LSTM(16, 16, num_layers=2, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(32, 16, batch_first=True)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.emb(x))
+        h, _ = self.gru(h)
+        return self.head(h[:, -1])
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, MultiheadAttention, Linear: input int64 [B, T]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        h = h + a
+        h = h + self.ff(h)
+        return self.head(h.mean(1))
+
+
+def _seeded(cls: type[nn.Module], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return cls().eval()
+
+
+def tiny_cnn() -> nn.Module:
+    return _seeded(TinyCNN, 0)
+
+
+def tiny_lstm() -> nn.Module:
+    return _seeded(TinyLSTM, 1)
+
+
+def tiny_transformer() -> nn.Module:
+    return _seeded(TinyTransformer, 2)
+
+
+def example_input(model: nn.Module, batch: int = 4) -> torch.Tensor:
+    """A deterministic input for any of the tiny models."""
+    gen = torch.Generator().manual_seed(123)
+    if isinstance(model, TinyCNN):
+        return torch.randn(batch, 1, 8, 8, generator=gen)
+    return torch.randint(0, 32, (batch, 10), generator=gen)

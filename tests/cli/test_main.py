@@ -1,0 +1,114 @@
+"""The CLI: exit codes, --json figures, errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slimtorch.cli.main import main
+
+FACTORY = "slimtorch.testing.models:tiny_cnn"
+KEYS = {
+    "bytes_on_disk",
+    "dense_bytes",
+    "compression_ratio",
+    "params",
+    "nonzero_params",
+    "latency_ms",
+    "metric",
+    "value",
+}
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_recipes_lists_presets(capsys) -> None:
+    code, out, _ = _run(capsys, "recipes", "--json")
+    assert code == 0
+    assert {"int8", "int4", "dynamic-int8", "sparse90-int8", "nm24", "binary", "ternary"} <= set(
+        json.loads(out)["presets"]
+    )
+    code, out, _ = _run(capsys, "recipes")
+    assert code == 0 and "sparse90-int8" in out
+
+
+def test_compress_eval_inspect(capsys, tmp_path) -> None:
+    out_dir = str(tmp_path / "a")
+    code, out, err = _run(
+        capsys,
+        "compress",
+        "--model",
+        FACTORY,
+        "--recipe",
+        "int8",
+        "--out",
+        out_dir,
+        "--input-shape",
+        "2,1,8,8",
+        "--json",
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert set(report) >= KEYS
+    assert report["compression_ratio"] > 1.5  # tiny model: manifest overhead dominates
+    assert report["latency_ms"] > 0 and report["baseline_latency_ms"] > 0
+    code, out, err = _run(capsys, "eval", out_dir, "--json")
+    assert code == 0, err
+    assert set(json.loads(out)) >= KEYS
+    code, out, err = _run(capsys, "inspect", out_dir)
+    assert code == 0, err
+    assert "fc1.weight" in out and "quant" in out
+
+
+def test_existing_out_refused_with_exit_2(capsys, tmp_path) -> None:
+    (tmp_path / "a").mkdir()
+    code, _, err = _run(
+        capsys, "compress", "--model", FACTORY, "--recipe", "int8", "--out", str(tmp_path / "a")
+    )
+    assert code == 2 and "--force" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("recipe_text", "needle"),
+    [
+        ("stages:\n  - method: prune.magnitud\n", "did you mean 'prune.magnitude'"),
+        ("stages:\n  - method: quantize.rtn\n    bitz: 8\n", "'bitz'"),
+        ("stages:\n  - method: quantize.rtn\n    bits: 9\n", "bits"),
+        ("stages:\n  - method: prune.magnitude\n    sparsity: 1.0\n", "sparsity"),
+        ("stages:\n  - method: quantize.rtn\n    targets: [LSTM]\n", "model has"),
+    ],
+)
+def test_bad_recipes_exit_2(capsys, tmp_path, recipe_text: str, needle: str) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text)
+    code, _, err = _run(
+        capsys, "compress", "--model", FACTORY, "--recipe", str(path), "--out", str(tmp_path / "o")
+    )
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_model_and_bad_artifact_exit_2(capsys, tmp_path) -> None:
+    code, _, err = _run(
+        capsys,
+        "compress",
+        "--model",
+        "builtin:nope",
+        "--recipe",
+        "int8",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert code == 2 and "known" in err.lower()
+    code, _, err = _run(capsys, "eval", str(tmp_path / "missing"))
+    assert code == 2
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "manifest.json").write_text("{not json")
+    code, _, err = _run(capsys, "inspect", str(tmp_path / "junk"))
+    assert code == 2 and "Traceback" not in err

@@ -1,0 +1,120 @@
+"""End-to-end Python API: compress -> save -> load is bit-exact and really smaller."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimtorch as st
+from slimtorch.core.errors import ArtifactError, ChecksumError, ConfigError
+from slimtorch.formats.artifact import artifact_bytes
+from slimtorch.testing.models import example_input, tiny_cnn, tiny_lstm, tiny_transformer
+
+FACTORIES = {"cnn": tiny_cnn, "lstm": tiny_lstm, "transformer": tiny_transformer}
+
+RECIPES = {
+    "int8": "int8",
+    "int4": "int4",
+    "binary": "binary",
+    "ternary": "ternary",
+    "sparse90-int8": "sparse90-int8",
+    "int3-asym-mse": {
+        "stages": [
+            {
+                "method": "quantize.rtn",
+                "bits": 3,
+                "symmetric": False,
+                "signed": False,
+                "granularity": "per_group",
+                "group_size": 8,
+                "observer": "mse",
+            }
+        ]
+    },
+    "prune-only": {"stages": [{"method": "prune.magnitude", "sparsity": 0.8, "scope": "global"}]},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FACTORIES))
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_round_trip_is_bit_exact(tmp_path, family: str, recipe: str) -> None:
+    model = FACTORIES[family]()
+    x = example_input(model)
+    result = st.compress(model, RECIPES[recipe])
+    with torch.no_grad():
+        expected = result.model(x)
+    manifest = st.save(result.model, tmp_path / "a")
+    assert manifest["architecture"]["kind"] == "factory"
+    loaded = st.load(tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    # the original model is untouched (compress works on a copy)
+    assert not torch.equal(model.state_dict()[next(iter(model.state_dict()))], torch.zeros(1))
+    if recipe != "prune-only":
+        # tiny models: the JSON manifest is a large share; real ratios are in BENCHMARKS.md
+        assert artifact_bytes(tmp_path / "a") < result.dense_bytes
+
+
+@pytest.mark.parametrize("family", ["cnn", "transformer"])
+def test_dynamic_int8_round_trip(tmp_path, family: str) -> None:
+    model = FACTORIES[family]()
+    x = example_input(model)
+    result = st.compress(model, "dynamic-int8")
+    with torch.no_grad():
+        expected = result.model(x)
+        reference = model(x)
+    st.save(result.model, tmp_path / "a")
+    loaded = st.load(tmp_path / "a")
+    with torch.no_grad():
+        got = loaded(x)
+    assert torch.equal(got, expected)
+    rel = (got - reference).norm() / reference.norm()
+    assert rel < 0.05
+
+
+def test_existing_dir_refused_and_force_replaces(tmp_path) -> None:
+    model = tiny_cnn()
+    st.save(model, tmp_path / "a")
+    with pytest.raises(ArtifactError, match="force"):
+        st.save(model, tmp_path / "a")
+    st.save(st.compress(model, "int8").model, tmp_path / "a", force=True)
+    assert st.load(tmp_path / "a") is not None
+
+
+def test_corrupted_artifact_is_a_checksum_error(tmp_path) -> None:
+    st.save(st.compress(tiny_cnn(), "int8").model, tmp_path / "a")
+    f = tmp_path / "a" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError):
+        st.load(tmp_path / "a")
+    f.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ChecksumError):
+        st.load(tmp_path / "a")
+
+
+def test_stage_needing_data_without_data() -> None:
+    with pytest.raises(ConfigError, match="need training data"):
+        st.compress(tiny_cnn(), {"stages": [{"method": "train.finetune"}]})
+
+
+def test_optional_stage_skipped_with_warning() -> None:
+    with pytest.warns(UserWarning, match="skipped"):
+        result = st.compress(tiny_cnn(), "sparse90-int8")
+    assert result.stages[1].get("skipped") == "no data"
+
+
+def test_nm24_preset_skips_incompatible_layers_with_warning(tmp_path) -> None:
+    from slimtorch.prune.nm import is_nm_sparse
+
+    model = tiny_cnn()
+    with pytest.warns(UserWarning, match="left dense"):
+        result = st.compress(model, "nm24")
+    assert is_nm_sparse(result.model.fc1.weight, 2, 4)
+    assert is_nm_sparse(result.model.conv1d.weight, 2, 4)
+    assert not is_nm_sparse(result.model.conv.weight, 2, 4)  # 1 input channel: left dense
+    st.save(result.model, tmp_path / "a")
+    x = example_input(model)
+    with torch.no_grad():
+        assert torch.equal(st.load(tmp_path / "a")(x), result.model(x))
