@@ -1,7 +1,7 @@
 """Foundation benchmarks: compress real models with shipped presets, reload the artifact from
 disk, and measure bytes on disk, latency and quality against the fp32 original.
 
-    .venv/bin/python bench/bench_foundation.py [--only lenet|minilm|lstm] [--out bench/results/foundation.json]
+    .venv/bin/python bench/bench_foundation.py [--only lenet|lenet5x|minilm|lstm] [--out bench/results/foundation.json]
 
 Every figure comes from `slimtorch.workflow.compress_to_dir`, the same code path as
 `slimtorch compress ... --json`: the artifact is written, loaded back with `slimtorch.load`,
@@ -22,20 +22,7 @@ import torch
 from slimtorch.core.context import Context
 from slimtorch.workflow import CompressOptions, compress_to_dir
 
-SPARSE50_GRADUAL = {
-    "description": "gradual magnitude pruning to 50% (Zhu & Gupta cubic schedule) while fine-tuning",
-    "stages": [
-        {
-            "method": "prune.gradual",
-            "initial_sparsity": 0.0,
-            "final_sparsity": 0.5,
-            "start_step": 0,
-            "frequency": 50,
-            "n": 16,
-            "train": {"steps": 1200, "lr": 0.001, "batch_size": 64},
-        }
-    ],
-}
+EXAMPLES = "examples/recipes"
 DENSE_FT = {
     "description": "control: the same fine-tuning budget without pruning",
     "stages": [
@@ -61,6 +48,25 @@ CASES: list[tuple[str, str, str, Any, str | None, int]] = [
         "builtin:fashion-mnist",
         1,
     ),
+    ("lenet5x", "LeNet-5 int4 one-shot (asym, mse)", "builtin:lenet5-fashion", "int4", None, 1),
+    ("lenet5x", "LeNet-5 ternary one-shot", "builtin:lenet5-fashion", "ternary", None, 1),
+    ("lenet5x", "LeNet-5 binary one-shot", "builtin:lenet5-fashion", "binary", None, 1),
+    (
+        "lenet5x",
+        "LeNet-5 QAT int4",
+        "builtin:lenet5-fashion",
+        f"{EXAMPLES}/qat-int4.yaml",
+        "builtin:fashion-mnist",
+        1,
+    ),
+    (
+        "lenet5x",
+        "LeNet-5 sparse90 + QAT int4",
+        "builtin:lenet5-fashion",
+        f"{EXAMPLES}/sparse90-qat-int4.yaml",
+        "builtin:fashion-mnist",
+        1,
+    ),
     ("minilm", "MiniLM int8", "builtin:minilm", "int8", None, 32),
     ("minilm", "MiniLM int4 (g128, asym, mse)", "builtin:minilm", "int4", None, 32),
     ("minilm", "MiniLM 2:4", "builtin:minilm", "nm24", None, 32),
@@ -71,7 +77,7 @@ CASES: list[tuple[str, str, str, Any, str | None, int]] = [
         "lstm",
         "char-LSTM 50% sparse, gradual",
         "builtin:char-lstm",
-        SPARSE50_GRADUAL,
+        f"{EXAMPLES}/char-lstm-gradual50.yaml",
         "builtin:austen",
         32,
     ),
@@ -150,7 +156,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=["lenet", "minilm", "lstm"])
+    parser.add_argument("--only", choices=["lenet", "lenet5x", "minilm", "lstm"])
     parser.add_argument("--out", default="bench/results/foundation.json")
     args = parser.parse_args()
     torch.set_num_threads(2)

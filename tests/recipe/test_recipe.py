@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -73,3 +75,12 @@ def test_optional_data_stage_does_not_require_data() -> None:
     recipe = load_recipe("sparse90-int8")
     assert not recipe.needs_data
     assert parse_recipe({"stages": [{"method": "train.finetune"}]}).needs_data
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_recipes_parse_and_round_trip(path: Path) -> None:
+    recipe = load_recipe(str(path))
+    assert parse_recipe(yaml.safe_load(recipe.to_yaml())).to_dict() == recipe.to_dict()
