@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,4 +29,14 @@ class Context:
 
     def progress_bar(self, items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
         """Wrap ``items`` in a tqdm bar on stderr unless progress is off."""
-        return iter(tqdm(items, desc=desc, total=total, disable=not self.progress, leave=False))
+        # On a terminal, redraw often; in logs, print a line at most every 10 seconds.
+        interval = 0.1 if sys.stderr.isatty() else 10.0
+        bar = tqdm(
+            items,
+            desc=desc,
+            total=total,
+            disable=not self.progress,
+            leave=False,
+            mininterval=interval,
+        )
+        return iter(bar)
