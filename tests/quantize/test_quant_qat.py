@@ -140,7 +140,7 @@ def test_qat_lstm_reduces_loss_and_keeps_masks() -> None:
 
 def test_qat_needs_data_and_restores_on_error() -> None:
     model = TinyRNN()
-    with pytest.raises(ConfigError, match="needs training data"):
+    with pytest.raises(ConfigError, match="pass --data"):
         qat(model, QATConfig(), Run(Context(progress=False)))
 
     class Diverge(CountTask):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +22,11 @@ from slimtorch.core.errors import UserInputError
 DEFAULT_DATA = "builtin:austen"
 
 
-@lru_cache(maxsize=4)
 def train_ids(data: str) -> torch.Tensor:
     """Encoded training text of the dataset spec ``data``."""
-    from slimtorch.models import char_lstm, data_text
+    from slimtorch.models import char_lstm
 
-    if data == "builtin:austen":
-        text = data_text.austen_split("train")
-    else:
-        text = data_text.split_text(data_text.load_text(data), "train")
-    return char_lstm.encode(text)
+    return char_lstm.encoded_split(data, "train")
 
 
 @dataclass

@@ -158,7 +158,5 @@ class FinetuneConfig(StageConfig):
     needs_data=True,
 )
 def finetune(model: nn.Module, config: FinetuneConfig, run: Run) -> None:
-    if run.task is None:
-        raise ConfigError("train.finetune needs training data: pass --data (or data= in Python)")
-    losses = train(model, run.task, run.ctx, config.train)
+    losses = train(model, run.require_task("train.finetune"), run.ctx, config.train)
     log.info("fine-tuned %d steps: loss %.4f -> %.4f", len(losses), losses[0], losses[-1])

@@ -14,6 +14,7 @@ from torch import nn
 
 from slimtorch.core.config import StageConfig
 from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError
 from slimtorch.core.registry import Registry
 
 
@@ -38,6 +39,12 @@ class Run:
 
     ctx: Context
     task: Task | None = None
+
+    def require_task(self, method: str) -> Task:
+        """The task, or a ConfigError telling the user to give training data to ``method``."""
+        if self.task is None:
+            raise ConfigError(f"{method} trains the model: pass --data (or data= in Python)")
+        return self.task
 
 
 ApplyFn = Callable[[nn.Module, Any, Run], None]

@@ -11,7 +11,6 @@ are 0, as textgenrnn encodes them.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -39,16 +38,11 @@ def nll_bits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.double(), targets, reduction="sum") / math.log(2.0)
 
 
-@lru_cache(maxsize=4)
 def heldout_ids(data: str) -> torch.Tensor:
     """Encoded held-out text of the dataset spec ``data``."""
-    from slimtorch.models import char_lstm, data_text
+    from slimtorch.models import char_lstm
 
-    if data == "builtin:austen":
-        text = data_text.austen_split("heldout")
-    else:
-        text = data_text.split_text(data_text.load_text(data), "heldout")
-    return char_lstm.encode(text)
+    return char_lstm.encoded_split(data, "heldout")
 
 
 @torch.no_grad()

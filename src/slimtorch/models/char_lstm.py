@@ -13,11 +13,13 @@ last :data:`CONTEXT` characters, left-padded with 0.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -215,3 +217,15 @@ MODELS.add(
         task="charlm",
     ),
 )
+
+
+@functools.lru_cache(maxsize=8)
+def encoded_split(data: str, split: Literal["train", "heldout"]) -> torch.Tensor:
+    """Encoded ``split`` ("train" | "heldout") of the text dataset spec ``data`` (cached)."""
+    from slimtorch.models import data_text
+
+    if data == "builtin:austen":
+        text = data_text.austen_split(split)
+    else:
+        text = data_text.split_text(data_text.load_text(data), split)
+    return encode(text)

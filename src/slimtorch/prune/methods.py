@@ -200,10 +200,9 @@ class GradualConfig(StageConfig):
     needs_data=True,
 )
 def prune_gradual(model: nn.Module, config: GradualConfig, run: Run) -> None:
-    if run.task is None:
-        raise ConfigError("prune.gradual trains the model: pass --data (or data= in Python)")
+    task = run.require_task("prune.gradual")
     pruner = GradualPruning(config.schedule(), config.targets, config.ignore, config.scope)
-    losses = train(model, run.task, run.ctx, config.train, callbacks=[pruner])
+    losses = train(model, task, run.ctx, config.train, callbacks=[pruner])
     log.info("prune.gradual: %d steps, loss %.4f -> %.4f", len(losses), losses[0], losses[-1])
     if pruner.refs is not None:
         log_sparsity("prune.gradual", pruner.refs)

@@ -21,7 +21,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimtorch.calibrate.train import TrainOptions, train
-from slimtorch.core.errors import ConfigError
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import WeightState, apply_state, clear_state, get_state, set_state
 from slimtorch.graph.weights import WeightRef, select_weights
@@ -108,13 +107,12 @@ def detach_fake_quant(attached: list[tuple[WeightRef, WeightState | None]]) -> N
     needs_data=True,
 )
 def qat(model: nn.Module, config: QATConfig, run: Run) -> None:
-    if run.task is None:
-        raise ConfigError("quantize.qat needs training data: pass --data (or data= in Python)")
+    task = run.require_task("quantize.qat")
     refs = select_weights(model, config.targets, config.ignore)
     spec = config.spec()
     attached = attach_fake_quant(refs, spec)
     try:
-        losses = train(model, run.task, run.ctx, config.train)
+        losses = train(model, task, run.ctx, config.train)
     except BaseException:
         detach_fake_quant(attached)
         for ref, old in attached:
