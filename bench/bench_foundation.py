@@ -1,7 +1,8 @@
 """Foundation benchmarks: compress real models with shipped presets, reload the artifact from
 disk, and measure bytes on disk, latency and quality against the fp32 original.
 
-    .venv/bin/python bench/bench_foundation.py [--only lenet|lenet5x|minilm|lstm] [--out bench/results/foundation.json]
+    .venv/bin/python bench/bench_foundation.py [--only lenet|lenet5x|minilm|lstm]
+                                               [--out bench/results/foundation.json]
 
 Every figure comes from `slimtorch.workflow.compress_to_dir`, the same code path as
 `slimtorch compress ... --json`: the artifact is written, loaded back with `slimtorch.load`,
@@ -14,6 +15,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,71 +24,48 @@ import torch
 from slimtorch.core.context import Context
 from slimtorch.workflow import CompressOptions, compress_to_dir
 
-EXAMPLES = "examples/recipes"
-DENSE_FT = {
-    "description": "control: the same fine-tuning budget without pruning",
-    "stages": [
-        {"method": "train.finetune", "train": {"steps": 1200, "lr": 0.001, "batch_size": 64}}
-    ],
-}
+EX = "examples/recipes"
+FASHION, AUSTEN = "builtin:fashion-mnist", "builtin:austen"
+LENET5, MINILM, LSTM = "builtin:lenet5-fashion", "builtin:minilm", "builtin:char-lstm"
 
-CASES: list[tuple[str, str, str, Any, str | None, int]] = [
-    # group, label, model, recipe, data, latency batch
-    (
-        "lenet",
-        "LeNet-300-100 sparse90-int8",
-        "builtin:lenet300-fashion",
-        "sparse90-int8",
-        "builtin:fashion-mnist",
-        1,
+
+@dataclass(frozen=True)
+class Case:
+    """One row: ``recipe`` is a preset name or a YAML path; ``data`` trains and evaluates."""
+
+    group: str
+    label: str
+    model: str
+    recipe: str
+    data: str | None = None
+    batch: int = 1  # latency batch
+
+
+CASES = [
+    Case(
+        "lenet", "LeNet-300-100 sparse90-int8", "builtin:lenet300-fashion", "sparse90-int8", FASHION
     ),
-    (
-        "lenet",
-        "LeNet-5 sparse90-int8",
-        "builtin:lenet5-fashion",
-        "sparse90-int8",
-        "builtin:fashion-mnist",
-        1,
+    Case("lenet", "LeNet-5 sparse90-int8", LENET5, "sparse90-int8", FASHION),
+    Case("lenet5x", "LeNet-5 int4 one-shot (asym, mse)", LENET5, "int4"),
+    Case("lenet5x", "LeNet-5 ternary one-shot", LENET5, "ternary"),
+    Case("lenet5x", "LeNet-5 binary one-shot", LENET5, "binary"),
+    Case("lenet5x", "LeNet-5 QAT int4", LENET5, f"{EX}/qat-int4.yaml", FASHION),
+    Case("lenet5x", "LeNet-5 sparse90 + QAT int4", LENET5, f"{EX}/sparse90-qat-int4.yaml", FASHION),
+    Case("minilm", "MiniLM int8", MINILM, "int8", batch=32),
+    Case("minilm", "MiniLM int4 (g128, asym, mse)", MINILM, "int4", batch=32),
+    Case("minilm", "MiniLM 2:4", MINILM, "nm24", batch=32),
+    Case("minilm", "MiniLM dynamic-int8", MINILM, "dynamic-int8", batch=32),
+    Case("lstm", "char-LSTM int8", LSTM, "int8", batch=32),
+    Case("lstm", "char-LSTM int4 (g128, asym, mse)", LSTM, "int4", batch=32),
+    Case(
+        "lstm", "char-LSTM 50% sparse, gradual", LSTM, f"{EX}/char-lstm-gradual50.yaml", AUSTEN, 32
     ),
-    ("lenet5x", "LeNet-5 int4 one-shot (asym, mse)", "builtin:lenet5-fashion", "int4", None, 1),
-    ("lenet5x", "LeNet-5 ternary one-shot", "builtin:lenet5-fashion", "ternary", None, 1),
-    ("lenet5x", "LeNet-5 binary one-shot", "builtin:lenet5-fashion", "binary", None, 1),
-    (
-        "lenet5x",
-        "LeNet-5 QAT int4",
-        "builtin:lenet5-fashion",
-        f"{EXAMPLES}/qat-int4.yaml",
-        "builtin:fashion-mnist",
-        1,
-    ),
-    (
-        "lenet5x",
-        "LeNet-5 sparse90 + QAT int4",
-        "builtin:lenet5-fashion",
-        f"{EXAMPLES}/sparse90-qat-int4.yaml",
-        "builtin:fashion-mnist",
-        1,
-    ),
-    ("minilm", "MiniLM int8", "builtin:minilm", "int8", None, 32),
-    ("minilm", "MiniLM int4 (g128, asym, mse)", "builtin:minilm", "int4", None, 32),
-    ("minilm", "MiniLM 2:4", "builtin:minilm", "nm24", None, 32),
-    ("minilm", "MiniLM dynamic-int8", "builtin:minilm", "dynamic-int8", None, 32),
-    ("lstm", "char-LSTM int8", "builtin:char-lstm", "int8", None, 32),
-    ("lstm", "char-LSTM int4 (g128, asym, mse)", "builtin:char-lstm", "int4", None, 32),
-    (
-        "lstm",
-        "char-LSTM 50% sparse, gradual",
-        "builtin:char-lstm",
-        f"{EXAMPLES}/char-lstm-gradual50.yaml",
-        "builtin:austen",
-        32,
-    ),
-    (
+    Case(
         "lstm",
         "char-LSTM dense, same fine-tuning (control)",
-        "builtin:char-lstm",
-        DENSE_FT,
-        "builtin:austen",
+        LSTM,
+        f"{EX}/finetune-only.yaml",
+        AUSTEN,
         32,
     ),
 ]
@@ -94,43 +73,30 @@ CASES: list[tuple[str, str, str, Any, str | None, int]] = [
 
 def run(only: str | None) -> list[dict[str, Any]]:
     rows = []
-    for group, label, model, recipe, data, batch in CASES:
-        if only and group != only:
+    for case in CASES:
+        if only and case.group != only:
             continue
-        recipe_arg = recipe
+        start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="slimtorch-bench-") as tmp:
-            if isinstance(recipe, dict):
-                import yaml
-
-                recipe_arg = str(Path(tmp) / "recipe.yaml")
-                Path(recipe_arg).write_text(yaml.safe_dump(recipe))
-            start = time.perf_counter()
             report = compress_to_dir(
-                model,
-                recipe_arg,
+                case.model,
+                case.recipe,
                 Path(tmp) / "out",
-                CompressOptions(data=data, latency_batch=batch),
+                CompressOptions(data=case.data, latency_batch=case.batch),
                 Context(progress=False),
             )
-        report["label"] = label
+        report["label"] = case.label
         report["wall_s"] = time.perf_counter() - start
         rows.append(report)
-        print(
-            json.dumps(
-                {
-                    k: report.get(k)
-                    for k in (
-                        "label",
-                        "value",
-                        "baseline_value",
-                        "compression_ratio",
-                        "latency_ms",
-                        "baseline_latency_ms",
-                    )
-                }
-            ),
-            flush=True,
+        keys = (
+            "label",
+            "value",
+            "baseline_value",
+            "compression_ratio",
+            "latency_ms",
+            "baseline_latency_ms",
         )
+        print(json.dumps({k: report.get(k) for k in keys}), flush=True)
     return rows
 
 

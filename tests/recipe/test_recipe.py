@@ -84,3 +84,8 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "recipes")
 def test_example_recipes_parse_and_round_trip(path: Path) -> None:
     recipe = load_recipe(str(path))
     assert parse_recipe(yaml.safe_load(recipe.to_yaml())).to_dict() == recipe.to_dict()
+
+
+def test_unknown_format_option_is_refused() -> None:
+    with pytest.raises(ConfigError, match="format"):
+        parse_recipe({"stages": [{"method": "quantize.rtn"}], "format": {"entropy": "huffman"}})

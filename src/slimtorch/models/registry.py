@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,6 @@ class LoadedModel:
     data: str | None = None
     task: str | None = None
     example_inputs: Callable[[int], tuple[Any, ...]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _ensure_builtins() -> None:

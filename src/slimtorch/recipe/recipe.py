@@ -42,9 +42,10 @@ def load_methods() -> None:
 
 
 class FormatOptions(StrictModel):
-    """How the artifact is stored. (Entropy coding arrives with weight sharing.)"""
+    """How the artifact is stored. No options yet: every tensor takes its smallest encoding.
 
-    scale_dtype: str = "auto"
+    Weight sharing (issue 3) adds entropy coding here; until then any key is rejected.
+    """
 
 
 @dataclass
