@@ -32,6 +32,11 @@ RECIPES = {
         ]
     },
     "prune-only": {"stages": [{"method": "prune.magnitude", "sparsity": 0.8, "scope": "global"}]},
+    "deep-compression": "deep-compression",  # its training stages are skipped without data
+    "kmeans-cross-layer-huffman": {
+        "stages": [{"method": "share.kmeans", "bits": 4, "cross_layer": True, "init": "kmeans++"}],
+        "format": {"entropy": "huffman"},
+    },
 }
 
 

@@ -15,7 +15,7 @@ ALLOWED: dict[str, set[str]] = {
     "formats": {"core"},
     "graph": {"core", "formats"},
     "runtime": {"core", "formats", "graph"},
-    "models": {"core", "formats", "graph"},
+    "models": {"core", "formats", "graph", "runtime"},
     "calibrate": {"core", "formats", "graph", "models"},
     **{t: LOWER for t in TECHNIQUES},
     "eval": LOWER,

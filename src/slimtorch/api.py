@@ -20,24 +20,21 @@ import torch
 from torch import nn
 
 from slimtorch.core.context import Context
-from slimtorch.core.errors import ArtifactError, ConfigError, UserInputError
+from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.core.methods import Run, Task
 from slimtorch.formats.artifact import (
     artifact_bytes,
     dense_safetensors_bytes,
-    read_artifact,
     write_artifact,
 )
-from slimtorch.formats.state import iter_states, set_state
-from slimtorch.graph.weights import replace_module
-from slimtorch.models.registry import rebuild
+from slimtorch.formats.state import iter_states
+from slimtorch.models.artifact import get_architecture, load_artifact
+from slimtorch.models.artifact import get_metadata as get_metadata  # re-exported API
+from slimtorch.models.artifact import set_architecture as set_architecture
 from slimtorch.recipe import Recipe, load_recipe
 from slimtorch.runtime import RUNTIME_MODULES
 
 log = logging.getLogger(__name__)
-
-_ARCH_ATTR = "_slimtorch_architecture"
-_META_ATTR = "_slimtorch_metadata"
 
 
 @dataclass
@@ -48,17 +45,6 @@ class CompressResult:
     recipe: Recipe
     stages: list[dict[str, Any]] = field(default_factory=list)
     dense_bytes: int = 0
-
-
-def set_architecture(model: nn.Module, architecture: dict[str, Any]) -> None:
-    """Record how to rebuild ``model`` (see slimtorch.models.registry.rebuild)."""
-    model.__dict__[_ARCH_ATTR] = architecture
-
-
-def get_metadata(model: nn.Module) -> dict[str, Any]:
-    """Metadata that travels with a model into its artifact (source, recipe, evaluator, ...)."""
-    meta: dict[str, Any] = model.__dict__.setdefault(_META_ATTR, {})
-    return meta
 
 
 def compress(
@@ -80,7 +66,7 @@ def compress(
         raise ConfigError(f"stages {names} need training data: pass --data (data= in Python)")
     dense = dense_safetensors_bytes(model.state_dict())
     work = model if inplace else copy.deepcopy(model)
-    run = Run(ctx, data)
+    run = Run(ctx, data, original=model if not inplace else copy.deepcopy(model).eval())
     report = []
     for i, stage in enumerate(rec.stages):
         name = stage.spec.name
@@ -92,7 +78,8 @@ def compress(
         stage.spec.apply(work, stage.config, run)
         report.append({"stage": i + 1, "method": name})
     meta = get_metadata(work)
-    meta.update({"recipe": rec.to_dict(), "recipe_name": rec.name, "dense_bytes": dense})
+    recipe_dict = {k: v for k, v in rec.to_dict().items() if k != "description"}
+    meta.update({"recipe": recipe_dict, "recipe_name": rec.name, "dense_bytes": dense})
     return CompressResult(work, rec, report, dense)
 
 
@@ -106,9 +93,9 @@ def _runtime_modules(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def _architecture(model: nn.Module) -> dict[str, Any]:
-    arch = model.__dict__.get(_ARCH_ATTR)
+    arch = get_architecture(model)
     if arch is not None:
-        return dict(arch)
+        return arch
     cls = type(model)
     return {"kind": "factory", "ref": f"{cls.__module__}:{cls.__qualname__}"}
 
@@ -118,10 +105,13 @@ def save(
     path: str | Path,
     force: bool = False,
     metadata: dict[str, Any] | None = None,
+    entropy: str | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` as a compressed artifact at ``path``; returns the manifest.
 
     Refuses an existing ``path`` unless ``force``; never leaves a half-written directory.
+    ``entropy`` ("none" or "huffman") defaults to the ``format`` of the recipe that compressed
+    the model.
     """
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     states = {
@@ -135,31 +125,16 @@ def save(
         "modules": _runtime_modules(model),
         "metadata": meta,
     }
-    return write_artifact(Path(path), tensors, states, manifest, overwrite=force)
+    if entropy is None:
+        entropy = str(meta.get("recipe", {}).get("format", {}).get("entropy", "none"))
+    if entropy not in ("none", "huffman"):
+        raise ConfigError(f"entropy must be 'none' or 'huffman', got {entropy!r}")
+    return write_artifact(Path(path), tensors, states, manifest, force, entropy)
 
 
 def load(path: str | Path) -> nn.Module:
     """Rebuild the model saved at ``path``: no pickle, outputs identical to the saved model."""
-    art = read_artifact(Path(path))
-    arch = art.manifest.get("architecture")
-    if not isinstance(arch, dict):
-        raise ArtifactError(f"{path}: manifest has no architecture; re-create the artifact")
-    model = rebuild(arch)
-    for entry in art.manifest.get("modules", []):
-        cls = RUNTIME_MODULES.get(entry["type"])
-        replace_module(model, entry["name"], cls.from_config(entry["config"]))  # type: ignore[attr-defined]
-    missing, unexpected = model.load_state_dict(art.tensors, strict=False)
-    if missing or unexpected:
-        raise ArtifactError(
-            f"{path}: artifact does not fit its architecture (missing {missing[:5]},"
-            f" unexpected {unexpected[:5]}); re-create it with this slimtorch version"
-        )
-    for name, state in art.states.items():
-        mname, _, param = name.rpartition(".")
-        set_state(model.get_submodule(mname) if mname else model, param, state)
-    set_architecture(model, arch)
-    get_metadata(model).update(art.manifest.get("metadata", {}))
-    return model.eval()
+    return load_artifact(path)
 
 
 def artifact_size(path: str | Path) -> int:
@@ -183,9 +158,11 @@ def example_inputs_for(
 
         return builtin_info(str(architecture["name"])).example_inputs(batch)
     if kind == "hf":
-        vocab = int(architecture.get("config", {}).get("vocab_size") or 0)
+        config = architecture.get("config", {})
+        vocab = int(config.get("vocab_size") or 0)
+        length = min(128, int(config.get("max_position_embeddings") or 128))
         if vocab:
-            return (torch.randint(0, vocab, (batch, 128), generator=gen),)
+            return (torch.randint(0, vocab, (batch, length), generator=gen),)
     return None
 
 

@@ -120,7 +120,9 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert manifest["format"] == "slimtorch" and manifest["format_version"] == 1
     assert manifest["architecture"] == {"kind": "test"}
     enc = {n: m["encoding"] for n, m in manifest["tensors"].items()}
-    assert enc["conv.weight"] == "quant-bitmask" and enc["fc.weight"] == "quant"
+    # the sparse conv weight: codes of kept weights plus gap indices beat a bitmask
+    assert enc["conv.weight"] == "coded" and enc["fc.weight"] == "quant"
+    assert manifest["tensors"]["conv.weight"]["index"] in {"gaps", "csr"}
     assert enc["fc2.weight"] == "bitmask" and enc["fc.bias"] == "dense"
     assert enc["emb.weight"] == "quant" and manifest["tensors"]["emb.weight"]["scheme"] == "ternary"
     assert set(art.states) == {
@@ -146,7 +148,7 @@ def test_tied_tensors_stored_once(tmp_path: Path) -> None:
     assert "head.weight" not in manifest["tensors"]
     stored = load_file(str(tmp_path / "art" / "model.safetensors"))
     assert not any(k.startswith("head.weight::") for k in stored)
-    assert "conv.weight::mask" in stored and "conv.weight::codes" in stored
+    assert "conv.weight::codes" in stored
     art = read_artifact(tmp_path / "art")
     assert art.tensors["head.weight"] is art.tensors["emb.weight"]
 
@@ -344,7 +346,7 @@ def test_describe_rows(tmp_path: Path) -> None:
     assert conv["shape"] == [16, 8, 3] and conv["numel"] == 384
     assert conv["sparsity"] == pytest.approx(1 - meta["nonzero"] / 384)
     assert conv["bits"] == pytest.approx(meta["bytes"] * 8 / 384)
-    assert conv["quant_bits"] == 8 and conv["encoding"] == "quant-bitmask"
+    assert conv["quant_bits"] == 8 and conv["encoding"].startswith("coded:packed+")
     assert rows["fc.weight"]["bits"] == pytest.approx((256 + 32 * 2 * 2 + 32 * 2) * 8 / 512)
     assert rows["head.weight"]["alias_of"] == "emb.weight" and rows["head.weight"]["bytes"] == 0
     assert rows["bn.num_batches_tracked"]["shape"] == []

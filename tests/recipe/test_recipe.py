@@ -88,4 +88,11 @@ def test_example_recipes_parse_and_round_trip(path: Path) -> None:
 
 def test_unknown_format_option_is_refused() -> None:
     with pytest.raises(ConfigError, match="format"):
-        parse_recipe({"stages": [{"method": "quantize.rtn"}], "format": {"entropy": "huffman"}})
+        parse_recipe({"stages": [{"method": "quantize.rtn"}], "format": {"entropie": "huffman"}})
+    with pytest.raises(ConfigError, match="format"):
+        parse_recipe({"stages": [{"method": "quantize.rtn"}], "format": {"entropy": "zstd"}})
+    rec = parse_recipe({"stages": [{"method": "quantize.rtn"}], "format": {"entropy": "huffman"}})
+    assert (
+        rec.format.entropy == "huffman"
+        and parse_recipe(yaml.safe_load(rec.to_yaml())).format == rec.format
+    )

@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from slimtorch.cli import cmd_distill, cmd_merge
 from slimtorch.core.errors import UserInputError
 
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="keep the artifact here (default: a temporary directory)")
     p.add_argument("--recipe", default="sparse90-int8")
     _add_common(p)
+
+    cmd_merge.add_parser(sub)
+    cmd_distill.add_parser(sub)
     return parser
 
 
@@ -84,6 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": commands.inspect,
         "recipes": commands.recipes,
         "demo": commands.demo,
+        "merge": cmd_merge.run,
+        "distill": cmd_distill.run,
+    }
+    renderers: dict[str, Callable[[dict[str, Any]], str]] = {
+        "merge": cmd_merge.render,
+        "distill": cmd_distill.render,
     }
     try:
         result = handlers[args.command](args)
@@ -100,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        print(commands.render(args.command, result))
+        render = renderers.get(args.command)
+        print(render(result) if render else commands.render(args.command, result))
     return 0
 
 

@@ -35,10 +35,12 @@ class Task(Protocol):
 
 @dataclass
 class Run:
-    """What a stage gets besides its config: the context and the optional task."""
+    """What a stage gets besides its config: the context, the optional task, and the model as
+    it was before the recipe's first stage (a teacher for distillation; never modified)."""
 
     ctx: Context
     task: Task | None = None
+    original: nn.Module | None = None
 
     def require_task(self, method: str) -> Task:
         """The task, or a ConfigError telling the user to give training data to ``method``."""

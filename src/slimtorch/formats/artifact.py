@@ -32,6 +32,7 @@ from safetensors.torch import save as st_save
 
 from slimtorch import __version__
 from slimtorch.core.errors import ArtifactError, ChecksumError
+from slimtorch.formats.coded import meta_label
 from slimtorch.formats.encoding import decode_tensor, encode_tensor
 from slimtorch.formats.state import WeightState
 
@@ -89,7 +90,10 @@ def _unshare(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _encode_all(
-    tensors: dict[str, torch.Tensor], states: dict[str, WeightState], aliases: dict[str, str]
+    tensors: dict[str, torch.Tensor],
+    states: dict[str, WeightState],
+    aliases: dict[str, str],
+    entropy: str = "none",
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     unknown = sorted(set(states) - set(tensors))
     if unknown:
@@ -99,6 +103,7 @@ def _encode_all(
         )
     parts: dict[str, torch.Tensor] = {}
     metas: dict[str, Any] = {}
+    shared: dict[int, str] = {}  # codebook storage -> tensor that stores it
     for name, t in tensors.items():
         if PART_SEP in name:
             raise ArtifactError(f"tensor name {name!r} contains {PART_SEP!r}; rename the tensor")
@@ -107,7 +112,7 @@ def _encode_all(
         group = [name] + [a for a, target in aliases.items() if target == name]
         state = next((states[n] for n in group if n in states), None)
         try:
-            tensor_parts, metas[name] = encode_tensor(t, state, name=name)
+            tensor_parts, metas[name] = encode_tensor(t, state, name, entropy, shared)
         except (ValueError, TypeError) as exc:
             raise ArtifactError(f"cannot encode tensor {name!r}: {exc}") from exc
         parts.update({f"{name}{PART_SEP}{p}": v for p, v in tensor_parts.items()})
@@ -197,20 +202,22 @@ def write_artifact(
     states: dict[str, WeightState],
     manifest: dict[str, Any],
     overwrite: bool = False,
+    entropy: str = "none",
 ) -> dict[str, Any]:
     """Write an artifact directory atomically and return its final manifest.
 
     ``tensors`` is a state_dict, ``states`` the compression states keyed by the same names,
     ``manifest`` the caller's extra keys. An existing ``path`` is refused unless ``overwrite``.
+    ``entropy="huffman"`` lets code and index streams be Huffman coded where that is smaller.
     """
     path = Path(path)
     _check_target(path, overwrite)
     aliases = find_aliases(tensors)
-    parts, metas = _encode_all(tensors, states, aliases)
+    parts, metas = _encode_all(tensors, states, aliases, entropy)
     data = st_save(parts, metadata={"format": FORMAT})
     final = _build_manifest(dict(manifest), metas, aliases, data)
     try:
-        text = json.dumps(final, indent=1)
+        text = json.dumps(final, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"manifest is not JSON-serializable ({exc}); pass plain data") from exc
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
@@ -313,7 +320,10 @@ def _decode_all(manifest: dict[str, Any], parts: dict[str, torch.Tensor], where:
         grouped.setdefault(name, {})[part] = t
     art = Artifact(manifest)
     for name, meta in manifest["tensors"].items():
-        have = grouped.get(name, {})
+        have = dict(grouped.get(name, {}))
+        ref = meta.get("codebook_ref") if isinstance(meta, dict) else None
+        if ref is not None:
+            have["codebook"] = grouped.get(str(ref), {}).get("codebook", torch.empty(0))
         try:
             missing = [p for p in meta["parts"] if p not in have]
             if missing:
@@ -395,7 +405,9 @@ def _row(name: str, meta: dict[str, Any]) -> dict[str, Any]:
         "sparsity": 1.0 - nonzero / numel if numel else 0.0,
         "bits": size * 8 / numel if numel else 0.0,
         "quant_bits": meta.get("bits"),
-        "encoding": meta["encoding"],
+        "encoding": meta["encoding"]
+        + (f":{meta_label(meta)}" if meta["encoding"] == "coded" else ""),
+        "codebook_size": meta.get("codebook_size"),
         "bytes": size,
         "alias_of": None,
     }

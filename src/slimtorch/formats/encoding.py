@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
+from slimtorch.formats import coded
 from slimtorch.formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
 from slimtorch.formats.state import (
     QuantState,
     WeightState,
     code_range,
+    codebook_state,
     effective_weight,
     from_matrix,
     to_matrix,
@@ -36,7 +38,8 @@ from slimtorch.formats.state import (
 log = logging.getLogger(__name__)
 
 Parts = dict[str, torch.Tensor]
-ENCODINGS = ("dense", "bitmask", "quant", "quant-bitmask")
+ENCODINGS = ("dense", "bitmask", "quant", "quant-bitmask", "coded")
+ENTROPY = ("none", "huffman")
 _MASKABLE = {
     torch.float16,
     torch.bfloat16,
@@ -69,7 +72,7 @@ def parts_bytes(parts: Parts) -> int:
 
 def _code_offset(q: QuantState) -> int:
     """The smallest code: binary/ternary codes start at 0 whatever ``signed`` says."""
-    if q.scheme in ("binary", "ternary"):
+    if q.scheme in ("binary", "ternary", "codebook"):
         return 0
     return code_range(q.bits, q.signed)[0]
 
@@ -169,24 +172,36 @@ def _json_extra(extra: dict[str, object], name: str) -> dict[str, object]:
 
 
 def _quant_meta(q: QuantState | None) -> dict[str, Any]:
+    if q is None:
+        return {}
+    if q.scheme == "codebook":
+        assert q.codebook is not None
+        return {
+            "bits": q.bits,
+            "scheme": q.scheme,
+            "codes_dtype": dtype_name(q.codes.dtype),
+            "codebook_size": int(q.codebook.numel()),
+        }
     return {
-        "bits": q.bits if q else None,
-        "scheme": q.scheme if q else None,
-        "granularity": q.granularity if q else None,
-        "group_size": q.group_size if q else None,
-        "signed": q.signed if q else None,
-        "scale_dtype": q.scale_dtype if q else None,
-        "codes_dtype": dtype_name(q.codes.dtype) if q else None,
+        "bits": q.bits,
+        "scheme": q.scheme,
+        "granularity": q.granularity,
+        "group_size": q.group_size,
+        "signed": q.signed,
+        "scale_dtype": q.scale_dtype,
+        "codes_dtype": dtype_name(q.codes.dtype),
     }
 
 
 def _candidates(
     target: torch.Tensor, state: WeightState | None, name: str
 ) -> list[tuple[str, Parts]]:
-    """Encodings that can hold ``target`` and keep ``state``; preferred first on ties."""
+    """The fixed-layout encodings that can hold ``target`` and keep ``state``; preferred first."""
     q = state.quant if state else None
     mask = state.mask.reshape(-1) if state and state.mask is not None else None
     if q is not None:
+        if q.scheme == "codebook":
+            return []
         found = [_encode_quant(q, mask, False, name)]
         if mask is not None:
             found.append(_encode_quant(q, mask, True, name))
@@ -199,13 +214,101 @@ def _candidates(
     return found
 
 
+def _coded_inputs(
+    target: torch.Tensor, state: WeightState | None
+) -> tuple[torch.Tensor | None, int, torch.Tensor | None] | None:
+    """``(unsigned codes or None, bits, kept mask or None)`` for the ``coded`` encoding."""
+    q = state.quant if state else None
+    mask = state.mask if state and state.mask is not None else None
+    if q is not None:
+        codes = q.codes.reshape(-1).to(torch.int64) - _code_offset(q)
+        return codes, q.bits, mask
+    if target.dtype not in _MASKABLE or target.numel() == 0 or target.dtype == torch.bool:
+        return None
+    return None, 0, mask if mask is not None else target != 0
+
+
+def _codebook_parts(
+    q: QuantState, name: str, shared: dict[int, str] | None, meta: dict[str, Any]
+) -> Parts:
+    assert q.codebook is not None
+    key = q.codebook.untyped_storage().data_ptr()
+    if shared is not None and key in shared:
+        meta["codebook_ref"] = shared[key]
+        return {}
+    if shared is not None:
+        shared[key] = name
+    return {"codebook": q.codebook.detach().cpu().to(torch.float32).contiguous().clone()}
+
+
+def _quant_params(q: QuantState, name: str) -> Parts:
+    parts = {"scale": _encode_scale(q, name)}
+    zp = q.zero_point
+    if zp.numel() and bool((zp != 0).any()):
+        parts["zero_point"] = zp.to(_smallest_int(zp)).contiguous()
+    return parts
+
+
+def _side_parts(q: QuantState | None, name: str) -> Parts:
+    """The parts every encoding of ``q`` stores besides its codes (scales or the codebook)."""
+    if q is None:
+        return {}
+    if q.scheme == "codebook":
+        assert q.codebook is not None
+        return {"codebook": q.codebook.detach().cpu().to(torch.float32).contiguous().clone()}
+    return _quant_params(q, name)
+
+
+def _best(
+    target: torch.Tensor, state: WeightState | None, name: str, entropy: str
+) -> tuple[str, Parts, dict[str, Any]]:
+    """The smallest encoding (fixed layouts and coded plans), built. Ties keep a fixed layout."""
+
+    def cost(parts: Parts) -> int:
+        return parts_bytes(parts) + coded.PART_OVERHEAD * len(parts)
+
+    q = state.quant if state else None
+    fixed = min(_candidates(target, state, name), key=lambda c: cost(c[1]), default=None)
+    inputs = _coded_inputs(target, state)
+    plan = None
+    if inputs is not None and (q is None or q.bits <= 8):
+        codes, bits, mask = inputs
+        if codes is not None:
+            _encode_codes(codes + _code_offset(q), q, name)  # type: ignore[arg-type]
+        side = cost(_side_parts(q, name))
+        found = [
+            p
+            for p in coded.plans(codes, bits, mask, target.element_size(), entropy)
+            if fixed is None or p.label not in ("packed", "raw")  # those are "quant"/"dense"
+        ]
+        plan = found[0] if found else None
+        if plan is not None and fixed is not None and cost(fixed[1]) <= plan.size + side:
+            plan = None
+    if plan is None:
+        if fixed is None:
+            raise ValueError(f"{name}: no encoding can store this tensor")
+        return fixed[0], fixed[1], {}
+    assert inputs is not None
+    codes, bits, mask = inputs
+    parts, extra = coded.encode(plan, codes, bits, mask, None if codes is not None else target)
+    return "coded", parts, extra
+
+
 def encode_tensor(
-    tensor: torch.Tensor, state: WeightState | None = None, name: str = "tensor"
+    tensor: torch.Tensor,
+    state: WeightState | None = None,
+    name: str = "tensor",
+    entropy: str = "none",
+    shared: dict[int, str] | None = None,
 ) -> tuple[Parts, dict[str, Any]]:
     """Encode ``tensor`` (with its compression ``state``) as the smallest applicable encoding.
 
+    ``entropy="huffman"`` lets symbol streams be Huffman coded. ``shared`` maps the storage of
+    codebooks already written to the tensor that holds them (cross-layer sharing: stored once).
     Returns the parts to store and a JSON-able meta dict; ``name`` is only used in messages.
     """
+    if entropy not in ENTROPY:
+        raise ValueError(f"unknown entropy coding {entropy!r} (known: {', '.join(ENTROPY)})")
     t = tensor.detach().cpu()
     if t.layout != torch.strided:
         raise ValueError(f"{name}: {t.layout} tensors cannot be saved; convert with .to_dense()")
@@ -220,7 +323,13 @@ def encode_tensor(
                 " state's values (re-apply the state after changing the weight)",
                 name,
             )
-    encoding, parts = min(_candidates(target, state, name), key=lambda c: parts_bytes(c[1]))
+    encoding, parts, extra = _best(target, state, name, entropy)
+    q = state.quant if state else None
+    if encoding == "coded" and q is not None:
+        if q.scheme == "codebook":
+            parts.update(_codebook_parts(q, name, shared, extra))
+        else:
+            parts.update(_quant_params(q, name))
     parts = {k: v.contiguous() for k, v in parts.items()}
     meta: dict[str, Any] = {
         "encoding": encoding,
@@ -229,11 +338,13 @@ def encode_tensor(
         "numel": t.numel(),
         "nonzero": int((target != 0).sum()),
         "bytes": parts_bytes(parts),
-        **_quant_meta(state.quant if state else None),
-        "has_state": state is not None,
-        "has_mask": state is not None and state.mask is not None,
+        **_quant_meta(q),
+        "has_state": state is not None or None,
+        "has_mask": (state is not None and state.mask is not None) or None,
         "parts": sorted(parts),
+        **extra,
     }
+    meta = {k: v for k, v in meta.items() if v is not None}  # absent keys read as None/False
     if state is not None and state.extra:
         meta["extra"] = _json_extra(state.extra, name)
     return parts, meta
@@ -242,7 +353,7 @@ def encode_tensor(
 def _zero_codes(q: QuantState, shape: list[int]) -> torch.Tensor:
     """Codes whose value is zero (affine: the zero point), filling pruned positions."""
     matrix = to_matrix(torch.empty(shape, dtype=torch.int32))
-    if q.scheme == "binary":
+    if q.scheme in ("binary", "codebook"):
         return torch.zeros(matrix.numel(), dtype=torch.int32)
     if q.scheme == "ternary":
         return torch.ones(matrix.numel(), dtype=torch.int32)
@@ -250,13 +361,20 @@ def _zero_codes(q: QuantState, shape: list[int]) -> torch.Tensor:
     return from_matrix(zp.contiguous(), shape).reshape(-1).to(torch.int32)
 
 
-def _decode_quant(meta: dict[str, Any], parts: Parts, mask: torch.Tensor | None) -> QuantState:
-    shape, numel, bits = list(meta["shape"]), int(meta["numel"]), int(meta["bits"])
+def _quant_header(meta: dict[str, Any], parts: Parts) -> QuantState:
+    """The quantization state of ``meta`` without its codes."""
+    if meta["scheme"] == "codebook":
+        codebook = parts["codebook"]
+        if codebook.numel() > 2 ** int(meta["bits"]):
+            raise ValueError(f"codebook of {codebook.numel()} values for {meta['bits']}-bit codes")
+        return codebook_state(
+            torch.empty(0, dtype=torch.int32), codebook.to(torch.float32), int(meta["bits"])
+        )
     scale = parts["scale"].to(torch.float32)
     zp = parts.get("zero_point")
-    q = QuantState(
+    return QuantState(
         scheme=meta["scheme"],
-        bits=bits,
+        bits=int(meta["bits"]),
         signed=bool(meta["signed"]),
         granularity=meta["granularity"],
         codes=torch.empty(0, dtype=torch.int32),
@@ -264,18 +382,28 @@ def _decode_quant(meta: dict[str, Any], parts: Parts, mask: torch.Tensor | None)
         zero_point=zp.to(torch.int32)
         if zp is not None
         else torch.zeros_like(scale, dtype=torch.int32),
-        group_size=meta["group_size"],
-        scale_dtype=meta["scale_dtype"],
+        group_size=meta.get("group_size"),
+        scale_dtype=meta.get("scale_dtype", "float32"),
     )
-    kept_only = meta["encoding"] == "quant-bitmask"
-    if kept_only and mask is None:
+
+
+def _decode_quant(meta: dict[str, Any], parts: Parts, mask: torch.Tensor | None) -> QuantState:
+    shape, numel, bits = list(meta["shape"]), int(meta["numel"]), int(meta["bits"])
+    q = _quant_header(meta, parts)
+    kept_only = meta["encoding"] in ("quant-bitmask", "coded") and mask is not None
+    if meta["encoding"] == "quant-bitmask" and mask is None:
         raise ValueError("quant-bitmask encoding without a mask part")
     count = int(mask.sum()) if kept_only and mask is not None else numel
-    stored = parts["codes"]
-    raw = unpack_bits(stored, bits, count) if bits <= 8 else stored.reshape(-1)[:count]
+    if meta["encoding"] == "coded":
+        raw = coded.decode_codes(meta, parts, bits, count)
+    else:
+        stored = parts["codes"]
+        raw = unpack_bits(stored, bits, count) if bits <= 8 else stored.reshape(-1)[:count]
     if raw.numel() != count:
         raise ValueError(f"codes part holds {raw.numel()} codes, expected {count}")
     codes = raw.to(torch.int32) + _code_offset(q)
+    if q.scheme == "codebook" and count and int(codes.max()) >= q.codebook.numel():  # type: ignore[union-attr]
+        raise ValueError(f"codebook index {int(codes.max())} past the codebook's end")
     if kept_only and mask is not None:
         full = _zero_codes(q, shape)
         full[mask] = codes
@@ -294,7 +422,10 @@ def decode_tensor(meta: dict[str, Any], parts: Parts) -> tuple[torch.Tensor, Wei
         raise ValueError(f"unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
     shape, numel = list(meta["shape"]), int(meta["numel"])
     dtype = dtype_from_name(meta["dtype"])
-    mask = unpack_mask(parts["mask"], numel) if "mask" in parts else None
+    if encoding == "coded":
+        mask = coded.decode_mask(meta, parts, shape)
+    else:
+        mask = unpack_mask(parts["mask"], numel) if "mask" in parts else None
     state = None
     if meta.get("has_state"):
         state = WeightState(extra=dict(meta.get("extra") or {}))
@@ -302,6 +433,13 @@ def decode_tensor(meta: dict[str, Any], parts: Parts) -> tuple[torch.Tensor, Wei
             state.mask = None if mask is None else mask.reshape(shape)
     if encoding == "dense":
         return parts["data"].reshape(shape), state
+    if encoding == "coded" and meta.get("scheme") is None:
+        values = parts["values"]
+        if mask is None or values.numel() != int(mask.sum()):
+            raise ValueError("coded values do not match the number of kept elements")
+        out = torch.zeros(numel, dtype=dtype)
+        out[mask] = values.to(dtype)
+        return out.reshape(shape), state
     if encoding == "bitmask":
         if mask is None:
             raise ValueError("bitmask encoding without a mask part")

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-Scheme = Literal["affine", "binary", "ternary"]
+Scheme = Literal["affine", "binary", "ternary", "codebook"]
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 
 _STATE_ATTR = "_slimtorch_state"
@@ -60,6 +60,11 @@ class QuantState:
     affine:  w = (codes - zero_point) * scale
     binary:  codes in {0, 1},    w = (2 * codes - 1) * scale      (sign times alpha, 1 bit)
     ternary: codes in {0, 1, 2}, w = (codes - 1) * scale          ({-a, 0, +a}, 2 bits)
+    codebook: codes in [0, len(codebook)), w = codebook[codes]     (weight sharing, k-means)
+
+    A codebook state has ``granularity="per_tensor"`` and an empty ``scale``/``zero_point``;
+    several weights may hold the same ``codebook`` tensor (cross-layer sharing), and the
+    artifact then stores it once.
     """
 
     scheme: Scheme
@@ -71,6 +76,7 @@ class QuantState:
     zero_point: torch.Tensor  # int32, same shape as scale
     group_size: int | None = None
     scale_dtype: Literal["float16", "float32"] = "float32"
+    codebook: torch.Tensor | None = None  # float32 [K], K <= 2**bits (scheme "codebook" only)
 
     def expand(self, t: torch.Tensor, in_features: int) -> torch.Tensor:
         """Broadcast a per-group parameter to ``[out, in]``."""
@@ -91,6 +97,10 @@ class WeightState:
 
 def dequantize(q: QuantState, shape: Sequence[int]) -> torch.Tensor:
     """Float32 values of a quantized weight (without its mask)."""
+    if q.scheme == "codebook":
+        if q.codebook is None:
+            raise ValueError("a codebook quantization state has no codebook")
+        return q.codebook.to(torch.float32)[q.codes.to(torch.int64)].reshape(tuple(shape))
     codes = to_matrix(q.codes.to(torch.int32))
     in_features = codes.shape[1]
     scale = q.expand(q.scale.to(torch.float32), in_features)
@@ -104,6 +114,24 @@ def dequantize(q: QuantState, shape: Sequence[int]) -> torch.Tensor:
     else:  # pragma: no cover - guarded by the Literal type
         raise ValueError(f"unknown quantization scheme {q.scheme!r}")
     return from_matrix(m, shape)
+
+
+def codebook_state(codes: torch.Tensor, codebook: torch.Tensor, bits: int) -> QuantState:
+    """A weight-sharing state: ``codes`` index ``codebook`` (float32, at most ``2**bits`` values)."""
+    if codebook.numel() > 2**bits:
+        raise ValueError(
+            f"a {bits}-bit index addresses {2**bits} centroids, got {codebook.numel()}"
+        )
+    return QuantState(
+        scheme="codebook",
+        bits=bits,
+        signed=False,
+        granularity="per_tensor",
+        codes=codes,
+        scale=torch.empty(0),
+        zero_point=torch.empty(0, dtype=torch.int32),
+        codebook=codebook,
+    )
 
 
 def effective_weight(state: WeightState, like: torch.Tensor) -> torch.Tensor:

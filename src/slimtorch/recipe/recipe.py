@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import ValidationError
@@ -33,6 +33,10 @@ _METHOD_MODULES = (
     "slimtorch.calibrate.train",
     "slimtorch.prune",
     "slimtorch.quantize",
+    "slimtorch.share",
+    "slimtorch.lowrank",
+    "slimtorch.merge",
+    "slimtorch.distill",
 )
 
 
@@ -42,10 +46,11 @@ def load_methods() -> None:
 
 
 class FormatOptions(StrictModel):
-    """How the artifact is stored. No options yet: every tensor takes its smallest encoding.
+    """How the artifact is stored. Every tensor takes its smallest encoding; ``entropy:
+    huffman`` adds Huffman-coded code and index streams to the choices (Deep Compression's
+    last stage)."""
 
-    Weight sharing (issue 3) adds entropy coding here; until then any key is rejected.
-    """
+    entropy: Literal["none", "huffman"] = "none"
 
 
 @dataclass

@@ -10,9 +10,24 @@ from __future__ import annotations
 from torch import nn
 
 from slimtorch.core.registry import Registry
+from slimtorch.runtime.fused import FusedIdentity, FusedLayer
 from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available, quantize_weight_int8
+from slimtorch.runtime.lowrank import LowRankConv2d, LowRankLinear
 
 RUNTIME_MODULES: Registry[type[nn.Module]] = Registry("runtime module")
 RUNTIME_MODULES.add("Int8DynamicLinear", Int8DynamicLinear)
+RUNTIME_MODULES.add("FusedLayer", FusedLayer)
+RUNTIME_MODULES.add("FusedIdentity", FusedIdentity)
+RUNTIME_MODULES.add("LowRankLinear", LowRankLinear)
+RUNTIME_MODULES.add("LowRankConv2d", LowRankConv2d)
 
-__all__ = ["RUNTIME_MODULES", "Int8DynamicLinear", "onednn_available", "quantize_weight_int8"]
+__all__ = [
+    "RUNTIME_MODULES",
+    "FusedIdentity",
+    "FusedLayer",
+    "Int8DynamicLinear",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "onednn_available",
+    "quantize_weight_int8",
+]

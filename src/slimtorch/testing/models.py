@@ -58,6 +58,33 @@ class TinyTransformer(nn.Module):
         return self.head(h.mean(1))
 
 
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h + self.down(torch.nn.functional.gelu(self.up(h))))  # type: ignore[no-any-return]
+
+
+class TinyStack(nn.Module):
+    """Embedding, three repeated blocks (``blocks.0`` .. ``blocks.2``), Linear: int64 [B, T]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(1))  # type: ignore[no-any-return]
+
+
 def _seeded(cls: type[nn.Module], seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return cls().eval()
@@ -73,6 +100,10 @@ def tiny_lstm() -> nn.Module:
 
 def tiny_transformer() -> nn.Module:
     return _seeded(TinyTransformer, 2)
+
+
+def tiny_stack() -> nn.Module:
+    return _seeded(TinyStack, 3)
 
 
 def example_input(model: nn.Module, batch: int = 4) -> torch.Tensor:

@@ -1,0 +1,278 @@
+"""Read mergekit's YAML merge configuration into a typed, resolved :class:`MergeConfig`.
+
+Supported (mergekit 0.1.5 semantics)::
+
+    merge_method: ties            # linear | slerp | task_arithmetic | ties | dare_linear | dare_ties
+    base_model: builtin:lenet300-fashion     # a path (HF directory, slimtorch artifact,
+    models:                                  #   directory or file of *.safetensors) or builtin:NAME
+      - model: runs/a
+        parameters: {weight: 0.5, density: 0.4}
+      - model: runs/b
+        parameters: {weight: 0.5, density: 0.4}
+    parameters: {normalize: true, lambda: 1.0}   # global values; per-model values take precedence
+    dtype: float32                # merge in this dtype (default: the inputs' dtype)
+    out_dtype: bfloat16           # store in this dtype (default: the merge dtype)
+
+Parameters must be scalars: mergekit's gradients (lists) and ``filter`` conditions are rejected
+with an error, as are ``slices`` and ``modules``. ``tokenizer_source``, ``tokenizer`` and
+``chat_template`` are ignored with a warning (the base's tokenizer files are copied). Any other
+top-level key is an error. ``rescale`` also accepts ``"density"`` (DARE's paper: divide the kept
+deltas by ``density``) besides mergekit's booleans (``true`` = L1-norm rescaling).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from slimtorch.core.config import StrictModel
+from slimtorch.core.errors import ConfigError
+from slimtorch.core.registry import nearest
+
+MethodName = Literal["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
+METHODS: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined]
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
+
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+_IGNORED_KEYS = {"tokenizer_source", "tokenizer", "chat_template"}
+_UNSUPPORTED_KEYS = {"slices", "modules"}
+_TASK_PARAMS = {"weight", "density", "normalize", "rescale", "lambda", "int8_mask"}
+_GLOBAL_PARAMS: dict[str, set[str]] = {
+    "linear": {"weight", "normalize"},
+    "slerp": {"t"},
+    "task_arithmetic": _TASK_PARAMS - {"rescale"},
+    "ties": _TASK_PARAMS,
+    "dare_linear": _TASK_PARAMS,
+    "dare_ties": _TASK_PARAMS,
+}
+_MODEL_PARAMS = {"weight", "density"}
+# mergekit's defaults: (normalize, rescale) per method
+_DEFAULTS: dict[str, tuple[bool, str | None]] = {
+    "linear": (True, None),
+    "slerp": (False, None),
+    "task_arithmetic": (False, None),
+    "ties": (True, None),
+    "dare_linear": (False, "l1"),
+    "dare_ties": (False, "l1"),
+}
+
+
+class MergeInput(StrictModel):
+    """One input model with its resolved parameters."""
+
+    model: str
+    weight: float = 1.0
+    density: float = Field(default=1.0, ge=0, le=1)
+
+
+class MergeConfig(StrictModel):
+    """A resolved merge: inputs in mergekit's order (the base included), parameters filled in."""
+
+    method: MethodName
+    inputs: list[MergeInput] = Field(min_length=1)
+    base_model: str | None = None
+    t: float = 0.5
+    normalize: bool = True
+    rescale: Literal["l1", "density"] | None = None
+    scale: float = 1.0  # mergekit's `lambda`
+    dtype: DtypeName | None = None
+    out_dtype: DtypeName | None = None
+
+    @property
+    def base_index(self) -> int | None:
+        if self.base_model is None:
+            return None
+        return [i.model for i in self.inputs].index(self.base_model)
+
+
+def _scalar(value: Any, where: str) -> Any:
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            raise ConfigError(
+                f"{where}: per-tensor `filter` conditions are unsupported; give one scalar value"
+            )
+        raise ConfigError(
+            f"{where}: gradients (lists of values across layers) are unsupported; give one scalar"
+        )
+    if isinstance(value, dict):
+        raise ConfigError(
+            f"{where}: conditional parameters ({{value, filter}}) are unsupported; give one scalar"
+        )
+    if not isinstance(value, bool | int | float | str):
+        raise ConfigError(f"{where}: expected a number or boolean, got {value!r}")
+    return value
+
+
+def _params(raw: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of parameter names to values, got {raw!r}")
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        hint = nearest(str(unknown[0]), sorted(allowed))
+        extra = f" (did you mean {hint!r}?)" if hint else ""
+        raise ConfigError(
+            f"{where}: unsupported parameters {unknown}{extra}; this method takes {sorted(allowed)}"
+        )
+    return {k: _scalar(v, f"{where}.{k}") for k, v in raw.items()}
+
+
+def _model_ref(raw: Any, where: str) -> str:
+    if isinstance(raw, str) and raw:
+        return raw
+    raise ConfigError(
+        f"{where}: a model must be a path or builtin:NAME string, got {raw!r}"
+        " (mergekit's structured model references and LoRA adapters are unsupported)"
+    )
+
+
+def _check_keys(data: dict[str, Any]) -> None:
+    unsupported = sorted(_UNSUPPORTED_KEYS & set(data))
+    if unsupported:
+        raise ConfigError(
+            f"{unsupported} are unsupported: slimtorch merges whole models of one architecture;"
+            " list them under `models:` instead"
+        )
+    unknown = sorted(set(data) - _TOP_KEYS - _IGNORED_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown merge config keys {unknown}; supported keys: {sorted(_TOP_KEYS)}"
+            f" (ignored with a warning: {sorted(_IGNORED_KEYS)})"
+        )
+    for key in sorted(_IGNORED_KEYS & set(data)):
+        warnings.warn(
+            f"merge config key {key!r} is ignored: the tokenizer files of the base (or first)"
+            " model are copied unchanged",
+            stacklevel=3,
+        )
+
+
+def _method(data: dict[str, Any]) -> str:
+    method = data.get("merge_method")
+    if method not in METHODS:
+        hint = nearest(str(method), list(METHODS))
+        extra = f"; did you mean {hint!r}?" if hint else ""
+        raise ConfigError(
+            f"merge_method {method!r} is not supported{extra} Supported: {', '.join(METHODS)}"
+        )
+    return str(method)
+
+
+def _inputs(data: dict[str, Any], method: str, glob: dict[str, Any]) -> list[dict[str, Any]]:
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError("`models` must be a non-empty list of {model: PATH, parameters: {...}}")
+    out = []
+    for i, entry in enumerate(models):
+        where = f"models[{i}]"
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"{where} must be a mapping with a `model` key, got {entry!r}")
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            raise ConfigError(f"{where}: unknown keys {extra}; use `model` and `parameters`")
+        allowed = _MODEL_PARAMS & _GLOBAL_PARAMS[method]
+        params = _params(entry.get("parameters"), allowed, f"{where}.parameters")
+        out.append({"model": _model_ref(entry["model"], f"{where}.model"), **params})
+    base = data.get("base_model")
+    if base is not None and base not in [m["model"] for m in out]:
+        out.append({"model": _model_ref(base, "base_model")})
+    for entry in out:
+        for key in ("weight", "density"):
+            if key not in entry and key in glob:
+                entry[key] = glob[key]
+    return out
+
+
+def _require(method: str, base: str | None, inputs: list[dict[str, Any]]) -> None:
+    names = [m["model"] for m in inputs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"`models` lists a model twice: {names}; list each model once")
+    if method != "linear" and base is None:
+        raise ConfigError(f"{method} needs `base_model`: the model the others are merged into")
+    if method == "slerp" and len(inputs) != 2:
+        raise ConfigError(
+            f"slerp merges exactly two models (the base and one other), got {len(inputs)}: {names}"
+        )
+    weighted = [m for m in inputs if method == "linear" or m["model"] != base]
+    needs_weight = [m["model"] for m in weighted if "weight" not in m]
+    if method != "slerp" and needs_weight:
+        raise ConfigError(
+            f"{method}: no `weight` for {needs_weight}; set it in the model's `parameters` or in"
+            " the global `parameters`"
+        )
+
+
+def _dtype(value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    name = _DTYPE_ALIASES.get(str(value), str(value))
+    if name not in DtypeName.__args__:  # type: ignore[attr-defined]
+        raise ConfigError(f"{key} {value!r} is not supported; use float32, float16 or bfloat16")
+    return name
+
+
+def _rescale(value: Any, default: str | None) -> str | None:
+    if value is None:
+        return default
+    if value is True or value in ("l1", "density"):
+        return "l1" if value is True else str(value)
+    if value is False:
+        return None
+    raise ConfigError(f"parameters.rescale {value!r}: use true (L1 norm), false or 'density'")
+
+
+def parse_config(data: Any) -> MergeConfig:
+    """Validate a mergekit merge configuration (a parsed YAML mapping) and resolve it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a merge config must be a YAML mapping, got {type(data).__name__}")
+    _check_keys(data)
+    method = _method(data)
+    glob = _params(data.get("parameters"), _GLOBAL_PARAMS[method], "parameters")
+    if glob.pop("int8_mask", None) is not None:
+        warnings.warn("parameters.int8_mask is ignored: it does not change results", stacklevel=2)
+    inputs = _inputs(data, method, glob)
+    base = data.get("base_model")
+    _require(method, base, inputs)
+    normalize, rescale = _DEFAULTS[method]
+    try:
+        return MergeConfig(
+            method=method,  # type: ignore[arg-type]
+            inputs=[MergeInput(**m) for m in inputs],
+            base_model=base,
+            t=_slerp_t(glob) if method == "slerp" else 0.5,
+            normalize=glob.get("normalize", normalize),
+            rescale=_rescale(glob.get("rescale"), rescale),  # type: ignore[arg-type]
+            scale=glob.get("lambda", 1.0),
+            dtype=_dtype(data.get("dtype"), "dtype"),  # type: ignore[arg-type]
+            out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),  # type: ignore[arg-type]
+        )
+    except ValidationError as exc:
+        errs = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"invalid merge config: {errs}") from None
+
+
+def _slerp_t(glob: dict[str, Any]) -> float:
+    if "t" not in glob:
+        raise ConfigError("slerp needs `parameters: {t: ...}` (0 = base_model, 1 = the other)")
+    return float(glob["t"])
+
+
+def load_config(source: str | Path) -> MergeConfig:
+    """Read and resolve the mergekit YAML file at ``source``."""
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"merge config {path} does not exist; give a mergekit YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data)
