@@ -100,6 +100,38 @@ def test_corrupted_artifact_is_a_checksum_error(tmp_path) -> None:
         st.load(tmp_path / "a")
 
 
+def test_corrupted_huffman_stream_with_rewritten_checksum_is_still_caught(tmp_path) -> None:
+    """Even when the file's sha256 in the manifest is made to match, a Huffman stream that
+    decodes to other symbols fails its CRC-32: a ChecksumError, never a wrong model."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from slimtorch.models import load_model
+
+    model = st.compress(load_model("builtin:lenet300-fashion").model, "deep-compression").model
+    manifest = st.save(model, tmp_path / "a")
+    coded = [n for n, m in manifest["tensors"].items() if m.get("codes_coding") == "huffman"]
+    assert coded, "the deep-compression preset Huffman-codes the shared weights"
+    f = tmp_path / "a" / "model.safetensors"
+    parts = load_file(str(f))
+    blob = parts[f"{coded[0]}::codes"].clone()
+    blob[-1] ^= 0x01  # the last stream byte: still decodes, to other symbols
+    parts[f"{coded[0]}::codes"] = blob
+    save_file(parts, str(f), metadata={"format": "slimtorch"})
+    data = f.read_bytes()
+    man = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    man["files"]["model.safetensors"] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises((ChecksumError, ArtifactError)) as err:
+        st.load(tmp_path / "a")
+    assert "CRC-32" in str(err.value) or "stream" in str(err.value)
+
+
 def test_stage_needing_data_without_data() -> None:
     with pytest.raises(ConfigError, match="need training data"):
         st.compress(tiny_cnn(), {"stages": [{"method": "train.finetune"}]})

@@ -65,6 +65,20 @@ def test_compress_eval_inspect(capsys, tmp_path) -> None:
     assert "fc1.weight" in out and "quant" in out
 
 
+def test_deep_compression_preset_from_the_cli(capsys, tmp_path) -> None:
+    out_dir = str(tmp_path / "dc")
+    args = ["compress", "--model", FACTORY, "--recipe", "deep-compression", "--out", out_dir]
+    code, out, err = _run(capsys, *args, "--input-shape", "2,1,8,8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["compression_ratio"] > 1.0
+    code, out, err = _run(capsys, "inspect", out_dir, "--json")
+    assert code == 0, err
+    layers = {r["name"]: r for r in json.loads(out)["layers"]}
+    assert any(r["encoding"].startswith("coded:") and r["codebook_size"] for r in layers.values())
+    code, out, err = _run(capsys, "inspect", out_dir)
+    assert code == 0 and "coded:" in out
+
+
 def test_existing_out_refused_with_exit_2(capsys, tmp_path) -> None:
     (tmp_path / "a").mkdir()
     code, _, err = _run(
