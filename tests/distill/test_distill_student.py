@@ -1,4 +1,4 @@
-"""distill.student: shrink_layers on Hugging Face models, saved and reloaded; sentence data."""
+"""distill.student: shrink_layers on Hugging Face models, saved and reloaded."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ import torch
 
 from slimtorch import api
 from slimtorch.core.context import Context
-from slimtorch.core.errors import ConfigError, UnsupportedModelError, UserInputError
+from slimtorch.core.errors import ConfigError, UnsupportedModelError
 from slimtorch.distill.student import (
-    SentenceTask,
     check_keep,
     find_layer_list,
     layer_pairs,
-    load_sentences,
     shrink_layers,
-    split_sentences,
 )
 from slimtorch.formats.state import WeightState, apply_state, get_state
 from slimtorch.testing.models import tiny_cnn
@@ -119,38 +116,3 @@ def test_layer_pairs_map_student_to_kept_teacher_layers() -> None:
         ("encoder.layer.1", "encoder.layer.3", "cosine"),
         ("encoder.layer.2", "encoder.layer.5", "cosine"),
     ]
-
-
-def test_split_sentences() -> None:
-    text = 'He said "Go home now." Then\nshe left the room quietly! Ok. Is this the end of it?'
-    assert split_sentences(text) == [
-        'He said "Go home now."',
-        "Then she left the room quietly!",
-        "Is this the end of it?",
-    ]
-    assert split_sentences("one two three four five", max_words=3) == []
-
-
-def test_sentence_task_batches_and_forward(tmp_path: Path) -> None:
-    path = tmp_path / "t.txt"
-    path.write_text("The cat sat on the mat. A dog ran far away from home. " * 3, encoding="utf-8")
-    sentences = load_sentences(str(path))
-    assert sentences == ["The cat sat on the mat.", "A dog ran far away from home."]
-    task = SentenceTask(sentences)
-    batches = list(task.train_batches(Context(), 3, 4))
-    assert len(batches) == 3
-    ids, mask = batches[0]
-    assert ids.shape == mask.shape and ids.shape[0] == 4 and int(ids[0, 0]) == 101  # [CLS]
-    model = tiny_bert(2, vocab=30522)
-    emb = task.forward(model, batches[0])
-    assert emb.shape == (4, 32)
-    assert torch.allclose(emb.norm(dim=-1), torch.ones(4), atol=1e-5)
-    assert torch.equal(task.token_mask(batches[0]), mask)
-    with pytest.raises(ConfigError, match="vocabulary"):
-        task.forward(tiny_bert(2, vocab=99), batches[0])
-    with pytest.raises(ConfigError, match="no labels"):
-        task.loss(model, batches[0])
-    empty = tmp_path / "e.txt"
-    empty.write_text("Hi. Yes.", encoding="utf-8")
-    with pytest.raises(UserInputError, match="no sentences"):
-        load_sentences(str(empty))

@@ -201,3 +201,48 @@ def test_capture_records_outputs_and_removes_hooks() -> None:
     assert torch.equal(found["b"], out)
     assert tuple(found["a"].shape) == (2, 32)
     assert not model._forward_hooks and not model.fc1._forward_hooks
+
+
+def _count_calls(model: nn.Module) -> list[int]:
+    calls = [0]
+
+    def pre_hook(_m: nn.Module, _inp: Any) -> None:
+        calls[0] += 1
+
+    model.register_forward_pre_hook(pre_hook)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["classification", "charlm"])
+def test_labelled_tasks_give_their_loss_from_one_student_forward(kind: str) -> None:
+    from slimtorch.calibrate.charlm import CharLMTask
+    from slimtorch.calibrate.classification import ClassificationTask
+
+    gen = torch.Generator().manual_seed(0)
+    base: Any
+    if kind == "classification":
+        base = ClassificationTask(None)
+        teacher = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        batch = (torch.randn(6, 1, 28, 28, generator=gen), torch.randint(0, 10, (6,), generator=gen))
+    else:
+        base = CharLMTask(torch.randint(1, 30, (200,), generator=gen))
+        teacher = nn.Sequential(nn.Embedding(30, 4), nn.Flatten(), nn.Linear(160, 30))
+        batch = next(base.train_batches(Context(), 1, 6))
+    torch.manual_seed(0)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    out = base.forward(student, batch)
+    assert torch.equal(base.loss(student, batch), base.loss_from_output(out, batch))
+    assert torch.equal(base.loss_from_output(out, batch), F.cross_entropy(out, batch[1]))
+    calls = _count_calls(student)
+    opts = DistillOptions(alpha=0.7, temperature=4.0)
+    loss = DistillTask(teacher, base, opts).loss(student, batch)
+    assert calls[0] == 1  # one student forward for both the label and the distillation terms
+    with torch.no_grad():
+        t_out = base.forward(teacher, batch)
+    log_s, log_t = F.log_softmax(out / 4.0, -1), F.log_softmax(t_out / 4.0, -1)
+    soft = 16.0 * F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")  # T^2 = 16
+    expected = 0.3 * F.cross_entropy(out, batch[1]) + 0.7 * soft
+    assert torch.allclose(loss, expected, rtol=1e-5)

@@ -61,7 +61,13 @@ class CharLMTask:
         return model(batch[0])  # type: ignore[no-any-return]
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(self.forward(model, batch), batch[1])
+        return self.loss_from_output(self.forward(model, batch), batch)
+
+    def loss_from_output(
+        self, output: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Cross-entropy of next-character logits ``output [B, V]`` on the targets."""
+        return F.cross_entropy(output, batch[1])
 
 
 def make_charlm(data: str | None) -> CharLMTask:

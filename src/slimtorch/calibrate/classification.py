@@ -63,7 +63,11 @@ class ClassificationTask:
         return ((to_model_input(x).to(ctx.device), y.to(ctx.device)) for x, y in batches)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.forward(model, batch), batch[1])
+        return self.loss_from_output(self.forward(model, batch), batch)
+
+    def loss_from_output(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Cross-entropy of logits ``output [B, C]`` (from :meth:`forward`) on the labels."""
+        return F.cross_entropy(output, batch[1])
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch[0])  # type: ignore[no-any-return]

@@ -3,6 +3,7 @@
 Importing this package registers ``distill.finetune``, ``distill.teacher`` and ``distill.shrink``.
 """
 
+from slimtorch.calibrate.sentences import SentenceTask, load_sentences
 from slimtorch.distill import stage  # noqa: F401  (registers the recipe stages)
 from slimtorch.distill.losses import (
     attention_map_loss,
@@ -11,7 +12,7 @@ from slimtorch.distill.losses import (
     kd_loss,
     soft_target_loss,
 )
-from slimtorch.distill.student import SentenceTask, load_sentences, shrink_layers
+from slimtorch.distill.student import shrink_layers
 from slimtorch.distill.trainer import AttentionPair, DistillOptions, DistillTask, HiddenPair
 
 __all__ = [

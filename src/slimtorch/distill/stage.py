@@ -25,12 +25,13 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from torch import nn
 
+from slimtorch.calibrate.sentences import DEFAULT_SENTENCES, SentenceTask, load_sentences
 from slimtorch.calibrate.train import TrainOptions, train
 from slimtorch.core.config import StageConfig
 from slimtorch.core.errors import ConfigError
 from slimtorch.core.methods import Run, Task, register_method
 from slimtorch.core.targets import Targets
-from slimtorch.distill.student import SentenceTask, load_sentences, shrink_layers
+from slimtorch.distill.student import shrink_layers
 from slimtorch.distill.trainer import DistillOptions, DistillTask
 from slimtorch.formats.artifact import MANIFEST_FILE
 from slimtorch.models.artifact import load_artifact
@@ -75,7 +76,8 @@ class _TeacherOptions(StageConfig):
     sentences: str | None = Field(
         default=None,
         description="text (builtin:austen, builtin:wikipedia, .txt, joined by '+') whose sentences"
-        " train a text encoder without a task; None = the run's task (--data)",
+        " train a text encoder; None = the run's task (--data), else for a text encoder"
+        f" {DEFAULT_SENTENCES}",
     )
     tokenizer: str | None = Field(
         default=None, description="tokenizer.json (or its directory) for `sentences`; None = MiniLM"
@@ -114,16 +116,25 @@ class ShrinkConfig(StageConfig):
         return self
 
 
-def base_task(config: _TeacherOptions, run: Run, method: str) -> Task:
-    """The task to distil on: sentences from ``config.sentences``, else the run's task."""
+def _is_text_encoder(model: nn.Module) -> bool:
+    return isinstance(getattr(getattr(model, "config", None), "vocab_size", None), int)
+
+
+def base_task(config: _TeacherOptions, run: Run, method: str, model: nn.Module) -> Task:
+    """The task to distil on: sentences of ``config.sentences``, else the run's task (--data),
+    else, for a text encoder (a model whose config has ``vocab_size``), sentences of
+    ``DEFAULT_SENTENCES``."""
     if config.sentences is not None:
         return SentenceTask(load_sentences(config.sentences), config.tokenizer)
-    if run.task is None:
-        raise ConfigError(
-            f"{method} needs data: pass --data (data= in Python), or set `sentences:` (e.g."
-            " builtin:austen+builtin:wikipedia) to distil a text encoder on sentences"
-        )
-    return run.task
+    if run.task is not None:
+        return run.task
+    if _is_text_encoder(model):
+        log.info("%s: no --data, distilling on the sentences of %s", method, DEFAULT_SENTENCES)
+        return SentenceTask(load_sentences(DEFAULT_SENTENCES), config.tokenizer)
+    raise ConfigError(
+        f"{method} needs data: pass --data (data= in Python), or set `sentences:` (e.g."
+        f" {DEFAULT_SENTENCES}) to distil a text encoder on sentences"
+    )
 
 
 def _freeze_untargeted(model: nn.Module, config: StageConfig) -> list[nn.Parameter]:
@@ -146,7 +157,7 @@ def _freeze_untargeted(model: nn.Module, config: StageConfig) -> list[nn.Paramet
     "train towards a teacher (soft labels, hidden states, attention maps); masks stay",
 )
 def finetune(model: nn.Module, config: DistillFinetuneConfig, run: Run) -> None:
-    base = base_task(config, run, "distill.finetune")
+    base = base_task(config, run, "distill.finetune", model)
     teacher = resolve_teacher(config.teacher, run, model, "distill.finetune")
     task = DistillTask(teacher, base, config.distill)
     frozen = _freeze_untargeted(model, config)
@@ -170,7 +181,7 @@ def finetune(model: nn.Module, config: DistillFinetuneConfig, run: Run) -> None:
     "from here on, training stages (train.finetune, quantize.qat, ...) distil from a teacher",
 )
 def teacher_stage(model: nn.Module, config: DistillTeacherConfig, run: Run) -> None:
-    base = base_task(config, run, "distill.teacher")
+    base = base_task(config, run, "distill.teacher", model)
     dtask = DistillTask(
         resolve_teacher(config.teacher, run, model, "distill.teacher"), base, config.distill
     )

@@ -1,4 +1,4 @@
-"""Smaller students from a teacher, and the sentences a text-encoder student learns from.
+"""Smaller students from a teacher.
 
 :func:`shrink_layers` removes blocks from the model's stack of layers (Hugging Face encoders and
 decoders: ``encoder.layer``, ``model.layers``, ``h``...; in general the nn.ModuleList of
@@ -8,29 +8,36 @@ config (``num_hidden_layers`` and per-layer lists such as ``layer_types``) is up
 Hugging Face models the recorded architecture is refreshed so the saved artifact rebuilds the
 smaller model.
 
-:class:`SentenceTask` is the training data of a sentence encoder (MiniLM) that has no labels: batches
-of tokenized sentences from running text (Austen, Wikipedia, any .txt), the output being the
-mean-pooled, L2-normalised sentence embedding. It only trains through distillation.
+The sentences a text-encoder student learns from are the ``sentences`` task
+(:mod:`slimtorch.calibrate.sentences`); its names are re-exported here, where
+``slimtorch.cli.cmd_distill`` imports them from.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import re
-from collections.abc import Iterator, Sequence
-from functools import lru_cache
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
-from slimtorch.core.context import Context
-from slimtorch.core.errors import ConfigError, UnsupportedModelError, UserInputError
-from slimtorch.distill.trainer import HiddenPair, first_tensor, get_module
+from slimtorch.calibrate.sentences import SentenceTask, load_sentences, split_sentences
+from slimtorch.core.errors import ConfigError, UnsupportedModelError
+from slimtorch.distill.trainer import HiddenPair, get_module
 from slimtorch.graph.weights import replace_module
 from slimtorch.models.artifact import set_architecture
+
+__all__ = [
+    "SentenceTask",
+    "check_keep",
+    "find_layer_list",
+    "layer_pairs",
+    "load_sentences",
+    "refresh_architecture",
+    "shrink_layers",
+    "split_sentences",
+]
 
 log = logging.getLogger(__name__)
 
@@ -160,121 +167,3 @@ def layer_pairs(
         HiddenPair(student=f"{layers}.{i}", teacher=f"{layers}.{k}", loss=loss, weight=weight)  # type: ignore[arg-type]
         for i, k in enumerate(keep)
     ]
-
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'\u201d\u2019)])\s+")
-
-
-def split_sentences(text: str, min_words: int = 4, max_words: int = 64) -> list[str]:
-    """Sentences of running text (split after . ! ?), whitespace collapsed, ``min..max`` words."""
-    flat = " ".join(text.split())
-    out = []
-    for sentence in _SENTENCE_END.split(flat):
-        words = len(sentence.split())
-        if min_words <= words <= max_words:
-            out.append(sentence)
-    return out
-
-
-@lru_cache(maxsize=4)
-def _sentences(spec: str) -> tuple[str, ...]:
-    from slimtorch.models.data_text import load_text
-
-    seen: dict[str, None] = {}
-    for part in spec.split("+"):
-        for sentence in split_sentences(load_text(part.strip())):
-            seen.setdefault(sentence, None)
-    return tuple(seen)
-
-
-def load_sentences(spec: str) -> list[str]:
-    """Distinct sentences of ``spec``: text specs (builtin:austen, builtin:wikipedia, a .txt
-    path) joined by ``+``."""
-    sentences = list(_sentences(spec))
-    if not sentences:
-        raise UserInputError(
-            f"no sentences of 4 to 64 words in {spec!r}; give running English text"
-        )
-    return sentences
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(path: str, max_len: int) -> Any:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(path)
-    tok.no_padding()
-    tok.enable_truncation(max_length=max_len)
-    return tok
-
-
-def tokenizer_file(spec: str | None) -> Path:
-    """``tokenizer.json`` of ``spec`` (the file or its directory); None = MiniLM's."""
-    if spec is None:
-        from slimtorch.models.minilm import model_dir
-
-        return model_dir() / "tokenizer.json"
-    path = Path(spec)
-    path = path / "tokenizer.json" if path.is_dir() else path
-    if not path.is_file():
-        raise UserInputError(
-            f"no tokenizer at {spec!r}: give a tokenizer.json file or a directory holding one"
-        )
-    return path
-
-
-class SentenceTask:
-    """Random batches of tokenized sentences; output: mean-pooled, L2-normalised embeddings."""
-
-    name = "sentences"
-    output_kind = "embedding"
-    has_labels = False
-
-    def __init__(self, sentences: Sequence[str], tokenizer: str | None = None, max_len: int = 128):
-        if not sentences:
-            raise UserInputError("no sentences to train on; give text with sentences in it")
-        self.sentences = list(sentences)
-        self.tokenizer_path = str(tokenizer_file(tokenizer))
-        self.max_len = max_len
-
-    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, attention_mask)`` int64 ``[N, longest]``."""
-        tok = _tokenizer(self.tokenizer_path, self.max_len)
-        ids = [e.ids for e in tok.encode_batch(list(texts))]
-        width = max(len(i) for i in ids)
-        input_ids = torch.zeros(len(ids), width, dtype=torch.int64)
-        mask = torch.zeros(len(ids), width, dtype=torch.int64)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.int64)
-            mask[row, : len(seq)] = 1
-        return input_ids, mask
-
-    def train_batches(
-        self, ctx: Context, steps: int, batch_size: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = ctx.generator(17)
-        for _ in range(steps):
-            pick = torch.randint(0, len(self.sentences), (batch_size,), generator=gen)
-            ids, mask = self.tokenize([self.sentences[i] for i in pick.tolist()])
-            yield ids.to(ctx.device), mask.to(ctx.device)
-
-    def forward(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        from slimtorch.models.minilm import mean_pool
-
-        ids, mask = batch
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if isinstance(vocab, int) and int(ids.max()) >= vocab:
-            raise ConfigError(
-                f"token id {int(ids.max())} is outside the model's vocabulary ({vocab}); give the"
-                " model's own tokenizer with `tokenizer:`"
-            )
-        return mean_pool(first_tensor(model(ids, mask)), mask)
-
-    def token_mask(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return batch[1]
-
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        raise ConfigError(
-            "task 'sentences' has no labels: it trains only by distillation (distill.finetune,"
-            " or distill.teacher before a training stage)"
-        )

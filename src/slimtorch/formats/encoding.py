@@ -24,15 +24,23 @@ from typing import Any
 import torch
 
 from slimtorch.formats import coded
-from slimtorch.formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
+from slimtorch.formats.packing import pack_mask, unpack_mask
+from slimtorch.formats.quant_parts import (
+    code_offset,
+    codebook_parts,
+    decode_quant,
+    dtype_from_name,
+    dtype_name,
+    encode_codes,
+    encode_quant,
+    parts_bytes,
+    quant_meta,
+    quant_params,
+    side_parts,
+)
 from slimtorch.formats.state import (
-    QuantState,
     WeightState,
-    code_range,
-    codebook_state,
     effective_weight,
-    from_matrix,
-    to_matrix,
 )
 
 log = logging.getLogger(__name__)
@@ -52,38 +60,6 @@ _MASKABLE = {
     torch.uint8,
     torch.bool,
 }
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
-
-
-def parts_bytes(parts: Parts) -> int:
-    """Bytes of the raw data of ``parts`` (what they take in the safetensors file)."""
-    return sum(t.numel() * t.element_size() for t in parts.values())
-
-
-def _code_offset(q: QuantState) -> int:
-    """The smallest code: binary/ternary codes start at 0 whatever ``signed`` says."""
-    if q.scheme in ("binary", "ternary", "codebook"):
-        return 0
-    return code_range(q.bits, q.signed)[0]
-
-
-def _smallest_int(t: torch.Tensor) -> torch.dtype:
-    lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
-    for dtype in (torch.int8, torch.uint8, torch.int16):
-        info = torch.iinfo(dtype)
-        if info.min <= lo and hi <= info.max:
-            return dtype
-    return torch.int32
 
 
 def _checked_state(state: WeightState, shape: torch.Size, name: str) -> WeightState:
@@ -116,49 +92,6 @@ def _encode_bitmask(target: torch.Tensor, mask: torch.Tensor) -> tuple[str, Part
     return "bitmask", parts
 
 
-def _encode_codes(codes: torch.Tensor, q: QuantState, name: str) -> torch.Tensor:
-    offset = _code_offset(q)
-    top = offset + 2**q.bits - 1
-    if codes.numel() and (int(codes.min()) < offset or int(codes.max()) > top):
-        raise ValueError(
-            f"{name}: quantization codes span [{int(codes.min())}, {int(codes.max())}],"
-            f" outside [{offset}, {top}] of {q.bits}-bit {q.scheme} codes"
-        )
-    shifted = codes - offset
-    if q.bits <= 8:
-        return pack_bits(shifted, q.bits)
-    return shifted.to(torch.int32)
-
-
-def _encode_scale(q: QuantState, name: str) -> torch.Tensor:
-    scale = q.scale.to(torch.float32).contiguous()
-    if q.scale_dtype == "float16":
-        half = scale.to(torch.float16)
-        if torch.equal(half.to(torch.float32), scale):
-            return half
-        log.warning(
-            "%s: scale_dtype is float16 but the scales are not exactly representable in"
-            " float16; storing them as float32 so the saved values stay exact",
-            name,
-        )
-    return scale.clone()
-
-
-def _encode_quant(
-    q: QuantState, mask: torch.Tensor | None, kept_only: bool, name: str
-) -> tuple[str, Parts]:
-    codes = q.codes.reshape(-1).to(torch.int32)
-    if mask is not None and kept_only:
-        codes = codes[mask]
-    parts = {"codes": _encode_codes(codes, q, name), "scale": _encode_scale(q, name)}
-    if mask is not None:
-        parts["mask"] = pack_mask(mask)
-    zp = q.zero_point
-    if zp.numel() and bool((zp != 0).any()):
-        parts["zero_point"] = zp.to(_smallest_int(zp)).contiguous()
-    return ("quant-bitmask" if kept_only else "quant"), parts
-
-
 def _json_extra(extra: dict[str, object], name: str) -> dict[str, object]:
     out = {}
     for key, value in extra.items():
@@ -171,28 +104,6 @@ def _json_extra(extra: dict[str, object], name: str) -> dict[str, object]:
     return out
 
 
-def _quant_meta(q: QuantState | None) -> dict[str, Any]:
-    if q is None:
-        return {}
-    if q.scheme == "codebook":
-        assert q.codebook is not None
-        return {
-            "bits": q.bits,
-            "scheme": q.scheme,
-            "codes_dtype": dtype_name(q.codes.dtype),
-            "codebook_size": int(q.codebook.numel()),
-        }
-    return {
-        "bits": q.bits,
-        "scheme": q.scheme,
-        "granularity": q.granularity,
-        "group_size": q.group_size,
-        "signed": q.signed,
-        "scale_dtype": q.scale_dtype,
-        "codes_dtype": dtype_name(q.codes.dtype),
-    }
-
-
 def _candidates(
     target: torch.Tensor, state: WeightState | None, name: str
 ) -> list[tuple[str, Parts]]:
@@ -202,9 +113,9 @@ def _candidates(
     if q is not None:
         if q.scheme == "codebook":
             return []
-        found = [_encode_quant(q, mask, False, name)]
+        found = [encode_quant(q, mask, False, name)]
         if mask is not None:
-            found.append(_encode_quant(q, mask, True, name))
+            found.append(encode_quant(q, mask, True, name))
         return found
     if mask is not None:
         return [_encode_bitmask(target, mask)]
@@ -221,42 +132,11 @@ def _coded_inputs(
     q = state.quant if state else None
     mask = state.mask if state and state.mask is not None else None
     if q is not None:
-        codes = q.codes.reshape(-1).to(torch.int64) - _code_offset(q)
+        codes = q.codes.reshape(-1).to(torch.int64) - code_offset(q)
         return codes, q.bits, mask
     if target.dtype not in _MASKABLE or target.numel() == 0 or target.dtype == torch.bool:
         return None
     return None, 0, mask if mask is not None else target != 0
-
-
-def _codebook_parts(
-    q: QuantState, name: str, shared: dict[int, str] | None, meta: dict[str, Any]
-) -> Parts:
-    assert q.codebook is not None
-    key = q.codebook.untyped_storage().data_ptr()
-    if shared is not None and key in shared:
-        meta["codebook_ref"] = shared[key]
-        return {}
-    if shared is not None:
-        shared[key] = name
-    return {"codebook": q.codebook.detach().cpu().to(torch.float32).contiguous().clone()}
-
-
-def _quant_params(q: QuantState, name: str) -> Parts:
-    parts = {"scale": _encode_scale(q, name)}
-    zp = q.zero_point
-    if zp.numel() and bool((zp != 0).any()):
-        parts["zero_point"] = zp.to(_smallest_int(zp)).contiguous()
-    return parts
-
-
-def _side_parts(q: QuantState | None, name: str) -> Parts:
-    """The parts every encoding of ``q`` stores besides its codes (scales or the codebook)."""
-    if q is None:
-        return {}
-    if q.scheme == "codebook":
-        assert q.codebook is not None
-        return {"codebook": q.codebook.detach().cpu().to(torch.float32).contiguous().clone()}
-    return _quant_params(q, name)
 
 
 def _best(
@@ -274,8 +154,8 @@ def _best(
     if inputs is not None and (q is None or q.bits <= 8):
         codes, bits, mask = inputs
         if codes is not None:
-            _encode_codes(codes + _code_offset(q), q, name)  # type: ignore[arg-type]
-        side = cost(_side_parts(q, name))
+            encode_codes(codes + code_offset(q), q, name)  # type: ignore[arg-type]
+        side = cost(side_parts(q, name))
         found = [
             p
             for p in coded.plans(codes, bits, mask, target.element_size(), entropy)
@@ -327,9 +207,9 @@ def encode_tensor(
     q = state.quant if state else None
     if encoding == "coded" and q is not None:
         if q.scheme == "codebook":
-            parts.update(_codebook_parts(q, name, shared, extra))
+            parts.update(codebook_parts(q, name, shared, extra))
         else:
-            parts.update(_quant_params(q, name))
+            parts.update(quant_params(q, name))
     parts = {k: v.contiguous() for k, v in parts.items()}
     meta: dict[str, Any] = {
         "encoding": encoding,
@@ -338,7 +218,7 @@ def encode_tensor(
         "numel": t.numel(),
         "nonzero": int((target != 0).sum()),
         "bytes": parts_bytes(parts),
-        **_quant_meta(q),
+        **quant_meta(q),
         "has_state": state is not None or None,
         "has_mask": (state is not None and state.mask is not None) or None,
         "parts": sorted(parts),
@@ -348,68 +228,6 @@ def encode_tensor(
     if state is not None and state.extra:
         meta["extra"] = _json_extra(state.extra, name)
     return parts, meta
-
-
-def _zero_codes(q: QuantState, shape: list[int]) -> torch.Tensor:
-    """Codes whose value is zero (affine: the zero point), filling pruned positions."""
-    matrix = to_matrix(torch.empty(shape, dtype=torch.int32))
-    if q.scheme in ("binary", "codebook"):
-        return torch.zeros(matrix.numel(), dtype=torch.int32)
-    if q.scheme == "ternary":
-        return torch.ones(matrix.numel(), dtype=torch.int32)
-    zp = q.expand(q.zero_point.to(torch.int32), matrix.shape[1]).expand(matrix.shape)
-    return from_matrix(zp.contiguous(), shape).reshape(-1).to(torch.int32)
-
-
-def _quant_header(meta: dict[str, Any], parts: Parts) -> QuantState:
-    """The quantization state of ``meta`` without its codes."""
-    if meta["scheme"] == "codebook":
-        codebook = parts["codebook"]
-        if codebook.numel() > 2 ** int(meta["bits"]):
-            raise ValueError(f"codebook of {codebook.numel()} values for {meta['bits']}-bit codes")
-        return codebook_state(
-            torch.empty(0, dtype=torch.int32), codebook.to(torch.float32), int(meta["bits"])
-        )
-    scale = parts["scale"].to(torch.float32)
-    zp = parts.get("zero_point")
-    return QuantState(
-        scheme=meta["scheme"],
-        bits=int(meta["bits"]),
-        signed=bool(meta["signed"]),
-        granularity=meta["granularity"],
-        codes=torch.empty(0, dtype=torch.int32),
-        scale=scale,
-        zero_point=zp.to(torch.int32)
-        if zp is not None
-        else torch.zeros_like(scale, dtype=torch.int32),
-        group_size=meta.get("group_size"),
-        scale_dtype=meta.get("scale_dtype", "float32"),
-    )
-
-
-def _decode_quant(meta: dict[str, Any], parts: Parts, mask: torch.Tensor | None) -> QuantState:
-    shape, numel, bits = list(meta["shape"]), int(meta["numel"]), int(meta["bits"])
-    q = _quant_header(meta, parts)
-    kept_only = meta["encoding"] in ("quant-bitmask", "coded") and mask is not None
-    if meta["encoding"] == "quant-bitmask" and mask is None:
-        raise ValueError("quant-bitmask encoding without a mask part")
-    count = int(mask.sum()) if kept_only and mask is not None else numel
-    if meta["encoding"] == "coded":
-        raw = coded.decode_codes(meta, parts, bits, count)
-    else:
-        stored = parts["codes"]
-        raw = unpack_bits(stored, bits, count) if bits <= 8 else stored.reshape(-1)[:count]
-    if raw.numel() != count:
-        raise ValueError(f"codes part holds {raw.numel()} codes, expected {count}")
-    codes = raw.to(torch.int32) + _code_offset(q)
-    if q.scheme == "codebook" and count and int(codes.max()) >= q.codebook.numel():  # type: ignore[union-attr]
-        raise ValueError(f"codebook index {int(codes.max())} past the codebook's end")
-    if kept_only and mask is not None:
-        full = _zero_codes(q, shape)
-        full[mask] = codes
-        codes = full
-    q.codes = codes.reshape(shape).to(dtype_from_name(meta["codes_dtype"]))
-    return q
 
 
 def decode_tensor(meta: dict[str, Any], parts: Parts) -> tuple[torch.Tensor, WeightState | None]:
@@ -453,5 +271,5 @@ def decode_tensor(meta: dict[str, Any], parts: Parts) -> tuple[torch.Tensor, Wei
         return out.reshape(shape), state
     if state is None:
         state = WeightState()
-    state.quant = _decode_quant(meta, parts, mask)
+    state.quant = decode_quant(meta, parts, mask)
     return effective_weight(state, torch.empty(shape, dtype=dtype)), state

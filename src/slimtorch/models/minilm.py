@@ -2,7 +2,8 @@
 
 A sentence embedding is the mean of the last hidden states over the attention mask, L2
 normalised (sentence-transformers' recipe for this model, 256 tokens at most). Quality is
-measured on the Lee document pairs (evaluator ``lee``).
+measured on the Lee document pairs (evaluator ``lee``). Its training task is ``sentences``
+(slimtorch.calibrate.sentences): sentences of running text, which train it only by distillation.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize(pooled.float(), p=2, dim=-1)
 
 
-def _last_hidden(out: Any) -> torch.Tensor:
+def last_hidden(out: Any) -> torch.Tensor:
+    """The hidden states ``[batch, tokens, dim]`` of an encoder's output (``last_hidden_state``)."""
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out[0] if isinstance(out, (tuple, list)) else out
@@ -106,7 +108,7 @@ def embed(model: nn.Module, sentences: Sequence[str], batch_size: int = 32) -> t
     try:
         for start in range(0, len(sentences), batch_size):
             ids, mask = tokenize(sentences[start : start + batch_size])
-            hidden = _last_hidden(model(ids.to(device), mask.to(device)))
+            hidden = last_hidden(model(ids.to(device), mask.to(device)))
             chunks.append(mean_pool(hidden, mask.to(device)).cpu())
     finally:
         model.train(was_training)
@@ -133,6 +135,6 @@ MODELS.add(
         evaluator="lee",
         data="builtin:lee",
         example_inputs=example_inputs,
-        task=None,
+        task="sentences",  # sentences of --data (default Austen + Wikipedia); distils only
     ),
 )

@@ -1,0 +1,218 @@
+"""Quantized weights as parts: packed codes, scales and zero points, or a codebook.
+
+Shared by the fixed ``quant``/``quant-bitmask`` encodings and the ``coded`` encoding (see
+:mod:`slimtorch.formats.encoding`): how codes are shifted to unsigned and packed, how scales are
+stored (fp16 where exact), and how a :class:`~slimtorch.formats.state.QuantState` is rebuilt
+from its parts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from slimtorch.formats import coded
+from slimtorch.formats.packing import pack_bits, pack_mask, unpack_bits
+from slimtorch.formats.state import (
+    QuantState,
+    code_range,
+    codebook_state,
+    from_matrix,
+    to_matrix,
+)
+
+log = logging.getLogger(__name__)
+
+Parts = dict[str, torch.Tensor]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def parts_bytes(parts: Parts) -> int:
+    """Bytes of the raw data of ``parts`` (what they take in the safetensors file)."""
+    return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+def code_offset(q: QuantState) -> int:
+    """The smallest code: binary/ternary codes start at 0 whatever ``signed`` says."""
+    if q.scheme in ("binary", "ternary", "codebook"):
+        return 0
+    return code_range(q.bits, q.signed)[0]
+
+
+def smallest_int(t: torch.Tensor) -> torch.dtype:
+    lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+    for dtype in (torch.int8, torch.uint8, torch.int16):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    return torch.int32
+
+
+def encode_codes(codes: torch.Tensor, q: QuantState, name: str) -> torch.Tensor:
+    offset = code_offset(q)
+    top = offset + 2**q.bits - 1
+    if codes.numel() and (int(codes.min()) < offset or int(codes.max()) > top):
+        raise ValueError(
+            f"{name}: quantization codes span [{int(codes.min())}, {int(codes.max())}],"
+            f" outside [{offset}, {top}] of {q.bits}-bit {q.scheme} codes"
+        )
+    shifted = codes - offset
+    if q.bits <= 8:
+        return pack_bits(shifted, q.bits)
+    return shifted.to(torch.int32)
+
+
+def encode_scale(q: QuantState, name: str) -> torch.Tensor:
+    scale = q.scale.to(torch.float32).contiguous()
+    if q.scale_dtype == "float16":
+        half = scale.to(torch.float16)
+        if torch.equal(half.to(torch.float32), scale):
+            return half
+        log.warning(
+            "%s: scale_dtype is float16 but the scales are not exactly representable in"
+            " float16; storing them as float32 so the saved values stay exact",
+            name,
+        )
+    return scale.clone()
+
+
+def encode_quant(
+    q: QuantState, mask: torch.Tensor | None, kept_only: bool, name: str
+) -> tuple[str, Parts]:
+    codes = q.codes.reshape(-1).to(torch.int32)
+    if mask is not None and kept_only:
+        codes = codes[mask]
+    parts = {"codes": encode_codes(codes, q, name), "scale": encode_scale(q, name)}
+    if mask is not None:
+        parts["mask"] = pack_mask(mask)
+    zp = q.zero_point
+    if zp.numel() and bool((zp != 0).any()):
+        parts["zero_point"] = zp.to(smallest_int(zp)).contiguous()
+    return ("quant-bitmask" if kept_only else "quant"), parts
+
+
+def quant_meta(q: QuantState | None) -> dict[str, Any]:
+    if q is None:
+        return {}
+    if q.scheme == "codebook":
+        assert q.codebook is not None
+        return {
+            "bits": q.bits,
+            "scheme": q.scheme,
+            "codes_dtype": dtype_name(q.codes.dtype),
+            "codebook_size": int(q.codebook.numel()),
+        }
+    return {
+        "bits": q.bits,
+        "scheme": q.scheme,
+        "granularity": q.granularity,
+        "group_size": q.group_size,
+        "signed": q.signed,
+        "scale_dtype": q.scale_dtype,
+        "codes_dtype": dtype_name(q.codes.dtype),
+    }
+
+
+def codebook_parts(
+    q: QuantState, name: str, shared: dict[int, str] | None, meta: dict[str, Any]
+) -> Parts:
+    assert q.codebook is not None
+    key = q.codebook.untyped_storage().data_ptr()
+    if shared is not None and key in shared:
+        meta["codebook_ref"] = shared[key]
+        return {}
+    if shared is not None:
+        shared[key] = name
+    return {"codebook": q.codebook.detach().cpu().to(torch.float32).contiguous().clone()}
+
+
+def quant_params(q: QuantState, name: str) -> Parts:
+    parts = {"scale": encode_scale(q, name)}
+    zp = q.zero_point
+    if zp.numel() and bool((zp != 0).any()):
+        parts["zero_point"] = zp.to(smallest_int(zp)).contiguous()
+    return parts
+
+
+def side_parts(q: QuantState | None, name: str) -> Parts:
+    """The parts every encoding of ``q`` stores besides its codes (scales or the codebook)."""
+    if q is None:
+        return {}
+    if q.scheme == "codebook":
+        assert q.codebook is not None
+        return {"codebook": q.codebook.detach().cpu().to(torch.float32).contiguous().clone()}
+    return quant_params(q, name)
+
+
+def zero_codes(q: QuantState, shape: list[int]) -> torch.Tensor:
+    """Codes whose value is zero (affine: the zero point), filling pruned positions."""
+    matrix = to_matrix(torch.empty(shape, dtype=torch.int32))
+    if q.scheme in ("binary", "codebook"):
+        return torch.zeros(matrix.numel(), dtype=torch.int32)
+    if q.scheme == "ternary":
+        return torch.ones(matrix.numel(), dtype=torch.int32)
+    zp = q.expand(q.zero_point.to(torch.int32), matrix.shape[1]).expand(matrix.shape)
+    return from_matrix(zp.contiguous(), shape).reshape(-1).to(torch.int32)
+
+
+def quant_header(meta: dict[str, Any], parts: Parts) -> QuantState:
+    """The quantization state of ``meta`` without its codes."""
+    if meta["scheme"] == "codebook":
+        codebook = parts["codebook"]
+        if codebook.numel() > 2 ** int(meta["bits"]):
+            raise ValueError(f"codebook of {codebook.numel()} values for {meta['bits']}-bit codes")
+        return codebook_state(
+            torch.empty(0, dtype=torch.int32), codebook.to(torch.float32), int(meta["bits"])
+        )
+    scale = parts["scale"].to(torch.float32)
+    zp = parts.get("zero_point")
+    return QuantState(
+        scheme=meta["scheme"],
+        bits=int(meta["bits"]),
+        signed=bool(meta["signed"]),
+        granularity=meta["granularity"],
+        codes=torch.empty(0, dtype=torch.int32),
+        scale=scale,
+        zero_point=zp.to(torch.int32)
+        if zp is not None
+        else torch.zeros_like(scale, dtype=torch.int32),
+        group_size=meta.get("group_size"),
+        scale_dtype=meta.get("scale_dtype", "float32"),
+    )
+
+
+def decode_quant(meta: dict[str, Any], parts: Parts, mask: torch.Tensor | None) -> QuantState:
+    shape, numel, bits = list(meta["shape"]), int(meta["numel"]), int(meta["bits"])
+    q = quant_header(meta, parts)
+    kept_only = meta["encoding"] in ("quant-bitmask", "coded") and mask is not None
+    if meta["encoding"] == "quant-bitmask" and mask is None:
+        raise ValueError("quant-bitmask encoding without a mask part")
+    count = int(mask.sum()) if kept_only and mask is not None else numel
+    if meta["encoding"] == "coded":
+        raw = coded.decode_codes(meta, parts, bits, count)
+    else:
+        stored = parts["codes"]
+        raw = unpack_bits(stored, bits, count) if bits <= 8 else stored.reshape(-1)[:count]
+    if raw.numel() != count:
+        raise ValueError(f"codes part holds {raw.numel()} codes, expected {count}")
+    codes = raw.to(torch.int32) + code_offset(q)
+    if q.scheme == "codebook" and count and int(codes.max()) >= q.codebook.numel():  # type: ignore[union-attr]
+        raise ValueError(f"codebook index {int(codes.max())} past the codebook's end")
+    if kept_only and mask is not None:
+        full = zero_codes(q, shape)
+        full[mask] = codes
+        codes = full
+    q.codes = codes.reshape(shape).to(dtype_from_name(meta["codes_dtype"]))
+    return q
