@@ -45,6 +45,7 @@ from slimtorch.models.train_lenet import TrainSpec, train_classifier
 from slimtorch.recipe import Recipe, load_recipe
 
 PAPER = {"lenet300": 40, "lenet5": 39}  # compression rates of Han et al. 2016, Table 1
+EXTRA_95 = "examples/recipes/deep-compression-95.yaml"  # a second, smaller LeNet-5 point
 
 
 def _split(recipe: Recipe) -> tuple[Recipe, Recipe]:
@@ -121,6 +122,8 @@ def run_case(
     label: str, arch: str, model: nn.Module, data: str, recipe: str, tmp: Path
 ) -> dict[str, Any]:
     ctx = Context(seed=0, progress=False)
+    tmp = tmp / "".join(c if c.isalnum() else "-" for c in label)
+    tmp.mkdir()
     dense = dense_safetensors_bytes(model.state_dict())
     base_acc = evaluate_accuracy(model, ctx, data).value
     task = make_task("classification", data)
@@ -223,6 +226,11 @@ def main() -> None:
                     run_case(label, arch, model, "builtin:fashion-mnist", args.recipe, Path(tmp))
                 )
                 print(markdown(rows[-1:]), flush=True)
+                if arch == "lenet5" and args.recipe == "deep-compression":
+                    label95 = f"{label}, 95% pruned"
+                    fashion = "builtin:fashion-mnist"
+                    rows.append(run_case(label95, arch, model, fashion, EXTRA_95, Path(tmp)))
+                    print(markdown(rows[-1:]), flush=True)
         if args.only in (None, "mnist5k"):
             for arch in ("lenet300", "lenet5"):
                 label = f"{'LeNet-300-100' if arch == 'lenet300' else 'LeNet-5'} (MNIST-5k)"

@@ -282,17 +282,23 @@ def _cli(tool: str, cfg: Path, out: Path, hash_seed: str) -> float:
 def command_lines(linear: Path, dare: Path, tmp: Path, mergekit: bool) -> dict[str, Any]:
     """Each tool's command line in fresh processes: wall time on ``linear`` (start-up and
     imports included), and whether ``dare`` with seed 0 gives the same tensors in two processes
-    that differ only in ``PYTHONHASHSEED`` (Python's string-hash, hence set, order)."""
+    that differ only in ``PYTHONHASHSEED`` (Python's string-hash, hence set, order), and in
+    two that share it."""
     tools = ["slimtorch merge"] + (["mergekit-pytorch"] if mergekit else [])
-    out: dict[str, Any] = {"wall_seconds_linear": {}, "dare_same_across_processes": {}}
+    out: dict[str, Any] = {
+        "wall_seconds_linear": {},
+        "dare_same_across_processes": {},
+        "dare_same_with_same_hash_seed": {},
+    }
     for i, tool in enumerate(tools):
         out["wall_seconds_linear"][tool] = _cli(tool, linear, tmp / f"cli-{i}", "0")
         runs = []
-        for hash_seed in ("1", "2"):
-            _cli(tool, dare, tmp / f"cli-{i}-{hash_seed}", hash_seed)
-            runs.append(read_dir(tmp / f"cli-{i}-{hash_seed}"))
-        comp = compare(runs[0], runs[1])
-        out["dare_same_across_processes"][tool] = comp.get("identical_tensors") == len(runs[0])
+        for j, hash_seed in enumerate(("1", "2", "1")):
+            _cli(tool, dare, tmp / f"cli-{i}-{j}", hash_seed)
+            runs.append(read_dir(tmp / f"cli-{i}-{j}"))
+        same = [compare(runs[0], r).get("identical_tensors") == len(r) for r in runs[1:]]
+        out["dare_same_across_processes"][tool] = same[0]
+        out["dare_same_with_same_hash_seed"][tool] = same[1]
     return out
 
 
@@ -334,7 +340,7 @@ def run_case(case: Case, tmp: Path, data: Data, mergekit: Runner | None, args: A
         tools["mergekit"] = mergekit
     case.rows = {
         "method": case.name,
-        "config": case.config,
+        "config": json.loads(json.dumps(case.config).replace(f"{tmp}/", "")),  # file names only
         "deterministic": case.deterministic,
         "notes": case.notes,
         "seeds": seeds,
@@ -436,6 +442,11 @@ def summarize(merges: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_summary(result: dict[str, Any]) -> None:
+    print(
+        "\nAccuracy: top-1 % on the 10,000 Fashion-MNIST test images (all) and on each half's"
+        " 5,000 (10-way arg-max); retained % = mean of accuracy on 0-4 / A's and on 5-9 / B's."
+        " DARE rows: mean over seeds (range of `all`)."
+    )
     summary, cli = result["summary"], result["command_line"]
     wall, same = cli["wall_seconds_linear"], cli["dare_same_across_processes"]
     if "bit_identical_merges" not in summary or not summary["deterministic_merges"]:
@@ -447,14 +458,15 @@ def print_summary(result: dict[str, Any]) -> None:
         if isinstance(v, dict)
     )
     print(
-        f"\n{summary['bit_identical_merges']} of {summary['deterministic_merges']} deterministic"
+        f"{summary['bit_identical_merges']} of {summary['deterministic_merges']} deterministic"
         f" merges are bit-identical to mergekit {result['mergekit']} (largest difference"
         f" {summary['max_abs_diff_deterministic']:.1e}). DARE, mean test accuracy over"
         f" {result['dare_seeds']} seeds: {dare}. Command line end to end (linear,"
         f" start-up and imports included): slimtorch merge {wall.get('slimtorch merge')} s,"
         f" mergekit-pytorch {wall.get('mergekit-pytorch')} s. dare_linear with seed 0 run twice in"
         f" fresh processes (different PYTHONHASHSEED): same tensors from slimtorch:"
-        f" {same.get('slimtorch merge')}, from mergekit: {same.get('mergekit-pytorch')}."
+        f" {same.get('slimtorch merge')}, from mergekit: {same.get('mergekit-pytorch')} (same"
+        f" PYTHONHASHSEED: {cli['dare_same_with_same_hash_seed'].get('mergekit-pytorch')})."
     )
 
 
@@ -502,7 +514,7 @@ def main() -> None:
         for n, sd in (("base", base), ("A", sd_a), ("B", sd_b))
     }
     result = {
-        "command": ".venv/bin/python bench/bench_merge.py " + " ".join(sys.argv[1:]),
+        "command": " ".join([".venv/bin/python", "bench/bench_merge.py", *sys.argv[1:]]),
         "models": {
             "base": BASE,
             "A": "fine-tuned on classes 0-4",

@@ -1,9 +1,9 @@
 """slimtorch.lowrank: truncated-SVD factorization of Linear and Conv2d layers.
 
-Importing this package registers the ``lowrank.svd`` recipe stage.
+Importing this package registers the ``lowrank.svd`` recipe stage (plain or data-whitened SVD).
 """
 
-from slimtorch.lowrank.stage import LowRankConfig, factorize, lowrank_model
+from slimtorch.lowrank.stage import CalibrationOptions, LowRankConfig, factorize, lowrank_model
 from slimtorch.lowrank.svd import (
     choose_rank,
     energy_rank,
@@ -12,15 +12,26 @@ from slimtorch.lowrank.svd import (
     singular_values,
     truncated_svd,
 )
+from slimtorch.lowrank.whiten import (
+    input_grams,
+    whitened_singular_values,
+    whitened_svd,
+    whitening_factor,
+)
 
 __all__ = [
+    "CalibrationOptions",
     "LowRankConfig",
     "choose_rank",
     "energy_rank",
     "factorize",
+    "input_grams",
     "lowrank_model",
     "params_rank",
     "reduces_params",
     "singular_values",
     "truncated_svd",
+    "whitened_singular_values",
+    "whitened_svd",
+    "whitening_factor",
 ]
