@@ -214,8 +214,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["fashion", "mnist5k"])
     parser.add_argument("--recipe", default="deep-compression")
     parser.add_argument("--out", type=Path, default=Path("bench/results/deep_compression.json"))
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="slimtorch-dc-") as tmp:
         if args.only in (None, "fashion"):

@@ -246,15 +246,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     keeps = [[int(i) for i in k.split(",")] for k in (args.keep or ["1,3,5", "0,2,4"])]
     budgets = ["full", "short"] if args.lenet_budget == "both" else [args.lenet_budget]
-    # Parts not run now keep their earlier results (each part records its own command).
-    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    new: dict[str, Any] = {}
     start = time.perf_counter()
     if args.only in (None, "lenet"):
-        results["lenet"] = run_lenet(budgets, args.seed)
-        results["lenet_meta"] = _meta(argv)
+        new["lenet"] = run_lenet(budgets, args.seed)
+        new["lenet_meta"] = _meta(argv)
     if args.only in (None, "minilm"):
-        results["minilm"] = run_minilm(keeps, args.minilm_steps, args.seed)
-        results["minilm_meta"] = _meta(argv)
+        new["minilm"] = run_minilm(keeps, args.minilm_steps, args.seed)
+        new["minilm_meta"] = _meta(argv)
+    # Parts not run now keep their earlier results (each part records its own command).
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results.update(new)
     results.setdefault("seconds", {})[args.only or "all"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

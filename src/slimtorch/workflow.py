@@ -86,7 +86,7 @@ def compress_to_dir(
     loaded = load_model(model)
     has_data_stage = any(s.spec.needs_data for s in rec.stages)
     task = _task_for(loaded, data, rec.needs_data or (has_data_stage and data is not None))
-    eval_data = data or loaded.data
+    eval_data = (data if loaded.evaluates_training_data else None) or loaded.data
     api.set_architecture(loaded.model, loaded.architecture)
     api.get_metadata(loaded.model).update(
         {

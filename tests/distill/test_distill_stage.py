@@ -201,3 +201,41 @@ def test_minilm_style_shrink_then_distil_on_sentences(tmp_path: Path) -> None:
     assert model.config._attn_implementation == "sdpa"  # eager only while distilling
     assert run.original.config._attn_implementation == "sdpa"  # type: ignore[attr-defined]
     assert not model.encoder.layer[1]._forward_hooks
+
+
+def test_text_encoder_without_data_distils_on_default_sentences(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slimtorch.calibrate.sentences import SentenceTask
+    from slimtorch.distill import stage
+
+    text = tmp_path / "s.txt"
+    text.write_text("The cat sat on the mat today. A dog ran far away from home. ", "utf-8")
+    monkeypatch.setattr(stage, "DEFAULT_SENTENCES", str(text))
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    run = Run(Context(progress=False))
+    base = stage.base_task(DistillTeacherConfig(), run, "distill.teacher", model)
+    assert isinstance(base, SentenceTask)
+    assert base.sentences == ["The cat sat on the mat today.", "A dog ran far away from home."]
+    with pytest.raises(ConfigError, match="needs data"):
+        stage.base_task(DistillTeacherConfig(), run, "distill.teacher", tiny_cnn())
+
+
+def test_minilm_preset_parses() -> None:
+    rec = load_recipe("minilm-l3-distill")
+    assert [s.spec.name for s in rec.stages] == ["distill.shrink", "distill.finetune"]
+    shrink_cfg, finetune_cfg = rec.stages[0].config, rec.stages[1].config
+    assert isinstance(finetune_cfg, DistillFinetuneConfig)
+    assert shrink_cfg.keep == [1, 3, 5]  # type: ignore[attr-defined]
+    teacher_layers = [p.teacher for p in finetune_cfg.distill.hidden]
+    assert teacher_layers == [f"encoder.layer.{k}" for k in (1, 3, 5)]
+    assert finetune_cfg.sentences is None  # sentences come from --data, else the default

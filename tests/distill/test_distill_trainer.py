@@ -223,7 +223,10 @@ def test_labelled_tasks_give_their_loss_from_one_student_forward(kind: str) -> N
     if kind == "classification":
         base = ClassificationTask(None)
         teacher = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-        batch = (torch.randn(6, 1, 28, 28, generator=gen), torch.randint(0, 10, (6,), generator=gen))
+        batch = (
+            torch.randn(6, 1, 28, 28, generator=gen),
+            torch.randint(0, 10, (6,), generator=gen),
+        )
     else:
         base = CharLMTask(torch.randint(1, 30, (200,), generator=gen))
         teacher = nn.Sequential(nn.Embedding(30, 4), nn.Flatten(), nn.Linear(160, 30))

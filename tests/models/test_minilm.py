@@ -26,7 +26,7 @@ def model() -> nn.Module:
 
 def test_registered() -> None:
     info = MODELS.get("minilm")
-    assert (info.evaluator, info.data, info.task) == ("lee", "builtin:lee", None)
+    assert (info.evaluator, info.data, info.task) == ("lee", "builtin:lee", "sentences")
 
 
 def test_untrained_build_has_same_shapes(model: nn.Module) -> None:

@@ -26,8 +26,6 @@ if TYPE_CHECKING:  # the heavy imports wait until the command runs (`slimtorch -
     from slimtorch.core.methods import Task
     from slimtorch.distill.trainer import DistillOptions, HiddenPair
 
-DEFAULT_SENTENCES = "builtin:austen+builtin:wikipedia"
-
 
 @dataclass
 class DistillJob:
@@ -65,8 +63,8 @@ def _load(spec: str) -> tuple[nn.Module, str | None]:
 
 
 def _task(teacher: nn.Module, job: DistillJob, task_name: str | None) -> Task:
+    from slimtorch.calibrate.sentences import DEFAULT_SENTENCES, SentenceTask, load_sentences
     from slimtorch.calibrate.tasks import make_task
-    from slimtorch.distill.student import SentenceTask, load_sentences
 
     if task_name is not None:
         return make_task(task_name, job.data)
@@ -166,7 +164,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--data",
         help="the teacher's task dataset, or text for sentence encoders"
-        f" (default {DEFAULT_SENTENCES}; join specs with +)",
+        " (default builtin:austen+builtin:wikipedia; join specs with +)",
     )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-4)

@@ -88,6 +88,7 @@ def render(command: str, r: dict[str, Any]) -> str:
                 x["sparsity"],
                 x["bits"],
                 x["encoding"],
+                x.get("codebook_size"),
                 x["bytes"],
             ]
             for x in r["layers"]
@@ -99,7 +100,10 @@ def render(command: str, r: dict[str, Any]) -> str:
         return (
             head
             + "\n"
-            + table(rows, ["tensor", "shape", "sparsity", "bits/weight", "encoding", "bytes"])
+            + table(
+                rows,
+                ["tensor", "shape", "sparsity", "bits/weight", "encoding", "codebook", "bytes"],
+            )
         )
     lines = []
     if command == "demo":

@@ -22,21 +22,17 @@ from typing import Any
 
 from torch import nn
 
-from slimtorch.calibrate.sentences import SentenceTask, load_sentences, split_sentences
 from slimtorch.core.errors import ConfigError, UnsupportedModelError
 from slimtorch.distill.trainer import HiddenPair, get_module
 from slimtorch.graph.weights import replace_module
 from slimtorch.models.artifact import set_architecture
 
 __all__ = [
-    "SentenceTask",
     "check_keep",
     "find_layer_list",
     "layer_pairs",
-    "load_sentences",
     "refresh_architecture",
     "shrink_layers",
-    "split_sentences",
 ]
 
 log = logging.getLogger(__name__)

@@ -37,6 +37,9 @@ class BuiltinModel:
     data: str
     example_inputs: Callable[[int], tuple[Any, ...]]
     task: str | None = None  # name in slimtorch.calibrate.tasks.TASKS, for fine-tuning
+    # True when --data is also what the evaluator measures (image classifiers); False when the
+    # training data is of another kind than ``data`` (MiniLM trains on sentences, tests on Lee)
+    evaluates_training_data: bool = True
 
 
 MODELS: Registry[BuiltinModel] = Registry("builtin model")
@@ -53,6 +56,7 @@ class LoadedModel:
     data: str | None = None
     task: str | None = None
     example_inputs: Callable[[int], tuple[Any, ...]] | None = None
+    evaluates_training_data: bool = True
 
 
 def _ensure_builtins() -> None:
@@ -78,6 +82,7 @@ def load_model(spec: str) -> LoadedModel:
             info.data,
             info.task,
             info.example_inputs,
+            info.evaluates_training_data,
         )
     path = Path(spec)
     if path.is_dir():
