@@ -36,8 +36,9 @@ import slimtorch as st
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.eval.accuracy import evaluate_accuracy
-from slimtorch.formats.artifact import MODEL_FILE, dense_safetensors_bytes, read_manifest
+from slimtorch.formats.artifact import MODEL_FILE, read_manifest
 from slimtorch.formats.coded import meta_label
+from slimtorch.formats.sizes import dense_safetensors_bytes
 from slimtorch.models import load_model
 from slimtorch.models.data_images import load_mnist5k
 from slimtorch.models.lenet import ARCHITECTURES

@@ -7,7 +7,7 @@ import torch
 
 import slimtorch as st
 from slimtorch.core.errors import ArtifactError, ChecksumError, ConfigError
-from slimtorch.formats.artifact import artifact_bytes
+from slimtorch.formats.sizes import artifact_bytes
 from slimtorch.testing.models import example_input, tiny_cnn, tiny_lstm, tiny_transformer
 
 FACTORIES = {"cnn": tiny_cnn, "lstm": tiny_lstm, "transformer": tiny_transformer}

@@ -22,11 +22,8 @@ from torch import nn
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.core.methods import Run, Task
-from slimtorch.formats.artifact import (
-    artifact_bytes,
-    dense_safetensors_bytes,
-    write_artifact,
-)
+from slimtorch.formats.artifact import write_artifact
+from slimtorch.formats.sizes import artifact_bytes, dense_safetensors_bytes
 from slimtorch.formats.state import iter_states
 from slimtorch.models.artifact import get_architecture, load_artifact
 from slimtorch.models.artifact import get_metadata as get_metadata  # re-exported API

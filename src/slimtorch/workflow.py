@@ -15,7 +15,8 @@ from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
 from slimtorch.core.methods import Task
-from slimtorch.formats.artifact import describe, read_manifest
+from slimtorch.formats.artifact import read_manifest
+from slimtorch.formats.sizes import describe
 from slimtorch.models.registry import LoadedModel, load_model
 from slimtorch.recipe import list_presets, load_recipe
 

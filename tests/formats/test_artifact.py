@@ -12,14 +12,8 @@ from torch import nn
 
 import slimtorch.formats.artifact as artifact
 from slimtorch.core.errors import ArtifactError, ChecksumError
-from slimtorch.formats.artifact import (
-    artifact_bytes,
-    dense_safetensors_bytes,
-    describe,
-    read_artifact,
-    read_manifest,
-    write_artifact,
-)
+from slimtorch.formats.artifact import read_artifact, read_manifest, write_artifact
+from slimtorch.formats.sizes import artifact_bytes, dense_safetensors_bytes, describe
 from slimtorch.formats.state import QuantState, WeightState, apply_state, iter_states, to_matrix
 
 GEN = torch.Generator().manual_seed(0)
@@ -214,7 +208,7 @@ def test_failure_mid_write_leaves_old_artifact(
     out = tmp_path / "art"
     save(compressed_model(), out)
     before = files_of(out)
-    real = artifact._write_file
+    real = artifact.write_file
     calls = []
 
     def failing(path: Path, data: bytes) -> None:
@@ -223,11 +217,11 @@ def test_failure_mid_write_leaves_old_artifact(
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(artifact, "_write_file", failing)
+    monkeypatch.setattr(artifact, "write_file", failing)
     with pytest.raises(ArtifactError, match="No space left"):
         write_artifact(out, {"a": torch.ones(3)}, {}, {}, overwrite=True)
     monkeypatch.setattr(
-        artifact, "_write_file", lambda p, d: (_ for _ in ()).throw(RuntimeError("boom"))
+        artifact, "write_file", lambda p, d: (_ for _ in ()).throw(RuntimeError("boom"))
     )
     with pytest.raises(RuntimeError, match="boom"):
         write_artifact(out, {"a": torch.ones(3)}, {}, {}, overwrite=True)

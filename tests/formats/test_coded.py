@@ -7,7 +7,8 @@ import torch
 
 from slimtorch.core.errors import ChecksumError
 from slimtorch.formats import coded
-from slimtorch.formats.encoding import decode_tensor, encode_tensor, parts_bytes
+from slimtorch.formats.encoding import decode_tensor, encode_tensor
+from slimtorch.formats.quant_parts import parts_bytes
 from slimtorch.formats.state import WeightState, codebook_state, effective_weight
 
 GEN = torch.Generator().manual_seed(0)

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from slimtorch.formats.encoding import decode_tensor, encode_tensor, parts_bytes
+from slimtorch.formats.encoding import decode_tensor, encode_tensor
+from slimtorch.formats.quant_parts import parts_bytes
 from slimtorch.formats.state import QuantState, WeightState, code_range, effective_weight, to_matrix
 
 GEN = torch.Generator().manual_seed(0)

@@ -7,17 +7,10 @@
   and atomic writes.
 """
 
-from slimtorch.formats.artifact import (
-    Artifact,
-    artifact_bytes,
-    dense_safetensors_bytes,
-    describe,
-    read_artifact,
-    read_manifest,
-    write_artifact,
-)
+from slimtorch.formats.artifact import Artifact, read_artifact, read_manifest, write_artifact
 from slimtorch.formats.encoding import decode_tensor, encode_tensor
 from slimtorch.formats.packing import pack_bits, pack_mask, unpack_bits, unpack_mask
+from slimtorch.formats.sizes import artifact_bytes, dense_safetensors_bytes, describe
 from slimtorch.formats.state import QuantState, WeightState, effective_weight
 
 __all__ = [

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -32,17 +31,22 @@ from safetensors.torch import save as st_save
 
 from slimtorch import __version__
 from slimtorch.core.errors import ArtifactError, ChecksumError
-from slimtorch.formats.coded import meta_label
+from slimtorch.formats.atomic import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    check_target,
+    fsync_dir,
+    swap_into_place,
+    write_file,
+)
 from slimtorch.formats.encoding import decode_tensor, encode_tensor
 from slimtorch.formats.state import WeightState
 
 FORMAT = "slimtorch"
 FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-MANIFEST_FILE = "manifest.json"
 PART_SEP = "::"
 _RESERVED = ("format", "format_version", "tensors", "aliases", "files")
-_RECREATE = "re-create it with `slimtorch compress ... --force`"
+RECREATE = "re-create it with `slimtorch compress ... --force`"
 
 
 @dataclass
@@ -138,64 +142,6 @@ def _build_manifest(
     }
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _check_target(path: Path, overwrite: bool) -> None:
-    if not os.path.lexists(path):
-        return
-    if not path.is_dir():
-        raise ArtifactError(
-            f"output path {path} exists and is not a directory; choose another path"
-        )
-    if not overwrite:
-        raise ArtifactError(
-            f"output directory {path} exists; pass --force / force=True to replace it"
-        )
-    names = set(os.listdir(path))
-    if names and not names & {MANIFEST_FILE, MODEL_FILE}:
-        raise ArtifactError(
-            f"output directory {path} is not empty and is not a slimtorch artifact; refusing to"
-            " replace it even with force: choose another output directory"
-        )
-
-
-def _swap_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
-    if not os.path.lexists(path):
-        os.replace(tmp, path)
-    else:
-        _check_target(path, overwrite)
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            raise
-        if old.is_symlink():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(path.parent)
-
-
 def write_artifact(
     path: str | Path,
     tensors: dict[str, torch.Tensor],
@@ -211,7 +157,7 @@ def write_artifact(
     ``entropy="huffman"`` lets code and index streams be Huffman coded where that is smaller.
     """
     path = Path(path)
-    _check_target(path, overwrite)
+    check_target(path, overwrite)
     aliases = find_aliases(tensors)
     parts, metas = _encode_all(tensors, states, aliases, entropy)
     data = st_save(parts, metadata={"format": FORMAT})
@@ -224,10 +170,10 @@ def write_artifact(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        _write_file(tmp / MODEL_FILE, data)
-        _write_file(tmp / MANIFEST_FILE, text.encode("utf-8"))
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, path, overwrite)
+        write_file(tmp / MODEL_FILE, data)
+        write_file(tmp / MANIFEST_FILE, text.encode("utf-8"))
+        fsync_dir(tmp)
+        swap_into_place(tmp, path, overwrite)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ArtifactError(
@@ -243,11 +189,11 @@ def write_artifact(
 def _validate_manifest(m: Any, where: Path) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ArtifactError(
-            f'{where} is not a slimtorch manifest (no "format": "{FORMAT}"); {_RECREATE}'
+            f'{where} is not a slimtorch manifest (no "format": "{FORMAT}"); {RECREATE}'
         )
     version = m.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ArtifactError(f"{where}: invalid format_version {version!r}; {_RECREATE}")
+        raise ArtifactError(f"{where}: invalid format_version {version!r}; {RECREATE}")
     if version > FORMAT_VERSION:
         raise ArtifactError(
             f"{where} was written by a newer slimtorch ({m.get('slimtorch_version')}, format_version"
@@ -257,7 +203,7 @@ def _validate_manifest(m: Any, where: Path) -> dict[str, Any]:
     for key in ("tensors", "aliases", "files"):
         if not isinstance(m.get(key), dict):
             raise ArtifactError(
-                f"{where}: manifest key {key!r} is missing or malformed; {_RECREATE}"
+                f"{where}: manifest key {key!r} is missing or malformed; {RECREATE}"
             )
     for name, info in m["files"].items():
         ok = isinstance(info, dict) and isinstance(info.get("sha256"), str)
@@ -267,9 +213,9 @@ def _validate_manifest(m: Any, where: Path) -> dict[str, Any]:
             or Path(name).name != name
             or name.startswith(".")
         ):
-            raise ArtifactError(f"{where}: malformed files entry {name!r}; {_RECREATE}")
+            raise ArtifactError(f"{where}: malformed files entry {name!r}; {RECREATE}")
     if MODEL_FILE not in m["files"]:
-        raise ArtifactError(f"{where}: manifest lists no {MODEL_FILE}; {_RECREATE}")
+        raise ArtifactError(f"{where}: manifest lists no {MODEL_FILE}; {RECREATE}")
     return m
 
 
@@ -287,13 +233,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not mf.is_file():
         raise ArtifactError(
             f"{path} has no {MANIFEST_FILE}: it is not a slimtorch artifact or was not written"
-            f" completely; {_RECREATE}"
+            f" completely; {RECREATE}"
         )
     try:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ArtifactError(
-            f"{mf} is not valid JSON ({exc}); the artifact is corrupted; {_RECREATE}"
+            f"{mf} is not valid JSON ({exc}); the artifact is corrupted; {RECREATE}"
         ) from exc
     return _validate_manifest(manifest, mf)
 
@@ -301,7 +247,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def _verified_bytes(path: Path, name: str, info: dict[str, Any]) -> bytes:
     file = path / name
     if not file.is_file():
-        raise ArtifactError(f"{file} is missing: the artifact is incomplete; {_RECREATE}")
+        raise ArtifactError(f"{file} is missing: the artifact is incomplete; {RECREATE}")
     size = file.stat().st_size
     data = file.read_bytes() if size == info["bytes"] else b""
     if size != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
@@ -329,14 +275,14 @@ def _decode_all(manifest: dict[str, Any], parts: dict[str, torch.Tensor], where:
             if missing:
                 raise ArtifactError(
                     f"{where}: tensor {name!r} is missing parts {missing} in {MODEL_FILE}; the"
-                    f" artifact is incomplete; {_RECREATE}"
+                    f" artifact is incomplete; {RECREATE}"
                 )
             tensor, state = decode_tensor(meta, have)
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
             if isinstance(exc, ArtifactError):
                 raise
             raise ArtifactError(
-                f"{where}: cannot decode tensor {name!r} ({exc!r}); {_RECREATE}"
+                f"{where}: cannot decode tensor {name!r} ({exc!r}); {RECREATE}"
             ) from exc
         art.tensors[name] = tensor
         if state is not None:
@@ -344,7 +290,7 @@ def _decode_all(manifest: dict[str, Any], parts: dict[str, torch.Tensor], where:
     for alias, target in manifest["aliases"].items():
         if target not in art.tensors:
             raise ArtifactError(
-                f"{where}: alias {alias!r} points to unknown tensor {target!r}; {_RECREATE}"
+                f"{where}: alias {alias!r} points to unknown tensor {target!r}; {RECREATE}"
             )
         art.tensors[alias] = art.tensors[target]
         if target in art.states:
@@ -361,73 +307,6 @@ def read_artifact(path: str | Path) -> Artifact:
         parts = st_load(blobs[MODEL_FILE])
     except (SafetensorError, ValueError) as exc:
         raise ArtifactError(
-            f"{path / MODEL_FILE} is not a valid safetensors file ({exc}); {_RECREATE}"
+            f"{path / MODEL_FILE} is not a valid safetensors file ({exc}); {RECREATE}"
         ) from exc
     return _decode_all(manifest, parts, path)
-
-
-def dense_safetensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Exact size of the plain safetensors file of a state_dict with floats cast to float32.
-
-    Tensors sharing storage (tied weights) are counted once, as ``save_model`` would store them.
-    """
-    aliases = find_aliases(tensors)
-    keep = {name: name for name in tensors if name not in aliases}
-    for alias, target in aliases.items():  # save_model keeps the alphabetically first name
-        keep[target] = min(keep[target], alias)
-    plain = {}
-    for name, kept in keep.items():
-        t = tensors[name].detach().cpu()
-        plain[kept] = (t.to(torch.float32) if t.is_floating_point() else t).contiguous().clone()
-    canonical = {n: aliases.get(n, n) for n in tensors}
-    dropped = {n: keep[c] for n, c in canonical.items() if n != keep[c]}
-    return len(st_save(plain, metadata=dropped or None))  # save_model records dropped names
-
-
-def artifact_bytes(path: str | Path) -> int:
-    """Total size in bytes of the files of the artifact at ``path``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ArtifactError(
-            f"no artifact directory at {path}; give the --out directory of `slimtorch compress`"
-        )
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _row(name: str, meta: dict[str, Any]) -> dict[str, Any]:
-    numel, nonzero, size = int(meta["numel"]), int(meta["nonzero"]), int(meta["bytes"])
-    return {
-        "name": name,
-        "shape": list(meta["shape"]),
-        "dtype": meta["dtype"],
-        "numel": numel,
-        "nonzero": nonzero,
-        "sparsity": 1.0 - nonzero / numel if numel else 0.0,
-        "bits": size * 8 / numel if numel else 0.0,
-        "quant_bits": meta.get("bits"),
-        "encoding": meta["encoding"]
-        + (f":{meta_label(meta)}" if meta["encoding"] == "coded" else ""),
-        "codebook_size": meta.get("codebook_size"),
-        "bytes": size,
-        "alias_of": None,
-    }
-
-
-def describe(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per tensor: name, shape, dtype, numel, nonzero, sparsity, bits (stored bits per
-    element), quant_bits, encoding, bytes, alias_of. Aliased tensors take 0 bytes."""
-    rows = []
-    for name, meta in manifest.get("tensors", {}).items():
-        try:
-            rows.append(_row(name, meta))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(
-                f"manifest entry of tensor {name!r} is malformed ({exc!r}); {_RECREATE}"
-            ) from exc
-    by_name = {r["name"]: r for r in rows}
-    for alias, target in manifest.get("aliases", {}).items():
-        if target in by_name:
-            rows.append(
-                {**by_name[target], "name": alias, "bits": 0.0, "bytes": 0, "alias_of": target}
-            )
-    return rows

@@ -32,19 +32,16 @@ import torch
 
 from slimtorch import __version__
 from slimtorch.core.errors import ArtifactError
-from slimtorch.formats.artifact import (
-    _RESERVED,
-    FORMAT,
-    FORMAT_VERSION,
+from slimtorch.formats.artifact import _RESERVED, FORMAT, FORMAT_VERSION, PART_SEP
+from slimtorch.formats.atomic import (
     MANIFEST_FILE,
     MODEL_FILE,
-    PART_SEP,
-    _check_target,
-    _fsync_dir,
-    _swap_into_place,
-    _write_file,
+    check_target,
+    fsync_dir,
+    swap_into_place,
+    write_file,
 )
-from slimtorch.formats.encoding import dtype_name
+from slimtorch.formats.quant_parts import dtype_name
 
 ST_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -163,7 +160,7 @@ class _StreamingDir:
         self._writer: SafetensorsStreamWriter | None = None
 
     def _open(self, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> None:
-        _check_target(self.path, self.overwrite)
+        check_target(self.path, self.overwrite)
         tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,9 +191,9 @@ class _StreamingDir:
             os.fsync(self._file.fileno())
             self._file.close()
             for name, data in files.items():
-                _write_file(self._tmp / name, data)
-            _fsync_dir(self._tmp)
-            _swap_into_place(self._tmp, self.path, self.overwrite)
+                write_file(self._tmp / name, data)
+            fsync_dir(self._tmp)
+            swap_into_place(self._tmp, self.path, self.overwrite)
         except OSError as exc:
             self._abort()
             raise self._os_error(exc) from exc

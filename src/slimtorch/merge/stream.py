@@ -36,7 +36,8 @@ from safetensors import SafetensorError, safe_open
 
 from slimtorch.core.errors import ArtifactError, ChecksumError, ConfigError
 from slimtorch.formats.artifact import MODEL_FILE, PART_SEP, read_manifest
-from slimtorch.formats.encoding import decode_tensor, dtype_from_name
+from slimtorch.formats.encoding import decode_tensor
+from slimtorch.formats.quant_parts import dtype_from_name
 from slimtorch.formats.streaming import (
     TORCH_DTYPES,
     StreamingArtifactWriter,
