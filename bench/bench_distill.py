@@ -3,6 +3,8 @@
     .venv/bin/python bench/bench_distill.py [--only lenet|minilm] [--lenet-budget full|short|both]
                                             [--minilm-steps 200] [--keep 1,3,5 --keep 0,2,4]
                                             [--out bench/results/distill.json]
+    .venv/bin/python bench/bench_distill.py --only scarce [--n-train 1000,5000] [--seeds 0,1]
+                                            [--out bench/results/distill_scarce.json]
 
 (a) LeNet-5 (builtin:lenet5-fashion) pruned to 95% (global magnitude) and quantized to 4 bits
     (quantize.qat, per channel), recovered (i) by fine-tuning on labels
@@ -14,6 +16,16 @@
     --data builtin:fashion-mnist, which saves the artifact, reloads it with ``slimtorch.load``
     and measures test accuracy (10,000 images) of the reloaded model. Budget "full" is the
     shipped recipes (1000 fine-tuning + 500 QAT steps, batch 128); "short" is a tenth of it.
+(a') "scarce": the same recovery with few labelled images. For each N in --n-train and each
+    seed, a seeded random subset of N Fashion-MNIST training images (numpy default_rng(seed),
+    so each seed has its own subset and its own batch order) is written to a .npz and passed as
+    the task data. Recovery (i) examples/recipes/lenet5-p95-q4-finetune-fewlabels.yaml
+    (600 fine-tuning + 300 QAT steps, batch 64) against (ii) the same stages preceded by
+    distill.teacher (teacher = the original fp32 model): lenet5-p95-q4-distill-fewlabels.yaml
+    (T=4, alpha=0.9) and the same with T=2, alpha=0.5. Nothing is chosen on the test set: every
+    setting is reported. Test accuracy is always the full 10,000-image Fashion-MNIST test split,
+    measured on the artifact reloaded with ``slimtorch.load``; results go to --out (default
+    bench/results/distill_scarce.json).
 (b) MiniLM (builtin:minilm) cut to 3 of its 6 layers (distill.shrink) and distilled by the
     minilm-l3-distill preset (embedding cosine + layer-to-layer hidden-state MSE) on sentences
     of builtin:austen+builtin:wikipedia, tokenized to at most 64 tokens; ``--minilm-steps``
@@ -39,21 +51,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import slimtorch as st
+from slimtorch.calibrate.classification import ClassificationTask
 from slimtorch.calibrate.sentences import DEFAULT_SENTENCES, SentenceTask, load_sentences
 from slimtorch.core.context import Context
+from slimtorch.eval.accuracy import evaluate_accuracy
 from slimtorch.eval.latency import measure_latency_ms
 from slimtorch.eval.similarity import evaluate_lee
 from slimtorch.eval.size import count_params
 from slimtorch.models import minilm
+from slimtorch.models.data_images import load_fashion_mnist
 from slimtorch.models.registry import load_model
 from slimtorch.recipe import load_recipe
 from slimtorch.workflow import CompressOptions, compress_to_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DEFAULT = ROOT / "bench" / "results" / "distill.json"
+OUT_SCARCE = ROOT / "bench" / "results" / "distill_scarce.json"
 RECIPES = ROOT / "examples" / "recipes"
 NO_RECOVERY = {
     "stages": [
@@ -77,7 +94,7 @@ def lenet_case(label: str, recipe: dict[str, Any], seed: int, tmp: Path) -> dict
     start = time.perf_counter()
     report = compress_to_dir(
         "builtin:lenet5-fashion",
-        recipe,  # type: ignore[arg-type]  (compress_to_dir loads dicts through load_recipe)
+        recipe,  # type: ignore[arg-type]  # load_recipe accepts dicts
         tmp / label,
         CompressOptions(data="builtin:fashion-mnist"),
         Context(seed=seed, progress=False),
@@ -111,6 +128,95 @@ def run_lenet(budgets: list[str], seed: int) -> list[dict[str, Any]]:
                 rows.append(row)
                 print(f"lenet {row['case']}: {row['accuracy']:.2f}%", file=sys.stderr)
     return rows
+
+
+def _subset_npz(n: int, seed: int, directory: Path) -> Path:
+    """A seeded random subset of ``n`` Fashion-MNIST training images, saved as a .npz."""
+    images, labels = load_fashion_mnist("train")
+    idx = np.sort(np.random.default_rng(seed).choice(len(labels), size=n, replace=False))
+    path = directory / f"fashion-train-{n}-seed{seed}.npz"
+    np.savez(path, images=images.numpy()[idx], labels=labels.numpy()[idx])
+    return path
+
+
+def _scarce_recipes() -> dict[str, dict[str, Any]]:
+    finetune = load_recipe(str(RECIPES / "lenet5-p95-q4-finetune-fewlabels.yaml")).to_dict()
+    distill = load_recipe(str(RECIPES / "lenet5-p95-q4-distill-fewlabels.yaml")).to_dict()
+    t2 = copy.deepcopy(distill)
+    t2["stages"][0]["distill"] = {"temperature": 2.0, "alpha": 0.5}
+    for rec in (finetune, distill, t2):
+        rec.pop("description", None)
+    return {"finetune": finetune, "distill T=4 a=0.9": distill, "distill T=2 a=0.5": t2}
+
+
+def scarce_case(recipe: dict[str, Any], data: Path, seed: int, out: Path) -> dict[str, Any]:
+    """Compress LeNet-5 with ``recipe`` on the images of ``data``; test accuracy after reload."""
+    loaded = load_model("builtin:lenet5-fashion")
+    st.api.set_architecture(loaded.model, loaded.architecture)
+    st.api.get_metadata(loaded.model).update(
+        {"source": "builtin:lenet5-fashion", "evaluator": "accuracy"}
+    )
+    ctx = Context(seed=seed, progress=False)
+    start = time.perf_counter()
+    result = st.compress(loaded.model, recipe, data=ClassificationTask(str(data)), ctx=ctx)
+    seconds = time.perf_counter() - start
+    st.save(result.model, out)
+    reloaded = st.load(out)
+    params, nonzero = count_params(reloaded)
+    return {
+        "accuracy": evaluate_accuracy(reloaded, ctx, "builtin:fashion-mnist").value,
+        "bytes_on_disk": st.api.artifact_size(out),
+        "nonzero_params": nonzero,
+        "params": params,
+        "train_seconds": round(seconds, 1),
+    }
+
+
+def run_scarce(ns: list[int], seeds: list[int]) -> dict[str, Any]:
+    recipes = _scarce_recipes()
+    base = load_model("builtin:lenet5-fashion").model
+    ctx = Context(progress=False)
+    out: dict[str, Any] = {
+        "baseline_accuracy": evaluate_accuracy(base, ctx, "builtin:fashion-mnist").value,
+        "test_images": 10000,
+        "recipes": recipes,
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-distill-scarce-") as tmp:
+        for n in ns:
+            for seed in seeds:
+                data = _subset_npz(n, seed, Path(tmp))
+                for i, (name, rec) in enumerate(recipes.items()):
+                    row = scarce_case(rec, data, seed, Path(tmp) / f"n{n}-s{seed}-{i}")
+                    out["rows"].append({"n_train": n, "seed": seed, "case": name, **row})
+                    print(
+                        f"scarce N={n} seed={seed} {name}: {row['accuracy']:.2f}%", file=sys.stderr
+                    )
+    return out
+
+
+def markdown_scarce(res: dict[str, Any]) -> str:
+    seeds = sorted({r["seed"] for r in res["rows"]})
+    cols = " | ".join(f"seed {s}" for s in seeds)
+    lines = [
+        f"LeNet-5 on Fashion-MNIST (fp32 {res['baseline_accuracy']:.2f}%), 95% sparse + 4-bit"
+        " per-channel, recovered on N labelled training images (600 fine-tuning + 300 QAT steps,"
+        " batch 64, for every row); test accuracy % of the reloaded artifact on all 10,000 test"
+        " images:",
+        "",
+        f"| N train images | Recovery | {cols} | mean | vs fine-tuning (pts) |",
+        "|---:|---|" + "---:|" * (len(seeds) + 2),
+    ]
+    for n in sorted({r["n_train"] for r in res["rows"]}):
+        ref = None
+        for case in res["recipes"]:
+            accs = [r["accuracy"] for r in res["rows"] if r["n_train"] == n and r["case"] == case]
+            mean = sum(accs) / len(accs)
+            ref = mean if ref is None else ref
+            vals = " | ".join(f"{a:.2f}" for a in accs)
+            delta = "-" if case == "finetune" else f"{mean - ref:+.2f}"
+            lines.append(f"| {n:,} | {case} | {vals} | {mean:.2f} | {delta} |")
+    return "\n".join(lines)
 
 
 def _minilm_measure(model: torch.nn.Module, ctx: Context) -> dict[str, Any]:
@@ -233,17 +339,36 @@ def _meta(argv: list[str]) -> dict[str, Any]:
     }
 
 
+def main_scarce(args: argparse.Namespace, argv: list[str]) -> None:
+    """``--only scarce``: its own results file, rewritten whole on every run."""
+    start = time.perf_counter()
+    ns = [int(n) for n in args.n_train.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = {**run_scarce(ns, seeds), "meta": _meta(argv)}
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    out: Path = args.out or OUT_SCARCE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(markdown_scarce(results))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["lenet", "minilm"])
+    p.add_argument("--only", choices=["lenet", "minilm", "scarce"])
     p.add_argument("--lenet-budget", choices=["full", "short", "both"], default="both")
     p.add_argument("--minilm-steps", type=int, default=200)
     p.add_argument("--keep", action="append", help="layers to keep, e.g. 1,3,5 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=OUT_DEFAULT)
+    p.add_argument("--n-train", default="1000,5000", help="scarce: training-subset sizes")
+    p.add_argument("--seeds", default="0,1", help="scarce: seeds (subset, init order, batches)")
+    p.add_argument("--out", type=Path, help=f"default {OUT_DEFAULT} ({OUT_SCARCE} for scarce)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.only == "scarce":
+        main_scarce(args, argv)
+        return
+    args.out = args.out or OUT_DEFAULT
     keeps = [[int(i) for i in k.split(",")] for k in (args.keep or ["1,3,5", "0,2,4"])]
     budgets = ["full", "short"] if args.lenet_budget == "both" else [args.lenet_budget]
     new: dict[str, Any] = {}
