@@ -199,6 +199,8 @@ def markdown_scarce(res: dict[str, Any]) -> str:
     seeds = sorted({r["seed"] for r in res["rows"]})
     cols = " | ".join(f"seed {s}" for s in seeds)
     lines = [
+        f"`{res['meta']['command']}`",
+        "",
         f"LeNet-5 on Fashion-MNIST (fp32 {res['baseline_accuracy']:.2f}%), 95% sparse + 4-bit"
         " per-channel, recovered on N labelled training images (600 fine-tuning + 300 QAT steps,"
         " batch 64, for every row); test accuracy % of the reloaded artifact on all 10,000 test"

@@ -15,6 +15,7 @@ import gzip
 import importlib.util
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,13 @@ def _read_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise UserInputError(
             f"{path} has arrays {sorted(keys)}; it needs `images` (uint8 [N,28,28]) and"
             " `labels` (integers [N]), or `train_images`/`test_images` and their labels"
+        )
+    if split == "test" and not prefix:
+        warnings.warn(
+            f"{path} has no `test_images`/`test_labels`: its `images` are used as the test split,"
+            " so if they are training images the accuracy is measured on training data; add"
+            " test arrays to the .npz to evaluate on held-out images",
+            stacklevel=2,
         )
     return _validate(path, *arrays)
 
