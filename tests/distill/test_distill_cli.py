@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 
 import pytest
-import torch
 
 from slimtorch import api
 from slimtorch.cli import cmd_distill
 from slimtorch.core.errors import ConfigError
+from slimtorch.testing.models import tiny_bert
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,16 +22,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tiny_bert_dir(path: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=128,  # api.evaluate's latency input is 128 tokens
-    )
-    transformers.BertModel(cfg).save_pretrained(path)
+    # max_positions 128: api.evaluate's latency input is 128 tokens
+    model = tiny_bert(3, vocab=30522, hidden=16, heads=2, intermediate=24, max_positions=128)
+    model.save_pretrained(path)  # type: ignore[operator]
     return path
 
 

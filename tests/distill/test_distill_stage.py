@@ -28,7 +28,7 @@ from slimtorch.distill.stage import (
 from slimtorch.distill.trainer import DistillTask
 from slimtorch.formats.state import WeightState, apply_state
 from slimtorch.recipe import load_recipe
-from slimtorch.testing.models import tiny_cnn
+from slimtorch.testing.models import tiny_bert, tiny_cnn
 
 transformers = pytest.importorskip("transformers")
 
@@ -152,16 +152,7 @@ def test_teacher_stage_makes_train_finetune_distil_and_keep_masks(tmp_path: Path
 
 
 def test_minilm_style_shrink_then_distil_on_sentences(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    model = transformers.BertModel(cfg).eval()
+    model = tiny_bert(4, vocab=30522)
     text = tmp_path / "s.txt"
     text.write_text(
         "The quick brown fox jumps over the lazy dog. Emma was handsome, clever and rich. "
@@ -212,16 +203,7 @@ def test_text_encoder_without_data_distils_on_default_sentences(
     text = tmp_path / "s.txt"
     text.write_text("The cat sat on the mat today. A dog ran far away from home. ", "utf-8")
     monkeypatch.setattr(stage, "DEFAULT_SENTENCES", str(text))
-    cfg = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    model = tiny_bert(2, vocab=30522, hidden=16, heads=2, intermediate=24)
     run = Run(Context(progress=False))
     base = stage.base_task(DistillTeacherConfig(), run, "distill.teacher", model)
     assert isinstance(base, SentenceTask)

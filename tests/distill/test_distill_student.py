@@ -17,22 +17,14 @@ from slimtorch.distill.student import (
     shrink_layers,
 )
 from slimtorch.formats.state import WeightState, apply_state, get_state
+from slimtorch.testing import models as testing_models
 from slimtorch.testing.models import tiny_cnn
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_bert(layers: int = 4, vocab: int = 99) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(cfg).eval()
+    return testing_models.tiny_bert(layers, vocab=vocab)
 
 
 def test_shrink_bert_keeps_exactly_the_chosen_layers() -> None:

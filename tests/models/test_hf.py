@@ -14,19 +14,11 @@ from slimtorch.core.errors import UserInputError  # noqa: E402
 from slimtorch.models import hf  # noqa: E402
 from slimtorch.models.minilm import model_dir  # noqa: E402
 from slimtorch.models.registry import load_model, rebuild  # noqa: E402
+from slimtorch.testing.models import tiny_bert  # noqa: E402
 
 
 def _tiny_bert(path: Path) -> None:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    transformers.BertModel(cfg).save_pretrained(path)
+    tiny_bert().save_pretrained(path)  # type: ignore[operator]
 
 
 def _tiny_llama(path: Path) -> None:

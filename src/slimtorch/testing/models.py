@@ -106,6 +106,31 @@ def tiny_stack() -> nn.Module:
     return _seeded(TinyStack, 3)
 
 
+def tiny_bert(
+    layers: int = 2,
+    vocab: int = 99,
+    hidden: int = 32,
+    heads: int = 4,
+    intermediate: int = 37,
+    max_positions: int = 64,
+    seed: int = 0,
+) -> nn.Module:
+    """A small randomly initialised Hugging Face ``BertModel`` (needs ``transformers``), in eval
+    mode; MiniLM has ``vocab=30522``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+    )
+    return transformers.BertModel(config).eval()  # type: ignore[no-any-return]
+
+
 def example_input(model: nn.Module, batch: int = 4) -> torch.Tensor:
     """A deterministic input for any of the tiny models."""
     gen = torch.Generator().manual_seed(123)
