@@ -14,6 +14,7 @@ from slimtorch.core.errors import ConfigError
 from slimtorch.merge import methods as M
 from slimtorch.merge.mergekit import parse_config
 from slimtorch.merge.stream import merge_to_dir, open_source
+from slimtorch.testing.models import tiny_bert
 
 
 def _model(seed: int, rows: int = 6) -> dict[str, torch.Tensor]:
@@ -137,19 +138,12 @@ def test_missing_tensor_and_missing_model(tmp_path: Path, models: dict[str, Any]
 
 def test_hf_directory_output_loads_in_transformers(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=30,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-    )
     sds = []
     for seed, name in ((0, "m0"), (1, "m1")):
-        torch.manual_seed(seed)
-        model = transformers.BertModel(cfg)
-        model.save_pretrained(tmp_path / name)
+        model = tiny_bert(
+            1, vocab=30, hidden=8, heads=2, intermediate=16, max_positions=16, seed=seed
+        )
+        model.save_pretrained(tmp_path / name)  # type: ignore[operator]
         (tmp_path / name / "tokenizer_config.json").write_text("{}")
         sds.append(model.state_dict())
     raw = {

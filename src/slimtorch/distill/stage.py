@@ -151,15 +151,19 @@ def _freeze_untargeted(model: nn.Module, config: StageConfig) -> list[nn.Paramet
     return frozen
 
 
+def _distill_task(config: _TeacherOptions, run: Run, model: nn.Module, method: str) -> DistillTask:
+    """The run's (or the config's) task, distilled from the configured or original teacher."""
+    base = base_task(config, run, method, model)
+    return DistillTask(resolve_teacher(config.teacher, run, model, method), base, config.distill)
+
+
 @register_method(
     "distill.finetune",
     DistillFinetuneConfig,
     "train towards a teacher (soft labels, hidden states, attention maps); masks stay",
 )
 def finetune(model: nn.Module, config: DistillFinetuneConfig, run: Run) -> None:
-    base = base_task(config, run, "distill.finetune", model)
-    teacher = resolve_teacher(config.teacher, run, model, "distill.finetune")
-    task = DistillTask(teacher, base, config.distill)
+    task = _distill_task(config, run, model, "distill.finetune")
     frozen = _freeze_untargeted(model, config)
     try:
         losses = train(model, task, run.ctx, config.train)
@@ -181,10 +185,7 @@ def finetune(model: nn.Module, config: DistillFinetuneConfig, run: Run) -> None:
     "from here on, training stages (train.finetune, quantize.qat, ...) distil from a teacher",
 )
 def teacher_stage(model: nn.Module, config: DistillTeacherConfig, run: Run) -> None:
-    base = base_task(config, run, "distill.teacher", model)
-    dtask = DistillTask(
-        resolve_teacher(config.teacher, run, model, "distill.teacher"), base, config.distill
-    )
+    dtask = _distill_task(config, run, model, "distill.teacher")
     run.task = dtask
     log.info("distill.teacher: later training stages distil (%s)", dtask.name)
 

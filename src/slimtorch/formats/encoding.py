@@ -26,12 +26,12 @@ import torch
 from slimtorch.formats import coded
 from slimtorch.formats.packing import pack_mask, unpack_mask
 from slimtorch.formats.quant_parts import (
+    check_code_range,
     code_offset,
     codebook_parts,
     decode_quant,
     dtype_from_name,
     dtype_name,
-    encode_codes,
     encode_quant,
     parts_bytes,
     quant_meta,
@@ -154,7 +154,7 @@ def _best(
     if inputs is not None and (q is None or q.bits <= 8):
         codes, bits, mask = inputs
         if codes is not None:
-            encode_codes(codes + code_offset(q), q, name)  # type: ignore[arg-type]
+            check_code_range(codes + code_offset(q), q, name)  # type: ignore[arg-type]
         side = cost(side_parts(q, name))
         found = [
             p

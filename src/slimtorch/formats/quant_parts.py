@@ -60,7 +60,8 @@ def smallest_int(t: torch.Tensor) -> torch.dtype:
     return torch.int32
 
 
-def encode_codes(codes: torch.Tensor, q: QuantState, name: str) -> torch.Tensor:
+def check_code_range(codes: torch.Tensor, q: QuantState, name: str) -> None:
+    """ValueError unless every code lies in the ``q.bits``-bit range of ``q``'s scheme."""
     offset = code_offset(q)
     top = offset + 2**q.bits - 1
     if codes.numel() and (int(codes.min()) < offset or int(codes.max()) > top):
@@ -68,7 +69,11 @@ def encode_codes(codes: torch.Tensor, q: QuantState, name: str) -> torch.Tensor:
             f"{name}: quantization codes span [{int(codes.min())}, {int(codes.max())}],"
             f" outside [{offset}, {top}] of {q.bits}-bit {q.scheme} codes"
         )
-    shifted = codes - offset
+
+
+def encode_codes(codes: torch.Tensor, q: QuantState, name: str) -> torch.Tensor:
+    check_code_range(codes, q, name)
+    shifted = codes - code_offset(q)
     if q.bits <= 8:
         return pack_bits(shifted, q.bits)
     return shifted.to(torch.int32)

@@ -53,6 +53,17 @@ def gap_symbol_count(mask: torch.Tensor, bits: int) -> int:
     return int(gaps.size + ((gaps - 1) // m).sum())
 
 
+def gap_histogram(positions: np.ndarray, bits: int) -> np.ndarray:
+    """Counts of the ``2**bits`` gap symbols :func:`gap_encode` writes for kept ``positions``
+    (ascending flat indices): symbol 0 counts the fillers."""
+    m = _check_bits(bits)
+    gaps = _gaps(positions)
+    rest = (gaps - 1) % m + 1
+    hist = np.bincount(rest, minlength=2**bits).astype(np.int64)
+    hist[0] = int(((gaps - rest) // m).sum())
+    return hist
+
+
 def gap_sizes(mask: torch.Tensor) -> dict[int, int]:
     """Packed bytes of the gap symbols of ``mask`` at every width 1..8 (positions found once)."""
     gaps = _gaps(_positions(mask)) - 1
@@ -112,7 +123,7 @@ def gap_decode(symbols: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _smallest_uint(top: int) -> torch.dtype:
+def smallest_uint(top: int) -> torch.dtype:
     for dtype in (torch.uint8, torch.int16, torch.int32):
         if top <= torch.iinfo(dtype).max:
             return dtype
@@ -129,8 +140,8 @@ def csr_encode(mask2d: torch.Tensor) -> Parts:
     row_ptr = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(r, minlength=rows), out=row_ptr[1:])
     return {
-        "row_ptr": torch.from_numpy(row_ptr).to(_smallest_uint(int(r.size))),
-        "col_idx": torch.from_numpy(c.astype(np.int64)).to(_smallest_uint(max(cols - 1, 0))),
+        "row_ptr": torch.from_numpy(row_ptr).to(smallest_uint(int(r.size))),
+        "col_idx": torch.from_numpy(c.astype(np.int64)).to(smallest_uint(max(cols - 1, 0))),
     }
 
 

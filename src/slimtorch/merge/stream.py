@@ -8,8 +8,8 @@ tensor, except for builtins.
 
 Output (:func:`merge_to_dir`) follows the kind of the reference model (the base, else the first):
 
-- builtin or artifact -> a slimtorch artifact carrying the reference's architecture, so that
-  ``slimtorch.load(OUT)`` and ``slimtorch eval OUT`` work (metadata ``source`` is the reference);
+- builtin or artifact -> a slimtorch artifact carrying the reference's architecture, which the
+  artifact loader and ``slimtorch eval OUT`` read (metadata ``source`` is the reference);
 - Hugging Face directory -> a Hugging Face directory: ``model.safetensors`` (one file, the input
   tensor names), the reference's ``config.json``, tokenizer and other small files copied, and
   ``slimtorch_merge.json`` recording the merge; ``transformers`` and ``slimtorch compress

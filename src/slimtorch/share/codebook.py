@@ -36,7 +36,7 @@ from slimtorch.formats.state import (
     set_state,
 )
 from slimtorch.graph.weights import WeightRef, select_weights
-from slimtorch.share.kmeans import Init, assign, kmeans_1d
+from slimtorch.share.kmeans import Init, kmeans_1d
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,13 @@ def share_weights(refs: list[WeightRef], bits: int, config: KMeansConfig, seed: 
         values, 2**bits, config.init, config.max_iter, seed=seed, refine=config.refine
     )
     codebook = result.centroids.to(torch.float32)
-    for ref, mask in zip(refs, masks):
-        w = ref.weight.detach().to(torch.float32)
-        codes = assign(w.reshape(-1), codebook).reshape(w.shape).to(torch.uint8)
-        if mask is not None:
-            codes = codes * mask.to(torch.uint8)
+    labels = result.labels.to(torch.uint8).split([v.numel() for v in pooled])
+    for ref, mask, kept in zip(refs, masks, labels):
+        if mask is None:
+            codes = kept.reshape(ref.weight.shape)
+        else:  # pruned positions get code 0; the mask zeroes them
+            codes = torch.zeros(ref.weight.shape, dtype=torch.uint8)
+            codes[mask] = kept
         old = get_state(ref.module, ref.param)
         extra = dict(old.extra) if old is not None else {}
         state = WeightState(mask=mask, quant=codebook_state(codes, codebook, bits), extra=extra)
