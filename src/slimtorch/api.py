@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from slimtorch.calibrate.inputs import example_inputs
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.core.methods import Run, Task
 from slimtorch.formats.artifact import write_artifact
 from slimtorch.formats.sizes import artifact_bytes, dense_safetensors_bytes
 from slimtorch.formats.state import iter_states
-from slimtorch.models.artifact import get_architecture, load_artifact
+from slimtorch.models.artifact import get_architecture, load_artifact, resized_entries
 from slimtorch.models.artifact import get_metadata as get_metadata  # re-exported API
 from slimtorch.models.artifact import set_architecture as set_architecture
 from slimtorch.recipe import Recipe, load_recipe
@@ -122,6 +122,9 @@ def save(
         "modules": _runtime_modules(model),
         "metadata": meta,
     }
+    resized = resized_entries(model)
+    if resized:
+        manifest["resized"] = resized
     if entropy is None:
         entropy = str(meta.get("recipe", {}).get("format", {}).get("entropy", "none"))
     if entropy not in ("none", "huffman"):
@@ -142,25 +145,7 @@ def example_inputs_for(
     model: nn.Module, architecture: dict[str, Any], batch: int
 ) -> tuple[Any, ...] | None:
     """Inputs for a latency run, when slimtorch knows the model's input."""
-    spec = get_metadata(model).get("input")
-    gen = torch.Generator().manual_seed(0)
-    if spec:
-        shape = list(spec["shape"])
-        if spec.get("dtype") == "int64":
-            return (torch.randint(0, 2, shape, generator=gen),)
-        return (torch.randn(shape, generator=gen),)
-    kind = architecture.get("kind")
-    if kind == "builtin":
-        from slimtorch.models.registry import builtin_info
-
-        return builtin_info(str(architecture["name"])).example_inputs(batch)
-    if kind == "hf":
-        config = architecture.get("config", {})
-        vocab = int(config.get("vocab_size") or 0)
-        length = min(128, int(config.get("max_position_embeddings") or 128))
-        if vocab:
-            return (torch.randint(0, vocab, (batch, length), generator=gen),)
-    return None
+    return example_inputs(model, batch, architecture)
 
 
 def require_dir(path: str | Path) -> Path:

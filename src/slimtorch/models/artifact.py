@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from slimtorch.core.errors import ArtifactError
 from slimtorch.formats.artifact import read_artifact
 from slimtorch.formats.state import set_state
+from slimtorch.graph.surgery import RESIZED_ATTR
 from slimtorch.graph.weights import replace_module
 from slimtorch.models.registry import rebuild
 from slimtorch.runtime import RUNTIME_MODULES
@@ -49,6 +51,69 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
             setattr(model.get_submodule(mname) if mname else model, pname, params[target])
 
 
+_SIMPLE = (int, float, bool, str)
+
+
+def _encode_attr(value: Any) -> Any:
+    if isinstance(value, tuple) and all(isinstance(v, _SIMPLE) for v in value):
+        return {"tuple": list(value)}
+    if isinstance(value, list) and all(isinstance(v, _SIMPLE) for v in value):
+        return list(value)
+    return value if isinstance(value, _SIMPLE) or value is None else _SKIP
+
+
+_SKIP = object()
+
+
+def _decode_attr(value: Any) -> Any:
+    return tuple(value["tuple"]) if isinstance(value, dict) else value
+
+
+def resized_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Plain attributes of every module structured pruning resized (and of its submodules),
+    so that :func:`load_artifact` can give the rebuilt architecture the same shapes."""
+    out: dict[str, dict[str, Any]] = {}
+    names = set(model.__dict__.get(RESIZED_ATTR, set()))
+    for name in sorted(names):
+        try:
+            root = model.get_submodule(name)
+        except AttributeError:
+            continue
+        for sub, module in root.named_modules():
+            full = f"{name}.{sub}" if sub and name else sub or name
+            attrs = {}
+            for key, value in vars(module).items():
+                if key.startswith("_") or key == "training":
+                    continue
+                encoded = _encode_attr(value)
+                if encoded is not _SKIP:
+                    attrs[key] = encoded
+            out[full] = attrs
+    return out
+
+
+def apply_resized(
+    model: nn.Module, entries: dict[str, dict[str, Any]], tensors: dict[str, Any]
+) -> None:
+    """Give ``model`` the attributes and parameter shapes recorded by :func:`resized_entries`."""
+    for name, attrs in entries.items():
+        module = model.get_submodule(name) if name else model
+        for key, value in attrs.items():
+            setattr(module, key, _decode_attr(value))
+        for pname, param in list(module.named_parameters(recurse=False)):
+            stored = tensors.get(f"{name}.{pname}" if name else pname)
+            if stored is not None and tuple(stored.shape) != tuple(param.shape):
+                new = nn.Parameter(
+                    torch.empty(stored.shape, dtype=param.dtype), requires_grad=param.requires_grad
+                )
+                setattr(module, pname, new)
+        for bname, buf in list(module.named_buffers(recurse=False)):
+            stored = tensors.get(f"{name}.{bname}" if name else bname)
+            if stored is not None and buf is not None and tuple(stored.shape) != tuple(buf.shape):
+                module._buffers[bname] = torch.empty(stored.shape, dtype=buf.dtype)
+    model.__dict__[RESIZED_ATTR] = {n for n in entries}
+
+
 def load_artifact(path: str | Path) -> nn.Module:
     """Rebuild the model saved at ``path``: no pickle, outputs identical to the saved model."""
     art = read_artifact(Path(path))
@@ -59,6 +124,7 @@ def load_artifact(path: str | Path) -> nn.Module:
     for entry in art.manifest.get("modules", []):
         cls = RUNTIME_MODULES.get(entry["type"])
         replace_module(model, entry["name"], cls.from_config(entry["config"]))  # type: ignore[attr-defined]
+    apply_resized(model, art.manifest.get("resized", {}), art.tensors)
     missing, unexpected = model.load_state_dict(art.tensors, strict=False)
     if missing or unexpected:
         raise ArtifactError(

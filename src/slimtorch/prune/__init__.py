@@ -1,10 +1,12 @@
-"""slimtorch.prune: unstructured, N:M and gradual pruning.
+"""slimtorch.prune: unstructured, N:M, gradual and structured pruning.
 
 Importing this package registers the recipe methods ``prune.magnitude``, ``prune.threshold``,
-``prune.random``, ``prune.probabilistic``, ``prune.nm`` and ``prune.gradual``.
+``prune.random``, ``prune.probabilistic``, ``prune.nm``, ``prune.gradual`` and
+``prune.structured``.
 """
 
 from slimtorch.prune import methods as methods
+from slimtorch.prune import structured as structured
 from slimtorch.prune.criteria import (
     global_magnitude_masks,
     lowest_k_mask,
@@ -33,5 +35,6 @@ __all__ = [
     "reapply_masks",
     "set_mask",
     "sparsity_of",
+    "structured",
     "threshold_mask",
 ]

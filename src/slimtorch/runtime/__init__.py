@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from slimtorch.core.registry import Registry
+from slimtorch.runtime.attention import PrunedMultiheadAttention
 from slimtorch.runtime.fused import FusedIdentity, FusedLayer
 from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available, quantize_weight_int8
 from slimtorch.runtime.lowrank import LowRankConv2d, LowRankLinear
@@ -20,6 +21,7 @@ RUNTIME_MODULES.add("FusedLayer", FusedLayer)
 RUNTIME_MODULES.add("FusedIdentity", FusedIdentity)
 RUNTIME_MODULES.add("LowRankLinear", LowRankLinear)
 RUNTIME_MODULES.add("LowRankConv2d", LowRankConv2d)
+RUNTIME_MODULES.add("PrunedMultiheadAttention", PrunedMultiheadAttention)
 
 __all__ = [
     "RUNTIME_MODULES",

@@ -85,6 +85,48 @@ class TinyStack(nn.Module):
         return self.head(h.mean(1))  # type: ignore[no-any-return]
 
 
+class _Residual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride > 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    """Residual blocks with BatchNorm and a 1x1 shortcut, a depthwise conv with GroupNorm, a
+    channel concatenation and a flatten into Linear: input [B, 1, 8, 8]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.block1 = _Residual(8, 8, 1)
+        self.block2 = _Residual(8, 16, 2)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.gn = nn.GroupNorm(4, 16)
+        self.side = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(24 * 2 * 2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.stem(x)))
+        h = self.block2(self.block1(h))
+        d = torch.relu(self.gn(self.depthwise(h)))
+        h = torch.cat([d, self.side(h)], dim=1)
+        h = nn.functional.adaptive_avg_pool2d(h, 2)
+        return self.fc(torch.flatten(h, 1))  # type: ignore[no-any-return]
+
+
 def _seeded(cls: type[nn.Module], seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return cls().eval()
@@ -92,6 +134,20 @@ def _seeded(cls: type[nn.Module], seed: int) -> nn.Module:
 
 def tiny_cnn() -> nn.Module:
     return _seeded(TinyCNN, 0)
+
+
+def tiny_resnet() -> nn.Module:
+    """TinyResNet with BatchNorm statistics and scales that are not the defaults."""
+    model = _seeded(TinyResNet, 5)
+    gen = torch.Generator().manual_seed(5)
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            module.weight.data = 0.5 + torch.rand(module.weight.shape, generator=gen)
+            module.bias.data = 0.1 * torch.randn(module.bias.shape, generator=gen)
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean = 0.1 * torch.randn(module.running_mean.shape, generator=gen)  # type: ignore[operator,union-attr]
+            module.running_var = 0.5 + torch.rand(module.running_var.shape, generator=gen)  # type: ignore[operator,union-attr]
+    return model
 
 
 def tiny_lstm() -> nn.Module:
@@ -134,6 +190,6 @@ def tiny_bert(
 def example_input(model: nn.Module, batch: int = 4) -> torch.Tensor:
     """A deterministic input for any of the tiny models."""
     gen = torch.Generator().manual_seed(123)
-    if isinstance(model, TinyCNN):
+    if isinstance(model, (TinyCNN, TinyResNet)):
         return torch.randn(batch, 1, 8, 8, generator=gen)
     return torch.randint(0, 32, (batch, 10), generator=gen)

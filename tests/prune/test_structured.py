@@ -1,0 +1,182 @@
+"""prune.structured: real channel removal from Python, recipes and the CLI, with exact reloads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import slimtorch as st
+from slimtorch.api import artifact_size
+from slimtorch.calibrate.inputs import count_flops
+from slimtorch.cli.main import main
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError, TargetError
+from slimtorch.models.artifact import get_metadata
+from slimtorch.prune.structured import keep_count, top_channels
+from slimtorch.recipe import load_recipe
+from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet
+
+
+def _with_input(model: nn.Module) -> nn.Module:
+    x = example_input(model)
+    dtype = "int64" if x.dtype == torch.int64 else "float32"
+    get_metadata(model)["input"] = {"shape": list(x.shape), "dtype": dtype}
+    return model
+
+
+class _Task:
+    """Random images with labels from a fixed teacher: enough for gradients and activations."""
+
+    name = "toy"
+
+    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
+        gen = torch.Generator().manual_seed(ctx.seed)
+        for _ in range(steps):
+            x = torch.randn(batch_size, 1, 8, 8, generator=gen)
+            yield x, torch.randint(0, 4, (batch_size,), generator=gen)
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        return model(batch[0])
+
+
+def _stage(**options: Any) -> dict[str, Any]:
+    return {"stages": [{"method": "prune.structured", **options}]}
+
+
+def test_keep_count_and_top_channels() -> None:
+    assert keep_count(16, 0.5) == 8
+    assert keep_count(16, 0.5, blocks=4, round_to=8) == 8
+    assert keep_count(10, 0.95) == 1  # never empty
+    assert keep_count(6, 0.5, blocks=4) == 6  # 6 channels cannot split into 4 blocks: untouched
+    scores = torch.tensor([0.1, 5.0, 0.3, 4.0, 9.0, 0.0, 0.2, 1.0])
+    assert top_channels(scores, 3).tolist() == [1, 3, 4]
+    assert top_channels(scores, 4, blocks=2).tolist() == [1, 3, 4, 7]
+
+
+def test_ratio_halves_every_group_and_reloads_exactly(tmp_path: Path) -> None:
+    model = _with_input(tiny_resnet())
+    result = st.compress(model, _stage(ratio=0.5))
+    pruned = result.model
+    assert pruned.block1.conv1.out_channels == 4 and pruned.block2.conv2.out_channels == 8
+    assert pruned.gn.num_channels == 8 and pruned.gn.num_groups == 4
+    assert pruned.fc.in_features == (8 + 4) * 4 and pruned.fc.out_features == 4
+    meta = get_metadata(pruned)["structured"]
+    assert meta["params_after"] < 0.4 * meta["params_before"]
+    x = example_input(model)
+    st.save(pruned, tmp_path / "art")
+    loaded = st.load(tmp_path / "art")
+    assert loaded.block2.shortcut[0].weight.shape == (8, 4, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    st.save(model, tmp_path / "dense")
+    assert artifact_size(tmp_path / "art") < 0.7 * artifact_size(tmp_path / "dense")
+
+
+def test_flops_target_is_met() -> None:
+    model = _with_input(tiny_resnet())
+    x = example_input(model)
+    pruned = st.compress(model, _stage(flops=0.5)).model
+    kept = count_flops(pruned, (x,)) / count_flops(model, (x,))
+    assert 0.38 < kept <= 0.5
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "fpgm", "bn_scale", "random"])
+def test_data_free_criteria(importance: str) -> None:
+    model = _with_input(tiny_resnet())
+    pruned = st.compress(model, _stage(ratio=0.25, importance=importance)).model
+    assert pruned.block1.conv1.out_channels == 6
+
+
+def test_l1_keeps_the_largest_filters() -> None:
+    model = _with_input(tiny_resnet())
+    with torch.no_grad():
+        model.block1.conv1.weight[[1, 6]] *= 100.0
+    pruned = st.compress(model, _stage(ratio=0.75, targets=["block1.conv1"])).model
+    assert pruned.block1.conv1.out_channels == 2
+    torch.testing.assert_close(pruned.block1.conv1.weight, model.block1.conv1.weight[[1, 6]])
+    assert pruned.block2.conv1.out_channels == 16  # untargeted groups stay whole
+
+
+@pytest.mark.parametrize("importance", ["taylor", "activation"])
+def test_data_criteria_use_the_task(importance: str) -> None:
+    model = _with_input(tiny_resnet())
+    pruned = st.compress(model, _stage(ratio=0.5, importance=importance), data=_Task()).model
+    assert pruned.block1.conv1.out_channels == 4
+    assert all(p.grad is None for p in pruned.parameters())
+    with pytest.raises(ConfigError, match="--data"):
+        st.compress(model, _stage(ratio=0.5, importance=importance))
+
+
+def test_global_scope_varies_per_group_within_max_ratio() -> None:
+    model = _with_input(tiny_resnet())
+    pruned = st.compress(model, _stage(ratio=0.5, scope="global", max_ratio=0.75)).model
+    before = [8, 8, 16, 16, 8]  # block1.conv1, stem, block2.conv1, block2.conv2, side
+    after = [
+        pruned.block1.conv1.out_channels,
+        pruned.stem.out_channels,
+        pruned.block2.conv1.out_channels,
+        pruned.block2.conv2.out_channels,
+        pruned.side.out_channels,
+    ]
+    assert all(a >= b // 4 for a, b in zip(after, before, strict=True))
+    assert len({a / b for a, b in zip(after, before, strict=True)}) > 1
+    assert 0.35 < sum(after) / sum(before) < 0.65
+
+
+def test_iterative_steps_with_finetuning() -> None:
+    model = _with_input(tiny_resnet())
+    recipe = _stage(ratio=0.5, steps=2, finetune_steps=3, train={"steps": 1, "batch_size": 8})
+    pruned = st.compress(model, recipe, data=_Task()).model
+    assert pruned.block1.conv1.out_channels == 4
+
+
+def test_lstm_hidden_units_are_removed(tmp_path: Path) -> None:
+    model = _with_input(tiny_lstm())
+    pruned = st.compress(model, _stage(ratio=0.5)).model
+    assert pruned.lstm.hidden_size == 8 and pruned.gru.hidden_size == 8
+    assert pruned.emb.embedding_dim == 8 and pruned.head.in_features == 8
+    st.save(pruned, tmp_path / "a")
+    x = example_input(model)
+    with torch.no_grad():
+        assert torch.equal(st.load(tmp_path / "a")(x), pruned(x))
+
+
+def test_bad_configs_and_models() -> None:
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_recipe(_stage(ratio=0.5, flops=0.5))
+    with pytest.raises(ConfigError):
+        load_recipe(_stage(ratio=1.0))
+    model = _with_input(tiny_resnet())
+    with pytest.raises(TargetError, match="no prunable"):
+        st.compress(model, _stage(ratio=0.5, targets=["fc"]))
+    masked = st.compress(model, {"stages": [{"method": "prune.magnitude", "sparsity": 0.5}]})
+    with pytest.raises(ConfigError, match="before"):
+        st.compress(masked.model, _stage(ratio=0.5))
+    with pytest.raises(ConfigError, match="example inputs"):
+        st.compress(tiny_resnet(), _stage(ratio=0.5))
+
+
+def test_presets_parse() -> None:
+    for name in ("structured-50", "structured-50-distill"):
+        recipe = load_recipe(name)
+        assert recipe.stages[0].spec.name == "prune.structured"
+
+
+def test_cli_compress_lenet(tmp_path: Path) -> None:
+    out = tmp_path / "lenet"
+    code = main(
+        ["compress", "--model", "builtin:lenet5-fashion", "--recipe", "structured-50", "--out",
+         str(out)]
+    )  # fmt: skip
+    assert code == 0
+    model = st.load(out)
+    assert model.conv1.out_channels < 20 and model.fc1.in_features < 800
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
