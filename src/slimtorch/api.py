@@ -132,9 +132,13 @@ def save(
     return write_artifact(Path(path), tensors, states, manifest, force, entropy)
 
 
-def load(path: str | Path) -> nn.Module:
-    """Rebuild the model saved at ``path``: no pickle, outputs identical to the saved model."""
-    return load_artifact(path)
+def load(path: str | Path, width: float | None = None) -> nn.Module:
+    """Rebuild the model saved at ``path``: no pickle, outputs identical to the saved model.
+
+    ``width`` in (0, 1] serves a model compressed with ``prune.reorder`` on the first
+    ``width`` of its channels in every group (its most important ones): smaller and faster.
+    """
+    return load_artifact(path, width)
 
 
 def artifact_size(path: str | Path) -> int:

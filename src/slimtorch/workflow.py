@@ -122,15 +122,19 @@ def evaluate_dir(
     ctx: Context | None = None,
     latency_batch: int = 1,
     baseline: bool = True,
+    width: float | None = None,
 ) -> dict[str, Any]:
-    """Measure an artifact and, when its source is known, the original model beside it."""
+    """Measure an artifact and, when its source is known, the original model beside it.
+    ``width`` serves a ``prune.reorder``-ed artifact on that fraction of its channels."""
     ctx = ctx or Context()
     path = api.require_dir(path)
-    model = api.load(path)
+    model = api.load(path, width=width)
     meta = api.get_metadata(model)
     measured = api.evaluate(model, data=data, ctx=ctx, latency_batch=latency_batch)
     report = _summary(path, measured, int(meta.get("dense_bytes", 0)))
     report["source"] = meta.get("source")
+    if width is not None:
+        report["width"] = width
     if baseline and meta.get("source"):
         original = load_model(str(meta["source"]))
         api.set_architecture(original.model, original.architecture)

@@ -26,7 +26,12 @@ def compress(args: argparse.Namespace) -> dict[str, Any]:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return workflow.evaluate_dir(
-        args.dir, args.data, _ctx(args), args.latency_batch, baseline=not args.no_baseline
+        args.dir,
+        args.data,
+        _ctx(args),
+        args.latency_batch,
+        baseline=not args.no_baseline,
+        width=args.width,
     )
 
 

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="evaluation data (default: what the artifact records)")
     p.add_argument("--latency-batch", type=int, default=1)
     p.add_argument("--no-baseline", action="store_true", help="skip measuring the original model")
+    p.add_argument(
+        "--width",
+        type=float,
+        help="serve a prune.reorder-ed artifact on this fraction of its channels, e.g. 0.5",
+    )
     _add_common(p)
 
     p = sub.add_parser("inspect", help="per-layer table of an artifact")

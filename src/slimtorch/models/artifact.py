@@ -8,21 +8,24 @@ artifacts without importing the API.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from slimtorch.core.errors import ArtifactError
+from slimtorch.core.errors import ArtifactError, UserInputError
 from slimtorch.formats.artifact import read_artifact
 from slimtorch.formats.state import set_state
-from slimtorch.graph.surgery import RESIZED_ATTR
+from slimtorch.graph.dependency import DependencyGraph, Group, Member
+from slimtorch.graph.surgery import RESIZED_ATTR, apply_channels
 from slimtorch.graph.weights import replace_module
 from slimtorch.models.registry import rebuild
 from slimtorch.runtime import RUNTIME_MODULES
 
 ARCH_ATTR = "_slimtorch_architecture"
+WIDTHS_KEY = "widths"  # metadata: channel groups ordered by importance (prune.reorder)
 META_ATTR = "_slimtorch_metadata"
 
 
@@ -114,8 +117,43 @@ def apply_resized(
     model.__dict__[RESIZED_ATTR] = {n for n in entries}
 
 
-def load_artifact(path: str | Path) -> nn.Module:
-    """Rebuild the model saved at ``path``: no pickle, outputs identical to the saved model."""
+def available_widths(model: nn.Module) -> bool:
+    """Whether ``model`` was reordered by ``prune.reorder`` and can run narrower."""
+    return bool(get_metadata(model).get(WIDTHS_KEY))
+
+
+def narrow(model: nn.Module, width: float) -> nn.Module:
+    """A copy of a ``prune.reorder``-ed model keeping the first ``width`` of every group's
+    channels (the most important ones); ``width=1`` returns an unchanged copy."""
+    groups_meta = get_metadata(model).get(WIDTHS_KEY)
+    if not groups_meta:
+        raise UserInputError(
+            "this model has no width ordering: compress it with a recipe that ends with"
+            " `prune.reorder` (see examples/recipes/*multiwidth*.yaml) to serve it at several widths"
+        )
+    if not 0 < width <= 1:
+        raise UserInputError(f"width must be in (0, 1], got {width}")
+    groups, keep = [], {}
+    for i, g in enumerate(groups_meta):
+        members = [
+            Member(m, d, torch.tensor(index, dtype=torch.int64)) for m, d, index in g["members"]
+        ]
+        size, blocks = int(g["size"]), int(g["blocks"])
+        groups.append(Group(i, size, members, blocks))
+        count = max(1, round(size * width / blocks)) * blocks
+        per = size // blocks
+        keep[i] = torch.cat([torch.arange(count // blocks) + b * per for b in range(blocks)])
+    out = copy.deepcopy(model)
+    apply_channels(out, DependencyGraph(groups), keep)
+    meta = get_metadata(out)
+    meta.pop(WIDTHS_KEY, None)
+    meta["width"] = width
+    return out
+
+
+def load_artifact(path: str | Path, width: float | None = None) -> nn.Module:
+    """Rebuild the model saved at ``path``: no pickle, outputs identical to the saved model.
+    ``width`` (0, 1] runs a ``prune.reorder``-ed model on its most important channels only."""
     art = read_artifact(Path(path))
     arch = art.manifest.get("architecture")
     if not isinstance(arch, dict):
@@ -137,4 +175,6 @@ def load_artifact(path: str | Path) -> nn.Module:
         set_state(model.get_submodule(mname) if mname else model, param, state)
     set_architecture(model, arch)
     get_metadata(model).update(art.manifest.get("metadata", {}))
+    if width is not None and width != 1:
+        model = narrow(model, width)
     return model.eval()

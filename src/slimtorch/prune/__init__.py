@@ -2,10 +2,11 @@
 
 Importing this package registers the recipe methods ``prune.magnitude``, ``prune.threshold``,
 ``prune.random``, ``prune.probabilistic``, ``prune.nm``, ``prune.gradual`` and
-``prune.structured``.
+``prune.structured``, ``prune.permute`` and ``prune.reorder``.
 """
 
 from slimtorch.prune import methods as methods
+from slimtorch.prune import reorder as reorder
 from slimtorch.prune import structured as structured
 from slimtorch.prune.criteria import (
     global_magnitude_masks,
@@ -33,6 +34,7 @@ __all__ = [
     "probabilistic_mask",
     "random_mask",
     "reapply_masks",
+    "reorder",
     "set_mask",
     "sparsity_of",
     "structured",
