@@ -180,3 +180,21 @@ def test_cli_compress_lenet(tmp_path: Path) -> None:
     model = st.load(out)
     assert model.conv1.out_channels < 20 and model.fc1.in_features < 800
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_sensitivity_weights_favour_robust_groups() -> None:
+    from slimtorch.prune.structured import sensitivity_weights
+
+    w = sensitivity_weights({0: 8, 1: 8}, {0: 1.5, 1: 1.01}, base=1.0)
+    assert w[1] > 1.0 > w[0]
+    assert 8 * w[0] + 8 * w[1] == pytest.approx(16, rel=0.3)
+
+
+def test_sensitivity_scope_scans_groups_on_data() -> None:
+    model = _with_input(tiny_resnet())
+    recipe = _stage(ratio=0.5, scope="sensitivity", calibration_batches=2)
+    pruned = st.compress(model, recipe, data=_Task()).model
+    sizes = [pruned.block1.conv1.out_channels, pruned.stem.out_channels, pruned.side.out_channels]
+    assert all(1 <= s <= 8 for s in sizes)
+    with pytest.raises(ConfigError, match="--data"):
+        st.compress(model, recipe)

@@ -78,6 +78,23 @@ def accumulate_gradients(model: nn.Module, task: Task, ctx: Context, batches: in
         model.train(was_training)
 
 
+def task_loss(model: nn.Module, task: Task, ctx: Context, batches: int) -> float:
+    """Mean task loss of ``model`` over ``batches`` training batches (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for batch in task.train_batches(ctx, batches, 32):
+                total += float(task.loss(model, batch))
+                count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ConfigError("the calibration data gave no batches; check --data")
+    return total / count
+
+
 def mean_abs_outputs(
     model: nn.Module, modules: Sequence[str], task: Task, ctx: Context, batches: int
 ) -> dict[str, torch.Tensor]:

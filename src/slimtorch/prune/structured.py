@@ -23,6 +23,7 @@ from slimtorch.calibrate.inputs import (
     count_flops,
     mean_abs_outputs,
     require_inputs,
+    task_loss,
 )
 from slimtorch.calibrate.train import TrainOptions, train
 from slimtorch.core.config import StageConfig
@@ -42,12 +43,17 @@ Criterion = Literal["l1", "l2", "taylor", "fpgm", "bn_scale", "activation", "ran
 
 
 class StructuredConfig(StageConfig):
-    """Remove a fraction of the channels of every prunable group, or reach a FLOPs target."""
+    """Remove a fraction of the channels of every prunable group, or reach a FLOPs target.
+
+    ``scope``: ``layer`` removes the same fraction from every group; ``global`` ranks all
+    channels together (scores normalised per group); ``sensitivity`` scans each group alone on
+    calibration data (--data) and gives sensitive groups lower ratios, the same total.
+    """
 
     ratio: float | None = Field(default=None, ge=0, lt=1, description="channels removed")
     flops: float | None = Field(default=None, gt=0, lt=1, description="fraction of FLOPs kept")
     importance: Criterion = "l1"
-    scope: Literal["layer", "global"] = "layer"
+    scope: Literal["layer", "global", "sensitivity"] = "layer"
     max_ratio: float = Field(default=0.9, gt=0, lt=1, description="most removed from one group")
     round_to: int = Field(default=1, ge=1, description="keep a multiple of this many channels")
     heads: bool = Field(default=True, description="also prune attention heads")
@@ -91,11 +97,21 @@ def plan(
     scores: dict[int, torch.Tensor],
     ratio: float,
     config: StructuredConfig,
+    weights: dict[int, float] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Kept channels of every group for ``ratio`` (per group, or one global ranking)."""
+    """Kept channels of every group for ``ratio`` (per group scaled by ``weights``, or one
+    global ranking)."""
     counts: dict[int, int] = {}
-    if config.scope == "layer":
-        counts = {g.id: keep_count(g.size, ratio, g.blocks, config.round_to) for g in groups}
+    if config.scope != "global":
+        counts = {
+            g.id: keep_count(
+                g.size,
+                min(config.max_ratio, ratio * (weights or {}).get(g.id, 1.0)),
+                g.blocks,
+                config.round_to,
+            )
+            for g in groups
+        }
     else:
         normed = {g.id: scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in groups}
         flat = torch.cat([normed[g.id] for g in groups])
@@ -162,6 +178,43 @@ def _coupled(model: nn.Module, name: str) -> bool:
     return bool(handler and handler.coupled(module))
 
 
+def sensitivity_weights(
+    sizes: dict[int, int], losses: dict[int, float], base: float
+) -> dict[int, float]:
+    """Per-group ratio multipliers from a sensitivity scan: inversely proportional to the loss
+    increase each group causes alone, clamped to [0.25, 2], channel-weighted mean 1."""
+    eps = 1e-3 * abs(base) + 1e-6
+    inv = {g: 1.0 / (max(losses[g] - base, 0.0) + eps) for g in losses}
+    scale = sum(sizes.values()) / sum(sizes[g] * inv[g] for g in inv)
+    return {g: min(2.0, max(0.25, inv[g] * scale)) for g in inv}
+
+
+def _scan(
+    model: nn.Module,
+    graph: DependencyGraph,
+    groups: list[Group],
+    scores: dict[int, torch.Tensor],
+    ratio: float,
+    config: StructuredConfig,
+    run: Run,
+) -> dict[int, float]:
+    task = run.require_task("prune.structured (scope: sensitivity)")
+    batches = config.calibration_batches
+    base = task_loss(model, task, run.ctx, batches)
+    losses = {}
+    for g in groups:
+        trial = copy.deepcopy(model)
+        keep = top_channels(scores[g.id], keep_count(g.size, ratio, g.blocks), g.blocks)
+        apply_channels(trial, graph, {g.id: keep})
+        losses[g.id] = task_loss(trial, task, run.ctx, batches)
+    weights = sensitivity_weights({g.id: g.size for g in groups}, losses, base)
+    log.info(
+        "prune.structured sensitivity: %s",
+        ", ".join(f"{g.members[0].module}: {weights[g.id]:.2f}" for g in groups),
+    )
+    return weights
+
+
 def _ratio_for_flops(
     model: nn.Module,
     graph: DependencyGraph,
@@ -170,6 +223,7 @@ def _ratio_for_flops(
     target: float,
     config: StructuredConfig,
     inputs: tuple[Any, ...],
+    weights: dict[int, float] | None = None,
 ) -> float:
     """Bisection on the ratio so that the pruned model keeps ``target`` of its FLOPs."""
     base = count_flops(model, inputs)
@@ -177,7 +231,7 @@ def _ratio_for_flops(
     for _ in range(12):
         mid = (lo + hi) / 2
         trial = copy.deepcopy(model)
-        apply_channels(trial, graph, plan(groups, scores, mid, config))
+        apply_channels(trial, graph, plan(groups, scores, mid, config, weights))
         if count_flops(trial, inputs) / base > target:
             lo = mid
         else:
@@ -211,6 +265,10 @@ def prune_structured(model: nn.Module, config: StructuredConfig, run: Run) -> No
                 f" {config.ignore}); frozen groups: {frozen or 'none'}. Check `targets`/`ignore`"
             )
         scores = _scores(model, groups, config, run)
+        weights = None
+        if config.scope == "sensitivity":
+            probe = config.ratio if config.ratio is not None else 1 - (config.flops or 0.5) ** 0.5
+            weights = _scan(model, graph, groups, scores, probe, config, run)
         if config.ratio is not None:
             ratio = 1 - (1 - config.ratio) ** (1 / config.steps)
         else:
@@ -218,8 +276,8 @@ def prune_structured(model: nn.Module, config: StructuredConfig, run: Run) -> No
             target = (
                 config.flops ** ((step + 1) / config.steps) * flops0 / count_flops(model, inputs)
             )
-            ratio = _ratio_for_flops(model, graph, groups, scores, target, config, inputs)
-        changed = apply_channels(model, graph, plan(groups, scores, ratio, config))
+            ratio = _ratio_for_flops(model, graph, groups, scores, target, config, inputs, weights)
+        changed = apply_channels(model, graph, plan(groups, scores, ratio, config, weights))
         log.info(
             "prune.structured step %d: ratio %.3f, %d layers changed", step + 1, ratio, len(changed)
         )
