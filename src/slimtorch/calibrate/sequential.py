@@ -1,0 +1,197 @@
+"""Sequential layer-by-layer calibration: capture the inputs of block i, let a method compress
+it from statistics of those inputs, run the compressed block to produce the inputs of block i+1.
+
+This is how GPTQ, SparseGPT, Wanda, AWQ and SmoothQuant see a model: one block (a Transformer
+layer) at a time, each fed with what the *already compressed* earlier blocks produce, so errors
+are corrected downstream and only one block's activations are held. Blocks are found
+generically: the longest ``nn.ModuleList`` of same-class modules that hold Linear layers (the
+decoder layers of a Hugging Face LLM, ``encoder.layer`` of BERT); a model without one (a CNN,
+the character LSTM) is one block.
+
+Methods implement :class:`BlockCompressor`: which statistics to collect for which layers of a
+block (``observe``), and how to compress the block from them (``compress``). Statistics see each
+targeted layer's *input* (for a Linear: ``x`` of ``x @ W.T``; for an LSTM, its input sequence).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]  # (args, kwargs) of one call
+
+
+class Accumulator(Protocol):
+    def update(self, x: torch.Tensor) -> None:
+        """Feed one batch of a layer's inputs."""
+
+
+class BlockCompressor(Protocol):
+    def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
+        """Accumulators keyed by the names (relative to ``block``) of the layers to observe."""
+
+    def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
+        """Compress ``block`` in place from the statistics ``observe`` asked for."""
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Where the repeated blocks live: ``container`` (dotted name) and the block names."""
+
+    container: str
+    names: list[str]
+
+
+def find_blocks(model: nn.Module) -> Blocks:
+    """The longest ModuleList of same-class blocks holding Linear layers; else the whole model."""
+    best: tuple[int, str] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        kinds = {type(m) for m in module}
+        has_linear = any(isinstance(x, nn.Linear) for x in module[0].modules())
+        if len(kinds) == 1 and has_linear and (best is None or len(module) > best[0]):
+            best = (len(module), name)
+    if best is None:
+        return Blocks("", [""])
+    container = best[1]
+    return Blocks(container, [f"{container}.{i}" for i in range(best[0])])
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass once block 0's inputs are in."""
+
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    return model(*batch)
+
+
+def capture_first_inputs(
+    model: nn.Module, first: nn.Module, batches: Iterable[Any], forward: Forward = _call
+) -> list[Inputs]:
+    """Run ``model`` on each batch up to ``first`` and keep the (args, kwargs) it receives.
+    ``forward(model, batch)`` runs one batch (default ``model(*batch)``; a Task's ``forward``)."""
+    captured: list[Inputs] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append((_detach(args), _detach(kwargs)))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    forward(model, batch)
+                except _Captured:
+                    continue
+    finally:
+        handle.remove()
+    if not captured:
+        raise ConfigError("calibration gave no batches: check --data / the calibration set")
+    return captured
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def observe_block(
+    block: nn.Module, inputs: Sequence[Inputs], stats: dict[str, Accumulator]
+) -> None:
+    """Run ``block`` on every captured input, feeding each observed layer's input to its
+    accumulator."""
+    handles = []
+    for lname, acc in stats.items():
+        layer = block.get_submodule(lname) if lname else block
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], acc: Accumulator = acc) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                acc.update(args[0].detach())
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def next_inputs(block: nn.Module, inputs: Sequence[Inputs]) -> list[Inputs]:
+    """The inputs of the next block: this block's first output replaces the first argument."""
+    out: list[Inputs] = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            result = block(*args, **kwargs)
+            hidden = result[0] if isinstance(result, (tuple, list)) else result
+            if args:
+                out.append(((hidden.detach(), *args[1:]), kwargs))
+            else:
+                key = next(iter(kwargs))
+                out.append(((), {**kwargs, key: hidden.detach()}))
+    return out
+
+
+def run_sequential(
+    model: nn.Module,
+    batches: Iterable[Any],
+    compressor: BlockCompressor,
+    ctx: Context,
+    forward: Forward = _call,
+    on_block_done: Callable[[int, str], None] | None = None,
+) -> list[str]:
+    """Compress ``model`` block by block (see the module docstring); returns the block names."""
+    was_training = model.training
+    model.eval()
+    try:
+        blocks = find_blocks(model)
+        if blocks.names == [""]:
+            inputs = capture_first_inputs(model, model, batches, forward)
+            _one_block(model, "", inputs, compressor)
+            return [""]
+        first = model.get_submodule(blocks.names[0])
+        inputs = capture_first_inputs(model, first, batches, forward)
+        bar = ctx.progress_bar(list(enumerate(blocks.names)), "blocks", len(blocks.names))
+        for i, name in bar:
+            block = model.get_submodule(name)
+            _one_block(block, name, inputs, compressor)
+            if i + 1 < len(blocks.names):
+                inputs = next_inputs(block, inputs)
+            if on_block_done is not None:
+                on_block_done(i, name)
+        return blocks.names
+    finally:
+        model.train(was_training)
+
+
+def _one_block(
+    block: nn.Module, name: str, inputs: Sequence[Inputs], compressor: BlockCompressor
+) -> None:
+    stats = compressor.observe(name, block)
+    if stats:
+        observe_block(block, inputs, stats)
+    compressor.compress(name, block, stats)
+    log.debug("compressed block %s", name or "<model>")

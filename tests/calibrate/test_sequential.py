@@ -1,0 +1,108 @@
+"""The sequential pipeline: block inputs are exactly what the (compressed) model feeds them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slimtorch.calibrate.sequential import (
+    Accumulator,
+    capture_first_inputs,
+    find_blocks,
+    run_sequential,
+)
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError
+from slimtorch.testing.models import example_input, tiny_bert, tiny_cnn
+
+
+def tiny_llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+class _Keep:
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        self.seen.append(x.clone())
+
+
+class _Recorder:
+    """Observes every block's q_proj (or first Linear) and zeroes down_proj after observing."""
+
+    def __init__(self, zero: bool) -> None:
+        self.zero = zero
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+
+    def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
+        return {"self_attn.q_proj": _Keep()}
+
+    def compress(self, name: str, block: nn.Module, stats: dict[str, Any]) -> None:
+        self.inputs[name] = stats["self_attn.q_proj"].seen
+        if self.zero:
+            with torch.no_grad():
+                block.mlp.down_proj.weight.zero_()
+
+
+def _batches() -> list[tuple[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 64, (2, 8), generator=gen),) for _ in range(3)]
+
+
+def test_find_blocks() -> None:
+    assert find_blocks(tiny_llama()).names == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert find_blocks(tiny_bert(layers=2)).container == "encoder.layer"
+    assert find_blocks(tiny_cnn()).names == [""]
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_blocks_see_what_the_compressed_model_feeds_them(zero: bool) -> None:
+    model = tiny_llama()
+    rec = _Recorder(zero)
+    run_sequential(model, _batches(), rec, Context(progress=False))
+    # reference: a plain forward of the model as compressed, with hooks on every q_proj input
+    for i in range(3):
+        seen: list[torch.Tensor] = []
+        layer = model.model.layers[i]
+        handle = layer.self_attn.q_proj.register_forward_pre_hook(
+            lambda _m, a, seen=seen: seen.append(a[0].detach())
+        )
+        with torch.no_grad():
+            for (ids,) in _batches():
+                model(ids)
+        handle.remove()
+        for got, want in zip(rec.inputs[f"model.layers.{i}"], seen, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_model_when_no_blocks() -> None:
+    model = tiny_cnn()
+
+    class _Fc:
+        def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
+            self.acc = _Keep()
+            return {"fc2": self.acc}
+
+        def compress(self, name: str, block: nn.Module, stats: dict[str, Any]) -> None:
+            self.name = name
+
+    fc = _Fc()
+    x = example_input(model)
+    run_sequential(model, [(x,)], fc, Context(progress=False))
+    assert fc.name == "" and fc.acc.seen[0].shape == (4, 32)
+
+
+def test_empty_calibration_is_an_error() -> None:
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="no batches"):
+        capture_first_inputs(model, model.model.layers[0], [])
