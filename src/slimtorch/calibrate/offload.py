@@ -1,0 +1,262 @@
+"""Sequential compression of a checkpoint bigger than memory: one block at a time, resumable.
+
+The model is built with its parameters on the ``meta`` device (no memory), so only its small
+buffers exist. The layers before the first block (embeddings) are read from the safetensors
+shards, the calibration batches run up to block 0, and those layers are written out and freed.
+Then each block is read from the shards, compressed by the recipe's layer-wise stages (each
+observes the block's inputs, then compresses), written as its own small artifact, run to
+produce the next block's inputs, and freed. Peak memory is about one block, its statistics and
+the calibration activations. After every block, the next inputs and the progress are saved
+atomically in ``work_dir``: an interrupted run started again with the same arguments continues
+after the last finished block and produces the identical artifact. Finally the parts are joined
+into one artifact (:func:`slimtorch.formats.concat.concat_artifacts`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimtorch.calibrate.sequential import (
+    BlockCompressor,
+    Forward,
+    Inputs,
+    _call,
+    capture_first_inputs,
+    find_blocks,
+    next_inputs,
+    observe_block,
+)
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError, UserInputError
+from slimtorch.formats.artifact import write_artifact
+from slimtorch.formats.atomic import write_file
+from slimtorch.formats.concat import concat_artifacts
+from slimtorch.formats.state import iter_states
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Modules built inside get their parameters on ``meta`` (no memory); buffers stay real."""
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and param.device.type != "meta":
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            self._parameters[name] = meta
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+class Checkpoint:
+    """The tensors of a Hugging Face directory's safetensors shards, read one at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise UserInputError(
+                f"{root} has no *.safetensors weights; offloaded compression reads safetensors"
+                " shards (save_pretrained(..., safe_serialization=True))"
+            )
+        self.where: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    self.where[key] = file
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.where[name]), "pt") as f:
+            return f.get_tensor(name)
+
+
+def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, ties: dict[str, str]) -> None:
+    """Give ``module``'s meta parameters their values from the checkpoint."""
+    for pname, param in list(module.named_parameters(recurse=True)):
+        full = f"{prefix}.{pname}" if prefix else pname
+        key = full if full in ckpt.where else ties.get(full, full)
+        if key not in ckpt.where:
+            raise UserInputError(f"{ckpt.root}: tensor {full!r} is not in the checkpoint")
+        owner, _, leaf = pname.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        value = ckpt.get(key).to(torch.float32)
+        target._parameters[leaf] = nn.Parameter(value, requires_grad=param.requires_grad)
+
+
+def release(module: nn.Module) -> None:
+    """Free ``module``'s parameters (back to ``meta``)."""
+    for sub in module.modules():
+        for leaf, param in list(sub._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                sub._parameters[leaf] = nn.Parameter(
+                    param.detach().to("meta"), requires_grad=param.requires_grad
+                )
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """What the run writes: the output artifact, its manifest keys, and the work directory."""
+
+    out: Path
+    manifest: dict[str, Any]
+    work_dir: Path
+    fingerprint: str  # identifies model + recipe + calibration: a resume must match it
+    overwrite: bool = False
+
+
+def _block_artifact(block: nn.Module, prefix: str, path: Path) -> None:
+    tensors = {f"{prefix}.{k}": v.detach() for k, v in block.state_dict().items()}
+    states = {
+        (f"{prefix}.{m}.{p}" if m else f"{prefix}.{p}"): s for m, _, p, s in iter_states(block)
+    }
+    write_artifact(path, tensors, states, {}, overwrite=True)
+
+
+def _save_hidden(inputs: Sequence[Inputs], path: Path) -> None:
+    tensors = {f"h{i}": args[0].contiguous() for i, (args, _k) in enumerate(inputs)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def _progress(plan: OffloadPlan) -> int:
+    """Index of the last finished block (-1: none), after checking the run is the same one."""
+    file = plan.work_dir / "progress.json"
+    if not file.is_file():
+        return -1
+    state = json.loads(file.read_text())
+    if state.get("fingerprint") != plan.fingerprint:
+        raise ConfigError(
+            f"{plan.work_dir} holds a run with other model, recipe or calibration settings;"
+            " delete it or give another --work-dir"
+        )
+    return int(state["done"])
+
+
+def _mark(plan: OffloadPlan, done: int) -> None:
+    text = json.dumps({"fingerprint": plan.fingerprint, "done": done}).encode()
+    write_file(plan.work_dir / "progress.json", text)
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def compress_offloaded(
+    model: nn.Module,
+    ckpt: Checkpoint,
+    batches: Iterable[Any],
+    compressors: Sequence[BlockCompressor],
+    plan: OffloadPlan,
+    ctx: Context,
+    forward: Forward = _call,
+) -> dict[str, Any]:
+    """Compress ``model`` (built under :func:`empty_parameters`) block by block from ``ckpt``;
+    writes the artifact ``plan.out`` and returns its manifest."""
+    blocks = find_blocks(model)
+    if blocks.names == [""]:
+        raise UserInputError("offloaded compression needs a model with repeated blocks")
+    ties = _ties(model)
+    plan.work_dir.mkdir(parents=True, exist_ok=True)
+    done = _progress(plan)
+    _materialize_outside(model, blocks, ckpt, ties)
+    first = model.get_submodule(blocks.names[0])
+    inputs = capture_first_inputs(model, first, batches, forward)
+    head = plan.work_dir / "outside"
+    if not head.exists():
+        _outside_artifact(model, blocks, head)
+    release(model)
+    if done >= 0:
+        saved = load_file(str(plan.work_dir / "inputs.safetensors"))
+        inputs = [((saved[f"h{i}"], *a[1:]), k) for i, (a, k) in enumerate(inputs)]
+    bar = ctx.progress_bar(list(enumerate(blocks.names)), "blocks", len(blocks.names))
+    for i, name in bar:
+        if i <= done:
+            continue
+        block = model.get_submodule(name)
+        materialize(block, name, ckpt, ties)
+        for compressor in compressors:
+            stats = compressor.observe(name, block)
+            if stats:
+                observe_block(block, inputs, stats)
+            compressor.compress(name, block, stats)
+        _block_artifact(block, name, plan.work_dir / f"block{i:05d}")
+        if i + 1 < len(blocks.names):
+            inputs = next_inputs(block, inputs)
+            _save_hidden(inputs, plan.work_dir / "inputs.safetensors")
+        _mark(plan, i)
+        release(block)
+    parts = [head] + [plan.work_dir / f"block{i:05d}" for i in range(len(blocks.names))]
+    manifest = concat_artifacts(parts, plan.out, plan.manifest, overwrite=plan.overwrite)
+    shutil.rmtree(plan.work_dir, ignore_errors=True)
+    return manifest
+
+
+def _ties(model: nn.Module) -> dict[str, str]:
+    """Parameter names that alias another (a tied LM head) -> the name stored in checkpoints."""
+    first: dict[int, str] = {}
+    ties = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            ties[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return ties
+
+
+def _outside_params(model: nn.Module, container: str) -> list[str]:
+    return [
+        n for n, _ in model.named_parameters(remove_duplicate=False)
+        if not n.startswith(container + ".")
+    ]  # fmt: skip
+
+
+def _materialize_outside(
+    model: nn.Module, blocks: Any, ckpt: Checkpoint, ties: dict[str, str]
+) -> None:
+    for name in _outside_params(model, blocks.container):
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        param = module._parameters[leaf]
+        if param is None or param.device.type != "meta":
+            continue
+        key = name if name in ckpt.where else ties.get(name, name)
+        if key not in ckpt.where:
+            raise UserInputError(f"{ckpt.root}: tensor {name!r} is not in the checkpoint")
+        module._parameters[leaf] = nn.Parameter(ckpt.get(key).to(torch.float32))
+    for alias, target in ties.items():
+        if not alias.startswith(blocks.container + "."):
+            owner, _, leaf = alias.rpartition(".")
+            t_owner, _, t_leaf = target.rpartition(".")
+            src = model.get_submodule(t_owner) if t_owner else model
+            dst = model.get_submodule(owner) if owner else model
+            dst._parameters[leaf] = src._parameters[t_leaf]
+
+
+def _outside_artifact(model: nn.Module, blocks: Any, path: Path) -> None:
+    state = model.state_dict()
+    keep = {
+        k: v.detach()
+        for k, v in state.items()
+        if not k.startswith(blocks.container + ".") and v.device.type != "meta"
+    }
+    write_artifact(path, keep, {}, {}, overwrite=True)
