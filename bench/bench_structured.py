@@ -1,0 +1,157 @@
+"""Structured pruning on CNNs: permutation before 2:4, one artifact at several widths.
+
+    .venv/bin/python bench/bench_structured.py --only permute [--models lenet5-fashion,minilm]
+    .venv/bin/python bench/bench_structured.py --only widths [--model resnet18-fashion]
+
+permute: quality after 2:4 magnitude pruning (`prune.nm`, no fine-tuning) of every Linear/Conv
+with and without `prune.permute` first (channel permutation through the dependency graph: only
+orders the model allows), plus the share of |w| the 2:4 masks keep.
+
+widths: `prune.reorder` (L1 importance order) then `slimtorch.save`; the artifact loaded with
+`slimtorch.load(dir, width=w)` for w in 1, 0.75, 0.5: parameters, bytes of the narrowed model
+saved again, latency (batch 32 and 1, one thread, median) and accuracy, and the same widths
+after a short fine-tune of each narrowed model (`--finetune-steps`).
+
+Results: bench/results/structured.json (one key per section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import slimtorch as st
+from slimtorch.api import artifact_size
+from slimtorch.calibrate.tasks import make_task
+from slimtorch.core.context import Context
+from slimtorch.eval.latency import measure_latency_ms
+from slimtorch.formats.state import iter_states
+from slimtorch.models.artifact import get_metadata, set_architecture
+from slimtorch.models.registry import builtin_info, load_model
+
+RESULTS = Path("bench/results/structured.json")
+
+
+def _loaded(name: str) -> nn.Module:
+    loaded = load_model(f"builtin:{name}")
+    set_architecture(loaded.model, loaded.architecture)
+    get_metadata(loaded.model).update(
+        {"source": f"builtin:{name}", "evaluator": loaded.evaluator, "data": loaded.data}
+    )
+    return loaded.model
+
+
+def _quality(model: nn.Module, ctx: Context) -> float:
+    return float(st.evaluate(model, ctx=ctx)["value"])
+
+
+def _kept_share(model: nn.Module, original: nn.Module) -> float:
+    """|w| kept by the masks over |w| of the same tensors before pruning (permutation-free)."""
+    kept = total = 0.0
+    for mname, module, param, state in iter_states(model):
+        if state.mask is None:
+            continue
+        w = getattr(module, param).detach()
+        kept += float((w * state.mask).abs().sum())
+        orig = original.get_submodule(mname) if mname else original
+        total += float(getattr(orig, param).detach().abs().sum())
+    return kept / total if total else float("nan")
+
+
+def permute(models: list[str], ctx: Context) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in models:
+        model = _loaded(name)
+        targets = ["Linear", "Conv2d"]
+        ignore = ["conv1"] if name.startswith("lenet") else []  # one input channel: no 2:4
+        nm = {"method": "prune.nm", "n": 2, "m": 4, "targets": targets, "ignore": ignore}
+        plain = {"stages": [nm]}
+        permuted = {"stages": [{"method": "prune.permute"}, *plain["stages"]]}
+        row: dict[str, Any] = {"original": _quality(model, ctx)}
+        for label, recipe in (("nm24", plain), ("permute+nm24", permuted)):
+            result = st.compress(model, recipe, ctx=ctx)
+            row[label] = _quality(result.model, ctx)
+            row[f"{label}_kept_share"] = _kept_share(result.model, model)
+        out[name] = row
+        print(name, json.dumps(row), flush=True)
+    return out
+
+
+def _latency(model: nn.Module, name: str, batch: int) -> float:
+    inputs = builtin_info(name).example_inputs(batch)
+    return measure_latency_ms(model, inputs, warmup=3, repeats=15)
+
+
+def widths(name: str, finetune_steps: int, ctx: Context) -> dict[str, Any]:
+    model = _loaded(name)
+    ordered = st.compress(model, {"stages": [{"method": "prune.reorder"}]}, ctx=ctx).model
+    rows = []
+    info = builtin_info(name)
+    task = make_task(info.task or "classification", info.data) if finetune_steps else None
+    with tempfile.TemporaryDirectory(prefix="slimtorch-bench-") as tmp:
+        st.save(ordered, Path(tmp) / "ordered")
+        for width in (1.0, 0.75, 0.5):
+            narrowed = st.load(Path(tmp) / "ordered", width=width)
+            st.save(narrowed, Path(tmp) / f"w{width}")
+            row = {
+                "width": width,
+                "params": sum(p.numel() for p in narrowed.parameters()),
+                "bytes": artifact_size(Path(tmp) / f"w{width}"),
+                "latency_ms_b32": _latency(narrowed, name, 32),
+                "latency_ms_b1": _latency(narrowed, name, 1),
+                "quality": _quality(narrowed, ctx),
+            }
+            if task is not None and width < 1.0:
+                tuned = copy.deepcopy(narrowed)
+                recipe = {
+                    "stages": [
+                        {
+                            "method": "train.finetune",
+                            "train": {"steps": finetune_steps, "lr": 0.001, "batch_size": 64},
+                        }
+                    ]
+                }
+                tuned = st.compress(tuned, recipe, data=task, ctx=ctx).model
+                row["quality_finetuned"] = _quality(tuned, ctx)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"model": name, "finetune_steps": finetune_steps, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["permute", "widths"], required=True)
+    parser.add_argument("--models", default="lenet5-fashion,minilm")
+    parser.add_argument("--model", default="resnet18-fashion")
+    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ctx = Context(progress=False)
+    if args.only == "permute":
+        section: dict[str, Any] = permute(args.models.split(","), ctx)
+    else:
+        section = widths(args.model, args.finetune_steps, ctx)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[args.only] = {
+        **section,
+        "command": "python " + " ".join(sys.argv),
+        "machine": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
