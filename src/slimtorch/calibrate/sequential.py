@@ -21,10 +21,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from slimtorch.core.config import StageConfig, StrictModel
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
+from slimtorch.core.methods import Run
+from slimtorch.core.targets import Targets
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +199,45 @@ def _one_block(
         observe_block(block, inputs, stats)
     compressor.compress(name, block, stats)
     log.debug("compressed block %s", name or "<model>")
+
+
+class CalibrationOptions(StrictModel):
+    """How much calibration data a layer-wise method sees (batches of the task's data)."""
+
+    samples: int = Field(default=128, ge=1, description="calibration sequences / examples")
+    batch_size: int = Field(default=8, ge=1)
+
+
+class LayerwiseConfig(StageConfig):
+    """Options shared by the layer-wise methods (GPTQ, SparseGPT, Wanda, AWQ, SmoothQuant)."""
+
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+
+
+def calibration_batches(run: Run, options: CalibrationOptions, method: str) -> list[Any]:
+    task = run.require_task(method)
+    steps = max(1, -(-options.samples // options.batch_size))
+    return list(task.train_batches(run.ctx, steps, options.batch_size))
+
+
+def run_layerwise(
+    model: nn.Module, compressor: BlockCompressor, run: Run, config: LayerwiseConfig, method: str
+) -> list[str]:
+    """The in-memory path of a layer-wise recipe stage: calibrate on the task's data."""
+    batches = calibration_batches(run, config.calibration, method)
+    task = run.require_task(method)
+    return run_sequential(model, batches, compressor, run.ctx, forward=task.forward)
+
+
+def block_layers(
+    block: nn.Module, block_name: str, config: StageConfig, kinds: tuple[type, ...]
+) -> dict[str, nn.Module]:
+    """The layers of ``block`` of one of ``kinds`` selected by the stage's targets/ignore
+    (matched on their full names); the model's LM head is never inside a block."""
+    sel = Targets.of(config.targets, config.ignore)
+    out: dict[str, nn.Module] = {}
+    for rel, module in block.named_modules():
+        full = f"{block_name}.{rel}" if block_name and rel else block_name or rel
+        if isinstance(module, kinds) and sel.selects(full, block.get_submodule(rel)):
+            out[rel] = block.get_submodule(rel)
+    return out

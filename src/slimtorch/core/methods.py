@@ -59,18 +59,26 @@ class MethodSpec:
     apply: ApplyFn
     summary: str
     needs_data: bool = False
+    # layer-wise methods also give a block compressor (calibrate.sequential.BlockCompressor)
+    # built from (config, run), so that large models can be compressed block by block
+    layerwise: Callable[[Any, Run], Any] | None = None
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(
-    name: str, config: type[StageConfig], summary: str, needs_data: bool = False
+    name: str,
+    config: type[StageConfig],
+    summary: str,
+    needs_data: bool = False,
+    layerwise: Callable[[Any, Run], Any] | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
-    """Register ``apply`` as the recipe method ``name`` with its typed ``config``."""
+    """Register ``apply`` as the recipe method ``name`` with its typed ``config``;
+    ``layerwise(config, run)`` builds its block compressor when it is a layer-wise method."""
 
     def deco(fn: ApplyFn) -> ApplyFn:
-        METHODS.add(name, MethodSpec(name, config, fn, summary, needs_data))
+        METHODS.add(name, MethodSpec(name, config, fn, summary, needs_data, layerwise))
         return fn
 
     return deco
