@@ -241,3 +241,16 @@ def block_layers(
         if isinstance(module, kinds) and sel.selects(full, block.get_submodule(rel)):
             out[rel] = block.get_submodule(rel)
     return out
+
+
+class DataFree:
+    """A block compressor that needs no statistics: ``fn(block)`` compresses the block."""
+
+    def __init__(self, fn: Callable[[nn.Module], None]) -> None:
+        self.fn = fn
+
+    def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
+        return {}
+
+    def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
+        self.fn(block)

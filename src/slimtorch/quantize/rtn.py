@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from slimtorch.calibrate.sequential import DataFree
 from slimtorch.core.config import StageConfig
 from slimtorch.core.context import Context
 from slimtorch.core.methods import Run, register_method
@@ -78,8 +79,16 @@ def quantize_refs(
         apply_state(ref.module, ref.param, WeightState(mask=mask, quant=q, extra=extra))
 
 
+def _rtn_blockwise(config: RTNConfig, run: Run) -> DataFree:
+    """Offloaded compression: quantize each block as it streams by (names inside a block)."""
+    return DataFree(lambda block: rtn(block, config, run))
+
+
 @register_method(
-    "quantize.rtn", RTNConfig, "round-to-nearest int2..int8 weights (per tensor/channel/group)"
+    "quantize.rtn",
+    RTNConfig,
+    "round-to-nearest int2..int8 weights (per tensor/channel/group)",
+    layerwise=_rtn_blockwise,
 )
 def rtn(model: nn.Module, config: RTNConfig, run: Run) -> None:
     refs = select_weights(model, config.targets, config.ignore)
