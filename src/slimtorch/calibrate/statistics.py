@@ -1,0 +1,187 @@
+"""Streaming statistics of a layer's inputs, fed one batch at a time by the calibration pipeline.
+
+Every accumulator takes inputs shaped ``[..., in_features]`` (any rank: ``[tokens, in]``,
+``[batch, seq, in]``, ...); each row of the last axis is one sample (one token). Sums are kept
+in the accumulator's dtype, so feeding a dataset batch by batch gives the same statistics as
+feeding it at once (up to floating-point summation order).
+
+    HessianAccumulator    H = 2/n * sum x x^T              GPTQ, SparseGPT
+    InputNormAccumulator  sum_t x_tj^2 per input channel     Wanda, OWL
+    AbsMaxAccumulator     max_t |x_tj| per input channel     SmoothQuant
+    AbsMeanAccumulator    mean_t |x_tj| per input channel    AWQ
+
+The Hessian helpers below (:func:`check_hessian`, :func:`dead_inputs`, :func:`inverse_cholesky`)
+are shared by the second-order methods (GPTQ in ``quantize``, SparseGPT in ``prune``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from slimtorch.core.errors import UnsupportedModelError, UserInputError
+
+AccumDtype = Literal["float32", "float64"]
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _ChannelAccumulator:
+    """Shared plumbing: shape/finite checks, the row count and the accumulation dtype."""
+
+    def __init__(self, in_features: int, dtype: AccumDtype = "float32") -> None:
+        if in_features < 1:
+            raise UserInputError(f"in_features must be >= 1, got {in_features}")
+        if dtype not in _DTYPES:
+            raise UserInputError(f"dtype={dtype!r}; use 'float32' or 'float64'")
+        self.in_features = in_features
+        self.dtype = _DTYPES[dtype]
+        self.count = 0  # rows (tokens) seen
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``[rows, in_features]`` in the accumulation dtype, after validation."""
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise UserInputError(
+                f"{type(self).__name__} expects inputs [..., {self.in_features}], got"
+                f" {tuple(x.shape)}; feed the inputs of the layer this accumulator was made for"
+            )
+        rows = x.detach().reshape(-1, self.in_features).to(self.dtype)
+        if not bool(torch.isfinite(rows).all()):
+            raise UnsupportedModelError(
+                f"{type(self).__name__}: calibration inputs contain NaN or Inf; check the model"
+                " weights and the calibration data (run the model in float32)"
+            )
+        self.count += rows.shape[0]
+        return rows
+
+    def _require_data(self) -> None:
+        if self.count == 0:
+            raise UserInputError(
+                f"{type(self).__name__} has seen no inputs; pass calibration data that reaches"
+                " this layer (check --data and the number of calibration samples)"
+            )
+
+
+class HessianAccumulator(_ChannelAccumulator):
+    """``H = 2/n * sum_t x_t x_t^T`` over every row ``x_t`` seen (``n`` rows in all)."""
+
+    def __init__(self, in_features: int, dtype: AccumDtype = "float32") -> None:
+        super().__init__(in_features, dtype)
+        self._sum: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = self._rows(x)
+        xtx = rows.T @ rows
+        self._sum = xtx if self._sum is None else self._sum.add_(xtx)
+
+    def hessian(self) -> torch.Tensor:
+        """The ``[in, in]`` Hessian in the accumulation dtype."""
+        self._require_data()
+        assert self._sum is not None
+        return self._sum * (2.0 / self.count)
+
+
+class InputNormAccumulator(_ChannelAccumulator):
+    """Per-input-channel sum of squares ``sum_t x_tj^2`` (Wanda's ``||X_j||^2``)."""
+
+    def __init__(self, in_features: int, dtype: AccumDtype = "float32") -> None:
+        super().__init__(in_features, dtype)
+        self._sq: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        sq = self._rows(x).pow(2).sum(dim=0)
+        self._sq = sq if self._sq is None else self._sq.add_(sq)
+
+    def sq_norm(self) -> torch.Tensor:
+        """``[in]``: ``||X_j||_2^2`` over all rows seen."""
+        self._require_data()
+        assert self._sq is not None
+        return self._sq.clone()
+
+    def mean_sq(self) -> torch.Tensor:
+        """``[in]``: mean of ``x_j^2`` per row (the norm divided by the number of rows)."""
+        return self.sq_norm() / self.count
+
+
+class AbsMaxAccumulator(_ChannelAccumulator):
+    """Per-input-channel ``max_t |x_tj|`` (SmoothQuant's activation ranges)."""
+
+    def __init__(self, in_features: int, dtype: AccumDtype = "float32") -> None:
+        super().__init__(in_features, dtype)
+        self._max: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = self._rows(x)
+        if rows.shape[0] == 0:
+            return
+        amax = rows.abs().amax(dim=0)
+        self._max = amax if self._max is None else torch.maximum(self._max, amax)
+
+    def absmax(self) -> torch.Tensor:
+        self._require_data()
+        assert self._max is not None
+        return self._max.clone()
+
+
+class AbsMeanAccumulator(_ChannelAccumulator):
+    """Per-input-channel ``mean_t |x_tj|`` (AWQ's activation salience)."""
+
+    def __init__(self, in_features: int, dtype: AccumDtype = "float32") -> None:
+        super().__init__(in_features, dtype)
+        self._sum: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        s = self._rows(x).abs().sum(dim=0)
+        self._sum = s if self._sum is None else self._sum.add_(s)
+
+    def absmean(self) -> torch.Tensor:
+        self._require_data()
+        assert self._sum is not None
+        return self._sum / self.count
+
+
+def check_hessian(hessian: torch.Tensor, in_features: int) -> None:
+    """Refuse a Hessian that is not a finite ``[in_features, in_features]`` matrix."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise UserInputError(
+            f"the Hessian must be a square [in, in] matrix, got {tuple(hessian.shape)};"
+            " build it with HessianAccumulator on the layer's inputs"
+        )
+    if hessian.shape[0] != in_features:
+        raise UserInputError(
+            f"Hessian is {tuple(hessian.shape)} but the weight has {in_features} input columns;"
+            " accumulate it from the inputs of this very layer"
+        )
+    if not bool(torch.isfinite(hessian).all()):
+        raise UnsupportedModelError(
+            "the Hessian contains NaN or Inf; the calibration inputs overflowed or hold NaN"
+            " (run the calibration in float32 and check the data)"
+        )
+
+
+def dead_inputs(hessian: torch.Tensor) -> torch.Tensor:
+    """``[in]`` bool: input channels that were always zero (``H_jj == 0``)."""
+    return torch.diagonal(hessian) == 0
+
+
+def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float32).
+
+    Dead inputs must already have ``H_jj`` set to 1 (see :func:`dead_inputs`). The factor is
+    computed in the Hessian's dtype (pass float64 for very ill-conditioned layers).
+    """
+    if not damp >= 0:
+        raise UserInputError(f"damp must be >= 0, got {damp}; the usual value is 0.01")
+    h = hessian.clone()
+    diag = torch.diagonal(h)
+    diag.add_(damp * float(diag.mean()))
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        inv = torch.cholesky_inverse(chol)
+        upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+        if int(info) == 0:
+            return upper.to(torch.float32)
+    raise UnsupportedModelError(
+        f"the damped Hessian (damp={damp}) is not positive definite; increase damp"
+        " (e.g. 0.1), use more calibration samples, or accumulate in float64"
+    )
