@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from slimtorch.cli import cmd_distill, cmd_merge
+from slimtorch.cli import cmd_distill, cmd_export, cmd_merge
 from slimtorch.core.errors import UserInputError
 
 
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd_merge.add_parser(sub)
     cmd_distill.add_parser(sub)
+    cmd_export.add_parser(sub)
     return parser
 
 
@@ -95,10 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": commands.demo,
         "merge": cmd_merge.run,
         "distill": cmd_distill.run,
+        "export": cmd_export.run,
     }
     renderers: dict[str, Callable[[dict[str, Any]], str]] = {
         "merge": cmd_merge.render,
         "distill": cmd_distill.render,
+        "export": cmd_export.render,
     }
     try:
         result = handlers[args.command](args)

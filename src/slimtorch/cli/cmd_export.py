@@ -1,0 +1,94 @@
+"""``slimtorch export DIR --to onnx|hf --out OUT``: a slimtorch artifact for other runtimes.
+
+    slimtorch export out/ --to onnx --out model.onnx      # verified in onnxruntime
+    slimtorch export out/ --to hf --out model-hf/         # transformers' from_pretrained loads it
+
+Example inputs come from what the artifact records (builtin models, Hugging Face configs, or
+the ``input`` shape recorded with ``slimtorch compress --input-shape``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+TARGETS = ("onnx", "hf")
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``export`` subcommand to the ``sub`` subparsers of the main parser."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "export",
+        help="export an artifact to ONNX (checked in onnxruntime) or a transformers directory",
+    )
+    p.add_argument("dir", help="a slimtorch artifact directory (the --out of compress)")
+    p.add_argument("--to", required=True, choices=TARGETS, help="the format to write")
+    p.add_argument("--out", required=True, help="the .onnx file, or the directory for --to hf")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="batch size of the example inputs of builtin and Hugging Face models (an input"
+        " shape recorded in the artifact is used as recorded)",
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``slimtorch export``; returns the exporter's JSON-able report."""
+    from slimtorch import api  # lazy: keeps `slimtorch --help` fast
+    from slimtorch.calibrate.inputs import example_inputs
+    from slimtorch.core.errors import UnsupportedModelError, UserInputError
+    from slimtorch.models.artifact import get_architecture
+    from slimtorch.models.export import export_hf_checked, export_onnx
+
+    if args.batch < 1:
+        raise UserInputError(f"--batch must be at least 1, got {args.batch}")
+    model = api.load(api.require_dir(args.dir))
+    arch = get_architecture(model) or {}
+    if args.to == "hf" and arch.get("kind") != "hf":
+        raise UnsupportedModelError(
+            f"{args.dir} holds a {arch.get('kind') or 'non-Hugging Face'} model"
+            f" ({type(model).__name__}); --to hf writes transformers models only: use"
+            " --to onnx, or slimtorch.load"
+        )
+    inputs = example_inputs(model, args.batch, arch)
+    if inputs is None:
+        raise UserInputError(
+            f"{args.dir} records no example inputs for {type(model).__name__}: re-create it with"
+            " `slimtorch compress ... --input-shape 1,3,224,224` (and --input-dtype), or set"
+            " slimtorch.models.artifact.get_metadata(model)['input'] = {'shape': [...],"
+            " 'dtype': 'float32'|'int64'} before slimtorch.save"
+        )
+    if args.to == "hf":
+        return export_hf_checked(model, inputs, args.out, args.force)
+    return export_onnx(model, inputs, args.out, args.opset, args.force)
+
+
+def render(result: dict[str, Any]) -> str:
+    """Plain-text summary of :func:`run`'s result."""
+    fits = (
+        f"outputs match to {result['max_abs_diff']:.3g}"
+        f" (tolerance {result['atol']} + {result['rtol']} x |value|)"
+    )
+    if result["format"] == "hf":
+        sizes = ", ".join(f"{k} {v}" for k, v in result["sizes"].items())
+        return "\n".join(
+            [
+                f"wrote {result['out']} ({result['class']}, {result['bytes']:,} bytes): {sizes}",
+                f"transformers from_pretrained reloads it; {fits}",
+            ]
+        )
+    lines = [
+        f"wrote {result['out']} ({result['bytes']:,} bytes, opset {result['opset']},"
+        f" {result['exporter']} exporter)",
+        f"onnxruntime {fits}",
+        f"latency (1 thread, median): onnxruntime {result['onnxruntime_ms']:.3f} ms,"
+        f" PyTorch {result['torch_ms']:.3f} ms",
+    ]
+    if result.get("dynamo_error"):
+        lines.append(f"note: the dynamo exporter failed ({result['dynamo_error']})")
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""`slimtorch export`: pruned artifacts to ONNX (checked in onnxruntime) and to transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import slimtorch as st
+from slimtorch.cli.main import main
+from slimtorch.models.artifact import get_metadata, set_architecture
+from slimtorch.testing.models import TinyLSTM, tiny_cnn, tiny_resnet
+
+ort = pytest.importorskip("onnxruntime")
+STRUCTURED = {"stages": [{"method": "prune.structured", "ratio": 0.5}]}
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _saved(model: nn.Module, shape: list[int], dtype: str, path: Path) -> nn.Module:
+    get_metadata(model)["input"] = {"shape": shape, "dtype": dtype}
+    pruned = st.compress(model, STRUCTURED).model
+    st.save(pruned, path)
+    return pruned
+
+
+def _check_onnx(capsys, artifact: Path, onnx_file: Path, x: torch.Tensor) -> dict:
+    code, out, err = _run(
+        capsys, "export", str(artifact), "--to", "onnx", "--out", str(onnx_file), "--json"
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["out"] == str(onnx_file) and report["bytes"] == onnx_file.stat().st_size
+    assert report["max_abs_diff"] <= report["atol"] and report["tolerance_used"] <= 1
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    with torch.no_grad():
+        expected = st.load(artifact)(x).numpy()
+    np.testing.assert_allclose(
+        session.run(None, {name: x.numpy()})[0], expected, atol=1e-4, rtol=1e-3
+    )
+    return report
+
+
+def test_pruned_resnet_to_onnx(capsys, tmp_path) -> None:
+    pruned = _saved(tiny_resnet(), [2, 1, 8, 8], "float32", tmp_path / "a")
+    assert pruned.block2.conv1.out_channels == 8  # 16 -> 8
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    report = _check_onnx(capsys, tmp_path / "a", tmp_path / "m.onnx", x)
+    assert report["inputs"] == [{"shape": [2, 1, 8, 8], "dtype": "float32"}]
+    assert report["op_types"]["Conv"] >= 6
+    code, _, err = _run(
+        capsys, "export", str(tmp_path / "a"), "--to", "onnx", "--out", str(tmp_path / "m.onnx")
+    )
+    assert code == 2 and "exists" in err  # no --force: the file is kept
+
+
+def test_pruned_lstm_to_onnx(capsys, tmp_path) -> None:
+    torch.manual_seed(0)
+    pruned = _saved(TinyLSTM().eval(), [2, 6], "int64", tmp_path / "a")
+    assert pruned.lstm.hidden_size == 8 and pruned.gru.hidden_size == 8
+    x = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(3))
+    report = _check_onnx(capsys, tmp_path / "a", tmp_path / "m.onnx", x)
+    assert report["op_types"].get("LSTM") == 2 and report["op_types"].get("GRU") == 1
+
+
+def test_pruned_llama_to_transformers(capsys, tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    arch = {"kind": "hf", "class": "LlamaForCausalLM", "config": cfg.to_dict()}
+    set_architecture(model, {**arch, "attn_implementation": "sdpa", "dtype": "float32"})
+    pruned = st.compress(model, STRUCTURED).model
+    st.save(pruned, tmp_path / "a")
+    code, out, err = _run(
+        capsys, "export", str(tmp_path / "a"), "--to", "hf", "--out", str(tmp_path / "hf")
+    )
+    assert code == 0, err
+    assert "from_pretrained reloads it" in out and "intermediate_size 64" in out
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert reloaded.config.num_attention_heads == 4 and reloaded.config.num_key_value_heads == 1
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, pruned(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_errors(capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tmp_path), "--to", "tflite", "--out", str(tmp_path / "m")])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    code, _, err = _run(
+        capsys, "export", str(tmp_path / "nope"), "--to", "onnx", "--out", str(tmp_path / "m.onnx")
+    )
+    assert code == 2 and "is not a directory" in err
+    st.save(tiny_cnn(), tmp_path / "cnn")  # no recorded input shape
+    code, _, err = _run(
+        capsys, "export", str(tmp_path / "cnn"), "--to", "onnx", "--out", str(tmp_path / "m.onnx")
+    )
+    assert code == 2 and "records no example inputs" in err and "--input-shape" in err
+    code, _, err = _run(
+        capsys, "export", str(tmp_path / "cnn"), "--to", "hf", "--out", str(tmp_path / "hf")
+    )
+    assert code == 2 and "transformers models only" in err
+    code, _, err = _run(
+        capsys,
+        "export",
+        str(tmp_path / "cnn"),
+        "--to",
+        "onnx",
+        "--batch",
+        "0",
+        "--out",
+        str(tmp_path / "m.onnx"),
+    )
+    assert code == 2 and "--batch" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn"]
