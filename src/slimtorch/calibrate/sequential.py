@@ -243,6 +243,12 @@ def block_layers(
     return out
 
 
+def block_linears(block: nn.Module, block_name: str, config: StageConfig) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers of ``block`` the stage targets (see :func:`block_layers`)."""
+    found = block_layers(block, block_name, config, (nn.Linear,))
+    return {n: m for n, m in found.items() if isinstance(m, nn.Linear)}
+
+
 class DataFree:
     """A block compressor that needs no statistics: ``fn(block)`` compresses the block."""
 

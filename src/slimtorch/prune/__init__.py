@@ -2,9 +2,11 @@
 
 Importing this package registers the recipe methods ``prune.magnitude``, ``prune.threshold``,
 ``prune.random``, ``prune.probabilistic``, ``prune.nm``, ``prune.gradual`` and
-``prune.structured``, ``prune.permute`` and ``prune.reorder``.
+``prune.structured``, ``prune.permute``, ``prune.reorder``, ``prune.sparsegpt`` and
+``prune.wanda``.
 """
 
+from slimtorch.prune import layerwise as layerwise
 from slimtorch.prune import methods as methods
 from slimtorch.prune import reorder as reorder
 from slimtorch.prune import structured as structured
@@ -26,6 +28,7 @@ __all__ = [
     "cubic_sparsity",
     "global_magnitude_masks",
     "is_nm_sparse",
+    "layerwise",
     "lowest_k_mask",
     "magnitude_mask",
     "magnitude_prune",

@@ -1,10 +1,10 @@
 """slimtorch.quantize: affine (int2..int8), binary/ternary, QAT and dynamic int8 quantization.
 
 Importing this package registers the recipe methods ``quantize.rtn``, ``quantize.binary``,
-``quantize.ternary``, ``quantize.qat`` and ``quantize.dynamic_int8``.
+``quantize.ternary``, ``quantize.qat``, ``quantize.dynamic_int8`` and ``quantize.gptq``.
 """
 
-from slimtorch.quantize import dynamic, qat, rtn
+from slimtorch.quantize import dynamic, gptq_stage, qat, rtn
 from slimtorch.quantize.affine import fake_quantize, quantize_weight
 from slimtorch.quantize.binary import binarize, ternarize
 from slimtorch.quantize.observers import minmax_range, mse_range
@@ -15,6 +15,7 @@ __all__ = [
     "binarize",
     "dynamic",
     "fake_quantize",
+    "gptq_stage",
     "minmax_range",
     "mse_range",
     "qat",

@@ -1,0 +1,111 @@
+"""Recipe stage ``quantize.gptq``: GPTQ on every targeted Linear, block by block.
+
+Each block's Linear layers get the Hessian ``2/n X^T X`` of their inputs (from the sequential
+pipeline: the inputs the already-quantized earlier blocks produce), then
+:func:`slimtorch.quantize.gptq.gptq_quantize` quantizes them; masks from earlier pruning stages
+are kept (pruned weights stay exactly zero). The grid is the one ``quantize.rtn`` uses, so the
+artifact stores packed codes, group scales and zero points the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from slimtorch.calibrate.sequential import (
+    Accumulator,
+    LayerwiseConfig,
+    block_linears,
+    run_layerwise,
+)
+from slimtorch.calibrate.statistics import HessianAccumulator
+from slimtorch.core.methods import Run, register_method
+from slimtorch.formats.state import WeightState, apply_state, get_state, to_matrix
+from slimtorch.quantize.gptq import gptq_quantize
+from slimtorch.quantize.primitives import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+class GPTQConfig(LayerwiseConfig):
+    """GPTQ (Frantar et al., 2023): weights quantized column by column, each column's rounding
+    error spread over the columns not yet quantized, weighted by the inverse Hessian."""
+
+    bits: int = Field(4, ge=2, le=8)
+    symmetric: bool = False
+    granularity: Literal["per_channel", "per_group"] = "per_group"
+    group_size: int = Field(128, ge=8, description="input columns per group")
+    observer: Literal["minmax", "mse"] = "minmax"
+    damp: float = Field(0.01, gt=0, le=1, description="fraction of mean diag(H) added")
+    block_size: int = Field(128, ge=1, description="lazy-update block of columns")
+    act_order: bool = Field(False, description="quantize columns by decreasing diag(H)")
+    static_groups: bool = Field(True, description="group grids fixed before act_order runs")
+
+    @model_validator(mode="after")
+    def _storable(self) -> GPTQConfig:
+        if self.act_order and self.granularity == "per_group" and not self.static_groups:
+            raise ValueError(
+                "act_order with per-group grids needs static_groups: true (otherwise a group's"
+                " columns are scattered and the artifact cannot store it)"
+            )
+        return self
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(
+            bits=self.bits,
+            signed=self.symmetric,
+            symmetric=self.symmetric,
+            granularity=self.granularity,
+            group_size=self.group_size if self.granularity == "per_group" else None,
+            observer=self.observer,
+        )
+
+
+class GPTQCompressor:
+    def __init__(self, config: GPTQConfig) -> None:
+        self.config = config
+        self.layers: dict[str, nn.Linear] = {}
+
+    def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
+        self.layers = block_linears(block, name, self.config)
+        return {n: HessianAccumulator(m.in_features) for n, m in self.layers.items()}
+
+    def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
+        c = self.config
+        for lname, layer in self.layers.items():
+            acc = stats[lname]
+            assert isinstance(acc, HessianAccumulator)
+            old = get_state(layer, "weight")
+            mask = old.mask if old is not None else None
+            result = gptq_quantize(
+                to_matrix(layer.weight.detach()),
+                acc.hessian(),
+                c.spec(),
+                damp=c.damp,
+                block_size=c.block_size,
+                act_order=c.act_order,
+                static_groups=c.static_groups,
+                mask=None if mask is None else to_matrix(mask),
+            )
+            state = WeightState(mask=mask, quant=result.quant_state(layer.weight.shape))
+            apply_state(layer, "weight", state)
+            log.debug("gptq %s.%s: loss %.4g", name, lname, result.loss)
+
+
+def _compressor(config: GPTQConfig, run: Run) -> GPTQCompressor:
+    return GPTQCompressor(config)
+
+
+@register_method(
+    "quantize.gptq",
+    GPTQConfig,
+    "GPTQ: Hessian-aware weight quantization, block by block on calibration data",
+    needs_data=True,
+    layerwise=_compressor,
+)
+def gptq(model: nn.Module, config: GPTQConfig, run: Run) -> None:
+    blocks = run_layerwise(model, GPTQCompressor(config), run, config, "quantize.gptq")
+    log.info("quantize.gptq: %d blocks to %d bits", len(blocks), config.bits)

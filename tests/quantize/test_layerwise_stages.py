@@ -1,0 +1,137 @@
+"""quantize.gptq, prune.sparsegpt and prune.wanda as recipe stages on a tiny Llama."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import slimtorch as st
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError
+from slimtorch.formats.state import get_state, iter_states
+from slimtorch.models.artifact import set_architecture
+from slimtorch.recipe import load_recipe
+
+
+def tiny_llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        use_cache=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    arch = {"kind": "hf", "class": "LlamaForCausalLM", "config": config.to_dict()}
+    set_architecture(model, {**arch, "attn_implementation": "sdpa", "dtype": "float32"})
+    return model
+
+
+class _Tokens:
+    """Random token windows with a little structure (repeated bigrams)."""
+
+    name = "tokens"
+
+    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
+        gen = torch.Generator().manual_seed(ctx.seed)
+        for _ in range(steps):
+            base = torch.randint(0, 48, (batch_size, 16), generator=gen)
+            yield torch.stack([base, base + 48], dim=2).reshape(batch_size, 32)
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        logits = model(batch).logits[:, :-1]
+        return nn.functional.cross_entropy(logits.reshape(-1, 96), batch[:, 1:].reshape(-1))
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        return model(batch)
+
+
+def _error(model: nn.Module, reference: nn.Module) -> float:
+    ids = next(_Tokens().train_batches(Context(seed=7), 1, 8))
+    with torch.no_grad():
+        return float((model(ids).logits - reference(ids).logits).pow(2).mean())
+
+
+def _stage(method: str, **options: Any) -> dict[str, Any]:
+    cal = {"samples": 16, "batch_size": 8}
+    return {"stages": [{"method": method, "calibration": cal, **options}]}
+
+
+def test_gptq_beats_rtn_and_reloads(tmp_path: Path) -> None:
+    model = tiny_llama()
+    grid = {"bits": 3, "symmetric": False, "granularity": "per_group", "group_size": 32}
+    gptq = st.compress(model, _stage("quantize.gptq", **grid), data=_Tokens()).model
+    rtn_grid = {**grid, "signed": False, "targets": ["re:model\\.layers\\..*"]}
+    rtn = st.compress(model, {"stages": [{"method": "quantize.rtn", **rtn_grid}]}).model
+    names = {f"{m}.{p}" for m, _, p, _ in iter_states(gptq)}
+    assert len(names) == 2 * 7 and "lm_head.weight" not in names
+    state = get_state(gptq.model.layers[0].mlp.down_proj, "weight")
+    assert state is not None and state.quant is not None and state.quant.group_size == 32
+    assert _error(gptq, model) < 0.9 * _error(rtn, model)
+    st.save(gptq, tmp_path / "g")
+    ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(st.load(tmp_path / "g")(ids).logits, gptq(ids).logits)
+
+
+def test_sparsegpt_and_wanda_sparsity_and_quality() -> None:
+    model = tiny_llama()
+    errors = {}
+    for method in ("prune.sparsegpt", "prune.wanda"):
+        pruned = st.compress(model, _stage(method, sparsity=0.5), data=_Tokens()).model
+        layer = pruned.model.layers[1].self_attn.o_proj
+        assert float((layer.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+        errors[method] = _error(pruned, model)
+        nm = st.compress(model, _stage(method, n=2, m=4), data=_Tokens()).model
+        w = nm.model.layers[0].mlp.up_proj.weight.reshape(-1, 4)
+        assert bool(((w != 0).sum(1) <= 2).all())
+    magnitude = st.compress(
+        model,
+        {
+            "stages": [
+                {
+                    "method": "prune.magnitude",
+                    "sparsity": 0.5,
+                    "targets": ["re:model\\.layers\\..*"],
+                }
+            ]
+        },
+    ).model
+    assert errors["prune.sparsegpt"] < _error(magnitude, model)
+
+
+def test_owl_and_composition() -> None:
+    model = tiny_llama()
+    owl = st.compress(
+        model, _stage("prune.wanda", sparsity=0.5, owl=True, owl_lambda=0.05), data=_Tokens()
+    )
+    per_block = [
+        float((owl.model.model.layers[i].mlp.up_proj.weight == 0).float().mean()) for i in range(2)
+    ]
+    assert sum(per_block) / 2 == pytest.approx(0.5, abs=0.02)
+    cal = {"samples": 16, "batch_size": 8}
+    both = {
+        "stages": [
+            {"method": "prune.sparsegpt", "n": 2, "m": 4, "calibration": cal},
+            {"method": "quantize.gptq", "bits": 4, "group_size": 32, "calibration": cal},
+        ]
+    }
+    result = st.compress(model, both, data=_Tokens()).model
+    state = get_state(result.model.layers[0].self_attn.q_proj, "weight")
+    assert state is not None and state.mask is not None and state.quant is not None
+    w = result.model.layers[0].self_attn.q_proj.weight.reshape(-1, 4)
+    assert bool(((w != 0).sum(1) <= 2).all())
+
+
+def test_layerwise_errors() -> None:
+    with pytest.raises(ConfigError, match="static_groups"):
+        load_recipe(_stage("quantize.gptq", act_order=True, static_groups=False))
+    with pytest.raises(ConfigError, match="n < m"):
+        load_recipe(_stage("prune.wanda", n=4, m=4))
+    with pytest.raises(ConfigError, match="data"):
+        st.compress(tiny_llama(), _stage("quantize.gptq"))
