@@ -12,11 +12,13 @@ from torch import nn
 from slimtorch.core.registry import Registry
 from slimtorch.runtime.attention import PrunedMultiheadAttention
 from slimtorch.runtime.fused import FusedIdentity, FusedLayer
+from slimtorch.runtime.int4 import Int4WeightOnlyLinear
 from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available, quantize_weight_int8
 from slimtorch.runtime.lowrank import LowRankConv2d, LowRankLinear
 
 RUNTIME_MODULES: Registry[type[nn.Module]] = Registry("runtime module")
 RUNTIME_MODULES.add("Int8DynamicLinear", Int8DynamicLinear)
+RUNTIME_MODULES.add("Int4WeightOnlyLinear", Int4WeightOnlyLinear)
 RUNTIME_MODULES.add("FusedLayer", FusedLayer)
 RUNTIME_MODULES.add("FusedIdentity", FusedIdentity)
 RUNTIME_MODULES.add("LowRankLinear", LowRankLinear)
@@ -27,6 +29,7 @@ __all__ = [
     "RUNTIME_MODULES",
     "FusedIdentity",
     "FusedLayer",
+    "Int4WeightOnlyLinear",
     "Int8DynamicLinear",
     "LowRankConv2d",
     "LowRankLinear",
