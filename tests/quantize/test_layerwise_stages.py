@@ -135,3 +135,43 @@ def test_layerwise_errors() -> None:
         load_recipe(_stage("prune.wanda", n=4, m=4))
     with pytest.raises(ConfigError, match="data"):
         st.compress(tiny_llama(), _stage("quantize.gptq"))
+
+
+def test_scale_groups_found_without_tables() -> None:
+    from slimtorch.quantize.scaling import _Producers, scale_groups
+
+    model = tiny_llama()
+    block = model.model.layers[0]
+    layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    producers = _Producers(block, set(layers))
+    with torch.no_grad():
+        model(torch.randint(0, 96, (2, 16)))
+    producers.remove()
+    groups = dict(scale_groups(block, layers, producers))
+    assert sorted(groups["input_layernorm"]) == [
+        "self_attn.k_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
+    assert sorted(groups["post_attention_layernorm"]) == ["mlp.gate_proj", "mlp.up_proj"]
+    assert "self_attn.v_proj" not in groups  # grouped-query attention: v -> o cannot fold
+
+
+def test_awq_beats_rtn_and_smoothquant_keeps_outputs() -> None:
+    model = tiny_llama()
+    with torch.no_grad():  # activation outliers in a few hidden channels
+        model.model.embed_tokens.weight[:, :4] *= 25.0
+    awq = st.compress(model, _stage("quantize.awq", bits=3, group_size=32), data=_Tokens()).model
+    grid = {"bits": 3, "signed": False, "symmetric": False, "granularity": "per_group"}
+    rtn = {
+        "method": "quantize.rtn",
+        **grid,
+        "group_size": 32,
+        "targets": ["re:model\\.layers\\..*"],
+    }
+    plain = st.compress(model, {"stages": [rtn]}).model
+    assert _error(awq, model) < _error(plain, model)
+    smooth = st.compress(model, _stage("quantize.smoothquant", alpha=0.5), data=_Tokens()).model
+    assert _error(smooth, model) < 1e-8  # folding alone changes nothing
+    norm = smooth.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(norm, model.model.layers[0].input_layernorm.weight)
