@@ -6,7 +6,11 @@ import yaml
 from slimtorch.core.errors import ConfigError
 from slimtorch.recipe import list_presets, load_recipe, parse_recipe
 
-REQUIRED_PRESETS = {"int8", "int4", "dynamic-int8", "sparse90-int8", "nm24", "binary", "ternary"}
+REQUIRED_PRESETS = {
+    "int8", "int4", "dynamic-int8", "sparse90-int8", "nm24", "binary", "ternary", "structured-50",
+    "structured-50-distill", "w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w8a8-smoothquant",
+    "sparsegpt-50", "sparsegpt-2of4", "wanda-50", "wanda-2of4",
+}  # fmt: skip
 
 
 def test_required_presets_ship() -> None:
