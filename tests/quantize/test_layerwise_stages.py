@@ -175,3 +175,19 @@ def test_awq_beats_rtn_and_smoothquant_keeps_outputs() -> None:
     assert _error(smooth, model) < 1e-8  # folding alone changes nothing
     norm = smooth.model.layers[0].input_layernorm.weight
     assert not torch.allclose(norm, model.model.layers[0].input_layernorm.weight)
+
+
+def test_int4_artifact_runs_on_the_int4_kernel(tmp_path: Path) -> None:
+    from slimtorch.runtime.int4 import Int4WeightOnlyLinear
+
+    model = tiny_llama()
+    q = st.compress(model, _stage("quantize.gptq", bits=4, group_size=32), data=_Tokens()).model
+    st.save(q, tmp_path / "q")
+    fast = st.load(tmp_path / "q", kernels=True)
+    kinds = {type(m).__name__ for m in fast.model.layers.modules()}
+    assert "Int4WeightOnlyLinear" in kinds and "Linear" not in kinds
+    assert isinstance(fast.model.layers[0].mlp.down_proj, Int4WeightOnlyLinear)
+    ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        want, got = q(ids).logits, fast(ids).logits
+    assert float((got - want).norm() / want.norm()) < 2e-2
