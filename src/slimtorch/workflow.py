@@ -5,6 +5,7 @@ dict so the CLI only formats it.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from slimtorch.formats.artifact import read_manifest
 from slimtorch.formats.sizes import describe
 from slimtorch.models.registry import LoadedModel, load_model
 from slimtorch.recipe import list_presets, load_recipe
+
+log = logging.getLogger(__name__)
 
 
 def _task_for(loaded: LoadedModel, data: str | None, needed: bool) -> Task | None:
@@ -53,6 +56,8 @@ class CompressOptions:
     latency_batch: int = 1
     input_shape: str | None = None  # "1,3,32,32": latency input for models slimtorch doesn't know
     input_dtype: str = "float32"
+    max_memory: str | None = None  # "1GB": compress a bigger HF checkpoint block by block
+    work_dir: str | None = None  # where an offloaded run keeps its progress (resume)
 
 
 def _input_spec(options: CompressOptions) -> dict[str, Any] | None:
@@ -84,6 +89,10 @@ def compress_to_dir(
     if out.exists() and not force:
         raise ConfigError(f"output directory {out} exists; pass --force to replace it")
     rec = load_recipe(recipe)
+    if options.max_memory is not None:
+        report = _maybe_offloaded(model, rec, out, options, ctx)
+        if report is not None:
+            return report
     loaded = load_model(model)
     has_data_stage = any(s.spec.needs_data for s in rec.stages)
     task = _task_for(loaded, data, rec.needs_data or (has_data_stage and data is not None))
@@ -114,6 +123,39 @@ def compress_to_dir(
         }
     )
     return report
+
+
+def _maybe_offloaded(
+    model: str, rec: Any, out: Path, options: CompressOptions, ctx: Context
+) -> dict[str, Any] | None:
+    """The offloaded run when ``model`` is a checkpoint bigger than ``--max-memory``."""
+    from slimtorch import large
+
+    budget = large.parse_bytes(str(options.max_memory))
+    path = Path(model)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise ConfigError(
+            "--max-memory compresses a local Hugging Face checkpoint block by block; give"
+            " --model a directory with config.json and *.safetensors"
+        )
+    dense = large.checkpoint_fp32_bytes(path)
+    if dense <= budget // 2:
+        log.info("%s (%.0f MiB) fits in --max-memory: compressing in memory", model, dense / 2**20)
+        return None
+    manifest = large.compress_large(
+        path, rec, out, options.data, budget, options.work_dir, ctx, options.force
+    )
+    on_disk = api.artifact_size(out)
+    return {
+        "model": model,
+        "recipe": rec.name,
+        "out": str(out),
+        "offloaded": True,
+        "bytes_on_disk": on_disk,
+        "dense_bytes": dense,
+        "compression_ratio": dense / on_disk if on_disk else None,
+        "tensors": len(manifest["tensors"]),
+    }
 
 
 def evaluate_dir(

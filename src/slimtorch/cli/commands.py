@@ -20,6 +20,8 @@ def compress(args: argparse.Namespace) -> dict[str, Any]:
         latency_batch=args.latency_batch,
         input_shape=args.input_shape,
         input_dtype=args.input_dtype,
+        max_memory=args.max_memory,
+        work_dir=args.work_dir,
     )
     return workflow.compress_to_dir(args.model, args.recipe, args.out, options, _ctx(args))
 

@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         " not know, e.g. 1,3,224,224 (recorded in the artifact)",
     )
     p.add_argument("--input-dtype", default="float32", choices=["float32", "int64"])
+    p.add_argument(
+        "--max-memory",
+        help="memory budget, e.g. 1GB: a Hugging Face checkpoint bigger than half of it is"
+        " compressed block by block (layer-wise stages only), resumable",
+    )
+    p.add_argument(
+        "--work-dir", help="progress of an offloaded run (default: beside --out); rerun to resume"
+    )
     _add_common(p)
 
     p = sub.add_parser(

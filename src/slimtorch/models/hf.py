@@ -189,6 +189,11 @@ def load_directory(path: str | Path) -> LoadedModel:
     seq = min(EXAMPLE_SEQ_LEN, int(cfg.get("max_position_embeddings") or EXAMPLE_SEQ_LEN))
     vocab = int(cfg.get("vocab_size") or 2)
     log.info("loaded %s from %s", architecture["class"], path)
+    causal = str(architecture["class"]).endswith("ForCausalLM")
     return LoadedModel(
-        model.eval(), str(path), architecture, example_inputs=token_inputs(vocab, seq)
+        model.eval(),
+        str(path),
+        architecture,
+        example_inputs=token_inputs(vocab, seq),
+        task="causal-lm" if causal else None,  # next-token loss on --data text
     )

@@ -1,0 +1,144 @@
+"""Compress a Hugging Face checkpoint within a memory budget (``slimtorch compress --max-memory``).
+
+When the checkpoint does not fit in ``--max-memory``, the recipe runs through
+:func:`slimtorch.calibrate.offload.compress_offloaded`: one block in memory at a time, written
+out as it finishes, resumable from ``--work-dir``. Every stage must be layer-wise (GPTQ, AWQ,
+SmoothQuant, SparseGPT, Wanda, RTN); the result is the artifact the in-memory run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimtorch.calibrate.offload import (
+    Checkpoint,
+    OffloadPlan,
+    compress_offloaded,
+    empty_parameters,
+    fingerprint,
+)
+from slimtorch.calibrate.sequential import find_blocks
+from slimtorch.calibrate.tasks import make_task
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError, UserInputError
+from slimtorch.core.methods import Run
+from slimtorch.models.hf import from_config, read_architecture
+from slimtorch.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_bytes(text: str) -> int:
+    """``"1GB"``, ``"512MiB"``, ``"1.5G"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
+    unit = m.group(2) if m else ""
+    unit = unit + "B" if unit and not unit.endswith("B") else unit
+    if m is None or unit not in _UNITS:
+        raise UserInputError(f"cannot read the memory size {text!r}; write e.g. 1GB or 512MiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * 4 for p in module.parameters())
+
+
+def estimate_peak(model: nn.Module, samples: int, length: int, hessians: bool) -> dict[str, int]:
+    """Rough peak of an offloaded run: the largest of the capture phase and one block's work."""
+    blocks = find_blocks(model)
+    block = model.get_submodule(blocks.names[0])
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)  # type: ignore[union-attr]
+    acts = 2 * samples * length * hidden * 4
+    stats = sum(
+        (m.in_features**2 * 4 if hessians else m.in_features * 8)
+        for m in block.modules()
+        if isinstance(m, nn.Linear)
+    )
+    outside = _param_bytes(model) - len(blocks.names) * _param_bytes(block)
+    return {
+        "block": _param_bytes(block),
+        "statistics": stats,
+        "activations": acts,
+        "outside_blocks": outside,
+        "peak": max(outside + acts, _param_bytes(block) + stats + acts) + 400 * 2**20,
+    }
+
+
+def checkpoint_fp32_bytes(path: Path) -> int:
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(4 * math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def compress_large(
+    model_dir: str | Path,
+    recipe: Recipe,
+    out: str | Path,
+    data: str | None,
+    max_memory: int,
+    work_dir: str | Path | None,
+    ctx: Context,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Compress the checkpoint in ``model_dir`` block by block; returns the artifact manifest."""
+    root = Path(model_dir)
+    not_layerwise = [s.spec.name for s in recipe.stages if s.spec.layerwise is None]
+    if not_layerwise:
+        raise ConfigError(
+            f"stages {not_layerwise} need the whole model in memory; with --max-memory only"
+            " layer-wise stages run (quantize.rtn/gptq/awq/smoothquant, prune.sparsegpt/wanda)"
+        )
+    arch = read_architecture(root)
+    with empty_parameters():
+        model = from_config(arch)
+    config: Any = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False  # a KV cache is not needed to calibrate
+    cal = getattr(recipe.stages[0].config, "calibration", None)
+    samples, batch = (cal.samples, cal.batch_size) if cal is not None else (8, 8)
+    hessians = any(s.spec.name in ("quantize.gptq", "prune.sparsegpt") for s in recipe.stages)
+    est = estimate_peak(model, samples, 256, hessians)
+    if est["peak"] > max_memory:
+        sizes = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in est.items())
+        raise ConfigError(
+            f"--max-memory {max_memory / 2**20:.0f} MiB is below the estimated peak of one"
+            f" block ({sizes}); raise it or lower `calibration.samples`"
+        )
+    task = make_task("causal-lm", data)
+    run = Run(ctx, task, original=None)
+    compressors = [s.spec.layerwise(s.config, run) for s in recipe.stages]  # type: ignore[misc]
+    steps = max(1, -(-samples // batch))
+    batches = list(task.train_batches(ctx, steps, batch))
+    recipe_dict = {k: v for k, v in recipe.to_dict().items() if k != "description"}
+    manifest = {
+        "architecture": arch,
+        "modules": [],
+        "metadata": {
+            "source": str(root),
+            "recipe": recipe_dict,
+            "recipe_name": recipe.name,
+            "dense_bytes": checkpoint_fp32_bytes(root),
+            "evaluator": "perplexity",
+            "offloaded": True,
+        },
+    }
+    out = Path(out)
+    work = Path(work_dir) if work_dir else out.parent / f".{out.name}.work"
+    key = fingerprint(arch, recipe_dict, data, samples, batch, ctx.seed)
+    plan = OffloadPlan(out, manifest, work, key, overwrite=force)
+    log.info("offloaded compression of %s: estimated peak %.0f MiB", root, est["peak"] / 2**20)
+    return compress_offloaded(
+        model, Checkpoint(root), batches, compressors, plan, ctx, task.forward
+    )

@@ -1,0 +1,65 @@
+"""Offloaded compression from the command line: budgets, estimates and clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slimtorch.cli.main import main
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError, UserInputError
+from slimtorch.large import checkpoint_fp32_bytes, compress_large, estimate_peak, parse_bytes
+from slimtorch.recipe import load_recipe
+
+
+def test_parse_bytes() -> None:
+    assert parse_bytes("1GB") == 10**9
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1.5G") == int(1.5e9)
+    with pytest.raises(UserInputError, match="1GB"):
+        parse_bytes("lots")
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_cache=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_estimate_and_refusals(checkpoint: Path, tmp_path: Path) -> None:
+    params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(checkpoint).parameters())
+    assert checkpoint_fp32_bytes(checkpoint) == 4 * params
+    with pytest.raises(ConfigError, match="whole model"):
+        compress_large(checkpoint, load_recipe("structured-50"), tmp_path / "o", None,
+                       10**10, None, Context())  # fmt: skip
+    with pytest.raises(ConfigError, match="estimated peak"):
+        compress_large(checkpoint, load_recipe("w4a16-gptq"), tmp_path / "o", None,
+                       2**20, None, Context())  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+def test_estimate_peak_counts_hessians() -> None:
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with_h = estimate_peak(model, 8, 16, hessians=True)
+    without = estimate_peak(model, 8, 16, hessians=False)
+    assert with_h["statistics"] == 4 * (6 * 32 * 32 + 64 * 64)
+    assert without["statistics"] < with_h["statistics"]
+
+
+def test_cli_max_memory_needs_a_checkpoint_dir(tmp_path: Path) -> None:
+    code = main(["compress", "--model", "builtin:lenet5-fashion", "--recipe", "w4a16-rtn",
+                 "--max-memory", "1GB", "--out", str(tmp_path / "x")])  # fmt: skip
+    assert code == 2
+    assert not (tmp_path / "x").exists()
