@@ -191,3 +191,43 @@ def test_int4_artifact_runs_on_the_int4_kernel(tmp_path: Path) -> None:
     with torch.no_grad():
         want, got = q(ids).logits, fast(ids).logits
     assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+class _Labels:
+    name = "labels"
+
+    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
+        gen = torch.Generator().manual_seed(ctx.seed)
+        for _ in range(steps):
+            yield (
+                torch.randint(0, 32, (batch_size, 10), generator=gen),
+                torch.randint(0, 32, (batch_size,), generator=gen),
+            )
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        return model(batch[0])
+
+
+def test_rnn_gates_are_quantized_and_pruned_layerwise(caplog: pytest.LogCaptureFixture) -> None:
+    from slimtorch.testing.models import tiny_lstm
+
+    model = tiny_lstm()
+    cal = {"samples": 16, "batch_size": 8}
+    q = st.compress(
+        model,
+        {"stages": [{"method": "quantize.gptq", "bits": 4, "group_size": 16, "calibration": cal}]},
+        data=_Labels(),
+    ).model
+    names = {f"{m}.{p}" for m, _, p, _ in iter_states(q)}
+    assert {"gru.weight_ih_l0", "gru.weight_hh_l0", "head.weight"} <= names
+    assert not any(n.startswith("lstm.") for n in names)  # 2-layer bidirectional: left alone
+    assert "single-layer unidirectional" in caplog.text
+    pruned = st.compress(
+        model,
+        {"stages": [{"method": "prune.wanda", "sparsity": 0.5, "calibration": cal}]},
+        data=_Labels(),
+    ).model
+    assert float((pruned.gru.weight_hh_l0 == 0).float().mean()) == pytest.approx(0.5, abs=0.01)

@@ -127,8 +127,12 @@ def observe_block(
     """Run ``block`` on every captured input, feeding each observed layer's input to its
     accumulator."""
     handles = []
-    for lname, acc in stats.items():
+    for key, acc in stats.items():
+        lname, _, param = key.partition(":")
         layer = block.get_submodule(lname) if lname else block
+        if param:
+            handles.append(layer.register_forward_hook(_rnn_hook(layer, param, acc)))
+            continue
 
         def hook(_m: nn.Module, args: tuple[Any, ...], acc: Accumulator = acc) -> None:
             if args and isinstance(args[0], torch.Tensor):
@@ -142,6 +146,25 @@ def observe_block(
     finally:
         for h in handles:
             h.remove()
+
+
+def _rnn_hook(layer: nn.Module, param: str, acc: Accumulator) -> Callable[..., None]:
+    """Inputs of one recurrent weight: ``weight_ih_l0`` reads the sequence, ``weight_hh_l0``
+    the previous hidden state (zeros, then the outputs shifted by one step)."""
+    batch_first = bool(getattr(layer, "batch_first", False))
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        x = args[0].detach()
+        if param.startswith("weight_ih"):
+            acc.update(x)
+            return
+        seq = (out[0] if isinstance(out, tuple) else out).detach()
+        time_axis = 1 if batch_first else 0
+        first = torch.zeros_like(seq.narrow(time_axis, 0, 1))
+        prev = seq.narrow(time_axis, 0, seq.shape[time_axis] - 1)
+        acc.update(torch.cat([first, prev], dim=time_axis))
+
+    return hook
 
 
 def next_inputs(block: nn.Module, inputs: Sequence[Inputs]) -> list[Inputs]:
@@ -240,6 +263,30 @@ def block_layers(
         full = f"{block_name}.{rel}" if block_name and rel else block_name or rel
         if isinstance(module, kinds) and sel.selects(full, block.get_submodule(rel)):
             out[rel] = block.get_submodule(rel)
+    return out
+
+
+def block_matrices(
+    block: nn.Module, block_name: str, config: StageConfig
+) -> dict[str, tuple[nn.Module, str]]:
+    """Weight matrices whose inputs the pipeline can capture: every targeted Linear
+    (``name`` -> (layer, "weight")) and the gate weights of single-layer unidirectional
+    LSTM/GRU layers (``name:weight_ih_l0`` and ``name:weight_hh_l0``)."""
+    out: dict[str, tuple[nn.Module, str]] = {
+        n: (m, "weight") for n, m in block_linears(block, block_name, config).items()
+    }
+    for rel, rnn in block_layers(block, block_name, config, (nn.LSTM, nn.GRU)).items():
+        if getattr(rnn, "num_layers", 1) != 1 or getattr(rnn, "bidirectional", False):
+            log.warning(
+                "%s: layer-wise methods capture the inputs of single-layer unidirectional"
+                " LSTM/GRU only; this one is left as it is",
+                f"{block_name}.{rel}".strip("."),
+            )
+            continue
+        if getattr(rnn, "proj_size", 0):
+            continue
+        for param in ("weight_ih_l0", "weight_hh_l0"):
+            out[f"{rel}:{param}"] = (rnn, param)
     return out
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from slimtorch.calibrate.sequential import (
     Accumulator,
     LayerwiseConfig,
-    block_linears,
+    block_matrices,
     calibration_batches,
     run_layerwise,
     run_sequential,
@@ -64,62 +64,76 @@ class WandaConfig(_OneShotConfig):
     owl_threshold: float = Field(5.0, gt=0, description="outlier = score > M * mean score")
 
 
-def _prior(layer: nn.Module) -> torch.Tensor | None:
-    state = get_state(layer, "weight")
+def _prior(layer: nn.Module, param: str) -> torch.Tensor | None:
+    state = get_state(layer, param)
     return None if state is None or state.mask is None else state.mask
+
+
+def _full(block: str, key: str) -> str:
+    rel = key.partition(":")[0]
+    return f"{block}.{rel}" if block and rel else block or rel
+
+
+def _weight(layer: nn.Module, param: str) -> torch.Tensor:
+    weight = getattr(layer, param)
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 class SparseGPTCompressor:
     def __init__(self, config: SparseGPTConfig) -> None:
         self.config = config
-        self.layers: dict[str, nn.Linear] = {}
+        self.layers: dict[str, tuple[nn.Module, str]] = {}
 
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
-        self.layers = block_linears(block, name, self.config)
-        return {n: HessianAccumulator(m.in_features) for n, m in self.layers.items()}
+        self.layers = block_matrices(block, name, self.config)
+        return {n: HessianAccumulator(_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()}
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         c = self.config
-        for lname, layer in self.layers.items():
+        for lname, (layer, param) in self.layers.items():
             acc = stats[lname]
             assert isinstance(acc, HessianAccumulator)
-            prior = _prior(layer)
-            shape = layer.weight.shape
+            weight = _weight(layer, param)
+            prior = _prior(layer, param)
+            shape = weight.shape
             w, keep = sparsegpt_prune(
-                to_matrix(layer.weight.detach()), acc.hessian(), c.sparsity, n=c.n, m=c.m,
+                to_matrix(weight.detach()), acc.hessian(), c.sparsity, n=c.n, m=c.m,
                 block_size=c.block_size, damp=c.damp,
                 prior=None if prior is None else to_matrix(prior),
             )  # fmt: skip
             with torch.no_grad():
-                layer.weight.copy_(from_matrix(w, shape))
-            set_mask(WeightRef(f"{name}.{lname}", layer, "weight"), from_matrix(keep, shape))
+                weight.copy_(from_matrix(w, shape))
+            set_mask(WeightRef(_full(name, lname), layer, param), from_matrix(keep, shape))
 
 
 class WandaCompressor:
     def __init__(self, config: WandaConfig, sparsities: dict[str, float] | None = None) -> None:
         self.config = config
         self.sparsities = sparsities or {}
-        self.layers: dict[str, nn.Linear] = {}
+        self.layers: dict[str, tuple[nn.Module, str]] = {}
         self.ratios: dict[str, float] = {}
 
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
-        self.layers = block_linears(block, name, self.config)
-        return {n: InputNormAccumulator(m.in_features) for n, m in self.layers.items()}
+        self.layers = block_matrices(block, name, self.config)
+        return {
+            n: InputNormAccumulator(_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()
+        }
 
     def outliers(self, name: str, stats: dict[str, Accumulator]) -> None:
-        weights = [self.layers[n].weight.detach() for n in self.layers]
+        weights = [_weight(m, p).detach() for m, p in self.layers.values()]
         norms = [_sq_norm(stats[n]) for n in self.layers]
         self.ratios[name] = outlier_ratio(weights, norms, self.config.owl_threshold)
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         c = self.config
         sparsity = self.sparsities.get(name, c.sparsity)
-        for lname, layer in self.layers.items():
+        for lname, (layer, param) in self.layers.items():
             mask = wanda_mask(
-                layer.weight.detach(), _sq_norm(stats[lname]), sparsity, n=c.n, m=c.m,
-                prior=_prior(layer),
+                _weight(layer, param).detach(), _sq_norm(stats[lname]), sparsity, n=c.n, m=c.m,
+                prior=_prior(layer, param),
             )  # fmt: skip
-            set_mask(WeightRef(f"{name}.{lname}", layer, "weight"), mask)
+            set_mask(WeightRef(_full(name, lname), layer, param), mask)
 
 
 def _sq_norm(acc: Accumulator) -> torch.Tensor:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from slimtorch.calibrate.sequential import (
     Accumulator,
     LayerwiseConfig,
-    block_linears,
+    block_matrices,
     run_layerwise,
 )
 from slimtorch.calibrate.statistics import HessianAccumulator
@@ -67,21 +68,22 @@ class GPTQConfig(LayerwiseConfig):
 class GPTQCompressor:
     def __init__(self, config: GPTQConfig) -> None:
         self.config = config
-        self.layers: dict[str, nn.Linear] = {}
+        self.layers: dict[str, tuple[nn.Module, str]] = {}
 
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
-        self.layers = block_linears(block, name, self.config)
-        return {n: HessianAccumulator(m.in_features) for n, m in self.layers.items()}
+        self.layers = block_matrices(block, name, self.config)
+        return {n: HessianAccumulator(_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()}
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         c = self.config
-        for lname, layer in self.layers.items():
+        for lname, (layer, param) in self.layers.items():
             acc = stats[lname]
             assert isinstance(acc, HessianAccumulator)
-            old = get_state(layer, "weight")
+            weight = _weight(layer, param)
+            old = get_state(layer, param)
             mask = old.mask if old is not None else None
             result = gptq_quantize(
-                to_matrix(layer.weight.detach()),
+                to_matrix(weight.detach()),
                 acc.hessian(),
                 c.spec(),
                 damp=c.damp,
@@ -90,9 +92,15 @@ class GPTQCompressor:
                 static_groups=c.static_groups,
                 mask=None if mask is None else to_matrix(mask),
             )
-            state = WeightState(mask=mask, quant=result.quant_state(layer.weight.shape))
-            apply_state(layer, "weight", state)
+            state = WeightState(mask=mask, quant=result.quant_state(tuple(weight.shape)))
+            apply_state(layer, param, state)
             log.debug("gptq %s.%s: loss %.4g", name, lname, result.loss)
+
+
+def _weight(layer: nn.Module, param: str) -> torch.Tensor:
+    weight = getattr(layer, param)
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def _compressor(config: GPTQConfig, run: Run) -> GPTQCompressor:
