@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_structured.py --only permute [--models lenet5-fashion,minilm]
     .venv/bin/python bench/bench_structured.py --only widths [--model resnet18-fashion]
+    .venv/bin/python bench/bench_structured.py --only resnet [--steps 1000]
 
 permute: quality after 2:4 magnitude pruning (`prune.nm`, no fine-tuning) of every Linear/Conv
 with and without `prune.permute` first (channel permutation through the dependency graph: only
@@ -11,6 +12,14 @@ widths: `prune.reorder` (L1 importance order) then `slimtorch.save`; the artifac
 `slimtorch.load(dir, width=w)` for w in 1, 0.75, 0.5: parameters, bytes of the narrowed model
 saved again, latency (batch 32 and 1, one thread, median) and accuracy, and the same widths
 after a short fine-tune of each narrowed model (`--finetune-steps`).
+
+resnet: builtin:resnet18-fashion pruned to half its MACs by slimtorch (`prune.structured`,
+`flops: 0.5`, group L1, one ratio for every group, fc left whole) and by Torch-Pruning 1.6.1
+(bench/tp_resnet.py: MetaPruner, GroupMagnitudeImportance(p=1), global_pruning=False, ratio
+bisected to half the MACs), both fine-tuned with the same function and steps, side by side in
+one run: parameters, MACs (Torch-Pruning's counter for both), accuracy on the 10,000 test images,
+latency at batch 32 and 1 (one thread) and bytes on disk. slimtorch's numbers are of the model
+loaded back from its artifact (`slimtorch.load`).
 
 Results: bench/results/structured.json (one key per section).
 """
@@ -127,9 +136,36 @@ def widths(name: str, finetune_steps: int, ctx: Context) -> dict[str, Any]:
     return {"model": name, "finetune_steps": finetune_steps, "rows": rows}
 
 
+def resnet(steps: int, repeats: int) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tp_resnet  # the peer side, same measurement and fine-tuning functions
+    from slimtorch.models.data_images import load_fashion_mnist
+
+    test = load_fashion_mnist("test")
+    peer = tp_resnet.run("builtin:resnet18-fashion", steps, repeats, None)
+    model = _loaded("resnet18-fashion")
+    recipe = {
+        "stages": [
+            {"method": "prune.structured", "flops": 0.5, "importance": "l1", "ignore": ["fc"]}
+        ]
+    }
+    pruned = st.compress(model, recipe).model
+    ours: dict[str, Any] = {"pruned": tp_resnet.measure(pruned, test, repeats)}
+    tp_resnet.finetune(pruned, steps)
+    with tempfile.TemporaryDirectory(prefix="slimtorch-bench-") as tmp:
+        st.save(pruned, Path(tmp) / "a")
+        loaded = st.load(Path(tmp) / "a")
+        ours["finetuned"] = tp_resnet.measure(loaded, test, repeats)
+        ours["finetuned"]["artifact_bytes"] = artifact_size(Path(tmp) / "a")
+    ours["widths"] = tp_resnet.channel_widths(loaded)
+    return {"torch_pruning": peer, "slimtorch": ours, "steps": steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["permute", "widths"], required=True)
+    parser.add_argument("--only", choices=["permute", "widths", "resnet"], required=True)
+    parser.add_argument("--steps", type=int, default=1000, help="fine-tuning steps (resnet)")
+    parser.add_argument("--repeats", type=int, default=20, help="latency runs (resnet)")
     parser.add_argument("--models", default="lenet5-fashion,minilm")
     parser.add_argument("--model", default="resnet18-fashion")
     parser.add_argument("--finetune-steps", type=int, default=300)
@@ -139,6 +175,8 @@ def main() -> None:
     ctx = Context(progress=False)
     if args.only == "permute":
         section: dict[str, Any] = permute(args.models.split(","), ctx)
+    elif args.only == "resnet":
+        section = resnet(args.steps, args.repeats)
     else:
         section = widths(args.model, args.finetune_steps, ctx)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
