@@ -1,7 +1,8 @@
-"""``slimtorch export DIR --to onnx|hf --out OUT``: a slimtorch artifact for other runtimes.
+"""``slimtorch export DIR --to onnx|hf|compressed-tensors --out OUT``: an artifact for other runtimes.
 
     slimtorch export out/ --to onnx --out model.onnx      # verified in onnxruntime
     slimtorch export out/ --to hf --out model-hf/         # transformers' from_pretrained loads it
+    slimtorch export out/ --to compressed-tensors --out model-ct/   # packed int4/int8 weights
 
 Example inputs come from what the artifact records (builtin models, Hugging Face configs, or
 the ``input`` shape recorded with ``slimtorch compress --input-shape``).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-TARGETS = ("onnx", "hf")
+TARGETS = ("onnx", "hf", "compressed-tensors")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="a slimtorch artifact directory (the --out of compress)")
     p.add_argument("--to", required=True, choices=TARGETS, help="the format to write")
-    p.add_argument("--out", required=True, help="the .onnx file, or the directory for --to hf")
+    p.add_argument("--out", required=True, help="the .onnx file, or the directory to write")
     p.add_argument(
         "--batch",
         type=int,
@@ -49,10 +50,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserInputError(f"--batch must be at least 1, got {args.batch}")
     model = api.load(api.require_dir(args.dir))
     arch = get_architecture(model) or {}
-    if args.to == "hf" and arch.get("kind") != "hf":
+    if args.to in ("hf", "compressed-tensors") and arch.get("kind") != "hf":
         raise UnsupportedModelError(
             f"{args.dir} holds a {arch.get('kind') or 'non-Hugging Face'} model"
-            f" ({type(model).__name__}); --to hf writes transformers models only: use"
+            f" ({type(model).__name__}); --to {args.to} writes transformers models only: use"
             " --to onnx, or slimtorch.load"
         )
     inputs = example_inputs(model, args.batch, arch)
@@ -65,11 +66,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.to == "hf":
         return export_hf_checked(model, inputs, args.out, args.force)
+    if args.to == "compressed-tensors":
+        from slimtorch.models.compressed_tensors import export_checked
+
+        return export_checked(model, inputs, args.out, args.force)
     return export_onnx(model, inputs, args.out, args.opset, args.force)
+
+
+def _render_ct(result: dict[str, Any]) -> str:
+    groups = "; ".join(
+        f"{g['layers']} layers {g['num_bits']}-bit {g['strategy']}"
+        f"{' ' + str(g['group_size']) if g['group_size'] else ''}"
+        f" {'sym' if g['symmetric'] else 'asym'}"
+        for g in result["config_groups"].values()
+    )
+    check = result["verified"]
+    if check == "transformers":
+        check = f"outputs match to {result['max_abs_diff']:.3g}"
+    return "\n".join(
+        [
+            f"wrote {result['out']} ({result['class']}, {result['bytes']:,} bytes): {groups}",
+            f"dense: {', '.join(result['ignore']) or 'none'}; reloaded by transformers: {check}",
+        ]
+    )
 
 
 def render(result: dict[str, Any]) -> str:
     """Plain-text summary of :func:`run`'s result."""
+    if result["format"] == "compressed-tensors":
+        return _render_ct(result)
     fits = (
         f"outputs match to {result['max_abs_diff']:.3g}"
         f" (tolerance {result['atol']} + {result['rtol']} x |value|)"

@@ -1,0 +1,403 @@
+"""Export a quantized Hugging Face model in the compressed-tensors ``pack-quantized`` layout.
+
+transformers (with the ``compressed-tensors`` package), vLLM and llm-compressor read this
+layout. For every ``nn.Linear`` whose weight carries an affine :class:`QuantState`, the
+``model.safetensors`` holds, instead of ``<layer>.weight``:
+
+- ``weight_packed`` int32 ``[out, ceil(in * bits / 32)]``: signed codes ``c`` in
+  ``[-2**(bits-1), 2**(bits-1) - 1]``, stored as ``c + 2**(bits-1)``, ``32 // bits`` per word,
+  element ``j`` of a row in word ``j // (32 // bits)`` at bit ``bits * (j % (32 // bits))``;
+- ``weight_scale`` in the weight's dtype: ``[out, in / group_size]`` (group), ``[out, 1]``
+  (channel) or ``[1]`` (tensor);
+- ``weight_zero_point`` (asymmetric only), signed like the codes: for group and channel
+  grids packed like the codes but along the output axis (int32 ``[ceil(out * bits / 32),
+  groups]``), for a tensor grid one int8 ``[1]``;
+- ``weight_shape`` int64 ``[out, in]``.
+
+The reader computes ``w = (c - zero_point) * scale`` in the scale's dtype, which is
+slimtorch's ``(codes - zero_point) * scale`` once unsigned codes and zero points are shifted
+by ``2**(bits-1)``: a float32 model reloads with bit-identical weights. Layers with the same
+grid (bits, strategy, group size, symmetry) form one entry of ``config_groups``; Linear
+layers left unquantized are listed in ``ignore``. A pruning mask on a quantized weight is kept
+by setting the pruned codes to the zero point (exact). What the layout cannot express raises
+:class:`UnsupportedModelError`: codebooks, binary/ternary grids, bit widths that do not divide
+32 (readers disagree on how those are packed), ragged last groups, quantized non-Linear
+layers, masks without quantization (compressed-tensors 0.20 dropped its sparse formats).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from slimtorch.core.errors import UnsupportedModelError
+from slimtorch.formats.atomic import MODEL_FILE, check_target, swap_into_place
+from slimtorch.formats.state import QuantState, WeightState, iter_states, to_matrix
+from slimtorch.models.artifact import get_metadata
+from slimtorch.models.hf_export import _fsync_tree, hf_config_for
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pack-quantized"
+SUPPORTED_BITS = (2, 4, 8)
+TOKENIZER_FILES = (
+    *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
+    *("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja"),
+)
+_INSTEAD = "export it with --to hf (dense weights) or keep it as a slimtorch artifact"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One compressed-tensors weight scheme (symmetry is decided over all its layers)."""
+
+    bits: int
+    strategy: str  # "group" | "channel" | "tensor"
+    group_size: int | None
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed ``bits``-bit codes ``[rows, cols]`` along the columns into int32 words."""
+    per_word = 32 // bits
+    rows, cols = codes.shape
+    words = -(-cols // per_word)
+    u = codes.to(torch.int64) + (1 << (bits - 1))
+    u = F.pad(u, (0, words * per_word - cols)).reshape(rows, words, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    packed = (u << shifts).sum(dim=-1)  # < 2**32: reinterpret the top bit as the sign
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: signed codes ``[rows, cols]`` (int32)."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    u = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return (u.reshape(packed.shape[0], -1)[:, :cols] - (1 << (bits - 1))).to(torch.int32)
+
+
+def grid_of(name: str, module: nn.Module, state: WeightState) -> Grid:
+    """The compressed-tensors grid of one quantized weight, or why it has none."""
+    q = state.quant
+    where = f"{name} ({type(module).__name__})"
+    if q is None:
+        raise UnsupportedModelError(
+            f"{where} is pruned but not quantized: compressed-tensors 0.20 has no sparse format"
+            f" for masks alone; quantize it (e.g. a quantize.rtn stage after pruning) or {_INSTEAD}"
+        )
+    if not isinstance(module, nn.Linear):
+        raise UnsupportedModelError(
+            f"{where} carries a quantized weight, but this export writes quantized nn.Linear"
+            f" layers only; quantize Linear layers only (targets: [Linear]) or {_INSTEAD}"
+        )
+    if q.scheme != "affine":
+        raise UnsupportedModelError(
+            f"{where} holds a {q.scheme} grid; compressed-tensors stores affine integer grids"
+            f" only (codes, scale, zero point): use quantize.rtn/gptq/awq or {_INSTEAD}"
+        )
+    if q.bits not in SUPPORTED_BITS:
+        raise UnsupportedModelError(
+            f"{where} is quantized to {q.bits} bits; this export writes {SUPPORTED_BITS} bits"
+            f" (packings of other widths differ between compressed-tensors readers): use"
+            f" bits 4 or 8, or {_INSTEAD}"
+        )
+    if q.granularity == "per_tensor":
+        return Grid(q.bits, "tensor", None)
+    if q.granularity == "per_channel":
+        return Grid(q.bits, "channel", None)
+    assert q.group_size is not None
+    if module.in_features % q.group_size:
+        raise UnsupportedModelError(
+            f"{where} has {module.in_features} input features, not a multiple of its group"
+            f" size {q.group_size}: compressed-tensors needs whole groups; choose a group size"
+            f" that divides {module.in_features} or {_INSTEAD}"
+        )
+    return Grid(q.bits, "group", q.group_size)
+
+
+def signed_grid(q: QuantState, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[out, in]`` and zero points ``[rows, groups]`` (int32) in the signed range the
+    reader uses; pruned codes are set to their zero point, so ``(c - zp) * scale`` is 0."""
+    offset = 1 << (q.bits - 1)
+    codes = to_matrix(q.codes).to(torch.int32)
+    zp = q.zero_point.to(torch.int32)
+    if mask is not None:
+        codes = torch.where(to_matrix(mask), codes, q.expand(zp, codes.shape[1]).expand_as(codes))
+    if not q.signed:
+        codes, zp = codes - offset, zp - offset
+    for what, t in (("codes", codes), ("zero points", zp)):
+        if t.numel() and (int(t.min()) < -offset or int(t.max()) >= offset):
+            raise UnsupportedModelError(
+                f"{what} outside the {q.bits}-bit range [{-offset}, {offset - 1}] after"
+                f" conversion; the quantization state is inconsistent: re-run the stage"
+            )
+    return codes, zp
+
+
+def layer_tensors(
+    q: QuantState,
+    codes: torch.Tensor,
+    zp: torch.Tensor,
+    grid: Grid,
+    symmetric: bool,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """The tensors of one quantized Linear, by their name under the layer."""
+    scale = q.scale.to(torch.float32)
+    if grid.strategy == "tensor":
+        scale, zp = scale.reshape(1), zp.reshape(1)
+    out = {
+        "weight_packed": pack_int32(codes, grid.bits),
+        "weight_scale": scale.to(dtype).contiguous(),
+        "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64),
+    }
+    if not symmetric:
+        if grid.strategy == "tensor":
+            out["weight_zero_point"] = zp.to(torch.int8)
+        else:
+            out["weight_zero_point"] = pack_int32(zp.t(), grid.bits).t().contiguous()
+    rounded = out["weight_scale"].to(torch.float32)
+    if not torch.equal(rounded, scale):
+        rel = float(((rounded - scale).abs() / scale.abs().clamp_min(1e-30)).max())
+        log.warning("scales rounded to %s (relative error up to %.2g)", dtype, rel)
+    return out
+
+
+def _scheme_dict(grid: Grid, symmetric: bool, targets: list[str]) -> dict[str, Any]:
+    weights = {"num_bits": grid.bits, "type": "int", "symmetric": symmetric}
+    weights |= {"strategy": grid.strategy, "group_size": grid.group_size, "dynamic": False}
+    weights |= {"block_structure": None, "actorder": None}  # groups are contiguous columns
+    none = {"input_activations": None, "output_activations": None}
+    return {"targets": targets, "weights": weights, **none, "format": FORMAT}
+
+
+def quantization_config(
+    groups: dict[Grid, list[str]], symmetric: dict[Grid, bool], ignore: list[str]
+) -> dict[str, Any]:
+    """The ``quantization_config`` block of ``config.json``. One grid targets ``Linear`` (all
+    Linear layers but ``ignore``); several grids target their layers by exact name."""
+    items = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    config_groups = {
+        f"group_{i}": _scheme_dict(grid, symmetric[grid], ["Linear"] if len(items) == 1 else names)
+        for i, (grid, names) in enumerate(items)
+    }
+    qc: dict[str, Any] = {
+        "quant_method": "compressed-tensors",
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+    }
+    if not all(symmetric.values()):
+        if len(items) == 1:
+            qc["dequantize"] = True  # transformers' compressed route misreads packed zero points
+        else:
+            log.warning(
+                "asymmetric grids in %d config groups: the layout is valid (vLLM reads it), but"
+                " transformers <= 5.24 with compressed-tensors <= 0.20 cannot load it (its"
+                " compressed route misshapes packed zero points, its dequantize route applies"
+                " the first group's scheme to every layer); use one grid or symmetric grids",
+                len(items),
+            )
+    return qc
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, tuple[QuantState, Any, Any, Grid]], list[str]]:
+    """Per quantized Linear: (state, signed codes, signed zero points, grid); and ``ignore``."""
+    layers: dict[str, tuple[QuantState, Any, Any, Grid]] = {}
+    for name, module, param, state in iter_states(model):
+        if param != "weight" or (state.quant is None and state.mask is None):
+            continue
+        grid = grid_of(name, module, state)
+        assert state.quant is not None
+        codes, zp = signed_grid(state.quant, state.mask)
+        layers[name] = (state.quant, codes, zp, grid)
+    if not layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no quantized Linear weight; quantize it first (e.g. the"
+            " w4a16-rtn preset) or export dense weights with --to hf"
+        )
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    owners: dict[int, list[str]] = defaultdict(list)
+    for pname, p in params.items():
+        owners[p.data_ptr()].append(pname)
+    for name in layers:
+        tied = owners[params[f"{name}.weight"].data_ptr()]
+        if len(tied) > 1:
+            raise UnsupportedModelError(
+                f"{name}.weight is quantized but tied to {[t for t in tied if t != name + '.weight']};"
+                f" untie them (tie_word_embeddings=False) or leave the tied layer unquantized"
+                f" (ignore: [{name}])"
+            )
+    return layers, ignore
+
+
+def _state_dict(
+    model: nn.Module, layers: dict[str, tuple[QuantState, Any, Any, Grid]]
+) -> tuple[dict[str, torch.Tensor], dict[Grid, list[str]], dict[Grid, bool]]:
+    groups: dict[Grid, list[str]] = defaultdict(list)
+    for name, (_, _, _, grid) in layers.items():
+        groups[grid].append(name)
+    symmetric = {g: all(not bool(layers[n][2].any()) for n in names) for g, names in groups.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers and leaf == "weight":
+            q, codes, zp, grid = layers[owner]
+            for sub, t in layer_tensors(q, codes, zp, grid, symmetric[grid], value.dtype).items():
+                tensors[f"{owner}.{sub}"] = t
+            continue
+        ptr = value.data_ptr()
+        if ptr in seen and value.numel():  # a tied weight is stored once, under its first name
+            continue
+        seen[ptr] = key
+        tensors[key] = value.detach().contiguous()
+    return tensors, dict(groups), symmetric
+
+
+def tokenizer_dir(model: nn.Module) -> Path | None:
+    """Where ``model``'s tokenizer files are: its source directory, if it has one."""
+    config = getattr(model, "config", None)
+    for where in (getattr(config, "_name_or_path", None), get_metadata(model).get("source")):
+        if (
+            where
+            and Path(str(where)).is_dir()
+            and any((Path(str(where)) / f).is_file() for f in TOKENIZER_FILES)
+        ):
+            return Path(str(where))
+    return None
+
+
+def _copy_tokenizer(source: Path | None, tmp: Path) -> list[str]:
+    names = [n for n in TOKENIZER_FILES if source is not None and (source / n).is_file()]
+    for name in names:
+        shutil.copyfile(Path(str(source)) / name, tmp / name)
+    return names
+
+
+def _write(
+    model: nn.Module, tmp: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]
+) -> None:
+    from slimtorch.models import hf
+
+    qc = cfg["quantization_config"]
+    hf._config_from_dict(cfg).save_pretrained(tmp)
+    written = json.loads((tmp / "config.json").read_text())
+    if written.get("quantization_config") != json.loads(json.dumps(qc)):
+        raise UnsupportedModelError(
+            f"{type(model.config).__name__} did not keep the quantization_config"  # type: ignore[union-attr]
+            " block in config.json; this transformers version cannot express it"
+        )
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(tmp)
+
+
+def export_compressed_tensors(
+    model: nn.Module,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    tokenizer: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write the quantized transformers ``model`` to ``out_dir`` in the compressed-tensors
+    ``pack-quantized`` layout (``from_pretrained(out_dir)`` loads it); atomic.
+
+    Tokenizer files are copied from ``tokenizer`` (a directory), else from the directory the
+    model came from when it has them. Returns a JSON-able report."""
+    cfg = hf_config_for(model)  # raises for models transformers cannot rebuild
+    layers, ignore = _collect(model)
+    tensors, groups, symmetric = _state_dict(model, layers)
+    qc = cfg["quantization_config"] = quantization_config(groups, symmetric, ignore)
+    path = Path(out_dir)
+    check_target(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        _write(model, tmp, tensors, cfg)
+        copied = _copy_tokenizer(Path(tokenizer) if tokenizer else tokenizer_dir(model), tmp)
+        _fsync_tree(tmp)
+        swap_into_place(tmp, path, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %d quantized layers of %s to %s", len(layers), type(model).__name__, path)
+    return {
+        "format": "compressed-tensors",
+        "out": str(path),
+        "class": type(model).__name__,
+        "files": sorted(f.name for f in path.iterdir()),
+        "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "quantized_layers": len(layers),
+        "config_groups": {
+            k: {**v["weights"], "layers": len(v["targets"]) if len(groups) > 1 else len(layers)}
+            for k, v in qc["config_groups"].items()
+        },
+        "ignore": ignore,
+        "tokenizer_files": copied,
+    }
+
+
+def verify_reload(
+    model: nn.Module, path: str | Path, inputs: tuple[torch.Tensor, ...]
+) -> dict[str, Any]:
+    """Load ``path`` with transformers' ``from_pretrained`` (which needs the compressed-tensors
+    package) and compare its outputs on ``inputs`` with ``model``'s (``ATOL + RTOL * |value|``
+    of :mod:`slimtorch.models.export`). Raises :class:`UnsupportedModelError` when they differ."""
+    from slimtorch.models import hf
+    from slimtorch.models.export import ATOL, RTOL, compare_outputs, tensor_leaves
+
+    cls = getattr(hf._transformers(), type(model).__name__)
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    reloaded = cls.from_pretrained(path, local_files_only=True, attn_implementation=attn)
+    kwargs = {"use_cache": False}
+    with torch.inference_mode():
+        expected = [t.numpy() for t in tensor_leaves(model.eval()(*inputs, **kwargs))]
+        actual = [t.numpy() for t in tensor_leaves(reloaded.eval()(*inputs, **kwargs))]
+    check = compare_outputs(expected, actual, ATOL, RTOL)
+    if not check["ok"]:
+        raise UnsupportedModelError(
+            f"{path} loaded by transformers computes different outputs (up to"
+            f" {check['max_abs_diff']:.3g}; {check.get('reason') or ''}); keep the model as a"
+            " slimtorch artifact and report this as a bug"
+        )
+    return {"max_abs_diff": check["max_abs_diff"], "atol": ATOL, "rtol": RTOL}
+
+
+def export_checked(
+    model: nn.Module, inputs: Sequence[torch.Tensor], out_dir: str | Path, overwrite: bool = False
+) -> dict[str, Any]:
+    """:func:`export_compressed_tensors`, then :func:`verify_reload` when the compressed-tensors
+    package is installed (else the report says the check was skipped); a directory that does
+    not reload the same is removed."""
+    result = export_compressed_tensors(model, out_dir, overwrite)
+    if importlib.util.find_spec("compressed_tensors") is None:
+        return {**result, "verified": "skipped: `pip install compressed-tensors` to check it"}
+    try:
+        return {
+            **result,
+            **verify_reload(model, out_dir, tuple(inputs)),
+            "verified": "transformers",
+        }
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
