@@ -82,6 +82,19 @@ def checkpoint_fp32_bytes(path: Path) -> int:
     return total
 
 
+def _check_vocab(config: Any) -> None:
+    """The calibration text is tokenized with builtin:austen-lm's tokenizer."""
+    from slimtorch.models.austen_lm import builtin_tokenizer_path, load_tokenizer
+
+    have = int(getattr(config, "vocab_size", 0) or 0)
+    need = load_tokenizer(builtin_tokenizer_path()).get_vocab_size()
+    if have < need:
+        raise ConfigError(
+            f"the model's vocabulary ({have} tokens) is smaller than the calibration tokenizer's"
+            f" ({need}, builtin:austen-lm): compress it in memory (drop --max-memory)"
+        )
+
+
 def compress_large(
     model_dir: str | Path,
     recipe: Recipe,
@@ -116,6 +129,7 @@ def compress_large(
             f"--max-memory {max_memory / 2**20:.0f} MiB is below the estimated peak of one"
             f" block ({sizes}); raise it or lower `calibration.samples`"
         )
+    _check_vocab(config)
     task = make_task("causal-lm", data)
     run = Run(ctx, task, original=None)
     compressors = [s.spec.layerwise(s.config, run) for s in recipe.stages]  # type: ignore[misc]

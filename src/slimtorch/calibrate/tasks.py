@@ -22,6 +22,7 @@ _TASK_MODULES = (
     "slimtorch.calibrate.classification",
     "slimtorch.calibrate.charlm",
     "slimtorch.calibrate.sentences",
+    "slimtorch.calibrate.lm",
 )
 
 

@@ -33,6 +33,11 @@ EVALUATORS: Registry[Evaluator] = Registry("evaluator")
 
 
 def get_evaluator(name: str) -> Evaluator:
-    for mod in ("slimtorch.eval.accuracy", "slimtorch.eval.similarity", "slimtorch.eval.language"):
+    for mod in (
+        "slimtorch.eval.accuracy",
+        "slimtorch.eval.similarity",
+        "slimtorch.eval.language",
+        "slimtorch.eval.perplexity",
+    ):
         importlib.import_module(mod)
     return EVALUATORS.get(name)

@@ -1,0 +1,122 @@
+"""Task ``causal-lm``: next-token prediction on random windows of tokenized training text.
+
+A batch is ``(input_ids [B, L],)`` int64: windows of the token stream of the training split at
+uniformly random starts (``L`` = :data:`WINDOW`, the context of ``builtin:austen-lm``). The loss
+is the mean next-token cross-entropy of ``model(input_ids).logits``; ``forward`` returns the
+logits. Training text: the train split (first 90% of each novel, article or file) of a text spec
+(``builtin:austen``, ``builtin:wikipedia``, a ``.txt`` path, joined by ``+``), tokenized with
+``builtin:austen-lm``'s tokenizer; default ``builtin:austen+builtin:wikipedia``. The held-out
+10% is what evaluator ``perplexity`` scores, so calibration never sees it.
+
+:func:`calibration_windows` draws a GPTQ-style calibration set (``n`` random windows of
+``length`` tokens, seeded), as IST-DASLab/gptq draws 128 x 2048-token windows of C4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtorch.calibrate.tasks import TASKS
+from slimtorch.core.context import Context
+from slimtorch.core.errors import UnsupportedModelError, UserInputError
+
+DEFAULT_DATA = "builtin:austen+builtin:wikipedia"
+WINDOW = 256
+
+Batch = tuple[torch.Tensor]
+
+
+def random_windows(ids: torch.Tensor, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` windows ``[n, length]`` of the 1-D ``ids`` at uniformly random starts."""
+    if n < 1 or length < 2:
+        raise UserInputError(f"need n >= 1 windows of length >= 2, got n={n}, length={length}")
+    if ids.numel() < length:
+        raise UserInputError(
+            f"the text has {ids.numel()} tokens, fewer than one window of {length}; give more"
+            " text or a shorter length"
+        )
+    starts = torch.randint(0, ids.numel() - length + 1, (n,), generator=gen)
+    return ids[starts.unsqueeze(1) + torch.arange(length)]
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits [B, L, V]`` predicting ``ids [B, L]`` one step ahead."""
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        raise UnsupportedModelError(
+            f"causal-lm needs logits [batch, tokens, vocab] for ids {tuple(ids.shape)}, got"
+            f" {tuple(logits.shape)}; use a causal LM (e.g. a transformers *ForCausalLM)"
+        )
+    pred = logits[:, :-1].reshape(-1, logits.shape[-1])
+    return F.cross_entropy(pred.float(), ids[:, 1:].reshape(-1))
+
+
+def train_ids(data: str) -> torch.Tensor:
+    """Token ids of the train split of the text spec ``data`` (builtin:austen-lm's tokenizer)."""
+    from slimtorch.models.austen_lm import encoded_split
+
+    return encoded_split(data, "train")
+
+
+@dataclass
+class CausalLMTask:
+    """Random ``window``-token slices of the stream ``ids``; next-token cross-entropy."""
+
+    ids: torch.Tensor
+    window: int = WINDOW
+    name: str = "causal-lm"
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() != 1 or self.ids.dtype != torch.int64:
+            raise UserInputError("causal-lm needs a 1-D int64 tensor of token ids")
+        if self.ids.numel() < self.window:
+            raise UserInputError(
+                f"the training text has {self.ids.numel()} tokens, fewer than one window of"
+                f" {self.window}; give more text"
+            )
+
+    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Batch]:
+        """``steps`` batches of ``batch_size`` windows drawn with ``ctx.generator()``."""
+        gen = ctx.generator()
+        for _ in range(steps):
+            yield (random_windows(self.ids, batch_size, self.window, gen).to(ctx.device),)
+
+    def calibration_windows(self, n: int, length: int | None = None, seed: int = 0) -> torch.Tensor:
+        """``n`` random windows ``[n, length]`` (default the task's window), seeded by ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        return random_windows(self.ids, n, length or self.window, gen)
+
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The logits ``[B, L, V]`` of ``model`` on the batch's ids."""
+        out: Any = model(batch[0])
+        logits = getattr(out, "logits", None)
+        if logits is None:
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+        return logits  # type: ignore[no-any-return]
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self.loss_from_output(self.forward(model, batch), batch)
+
+    def loss_from_output(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Next-token cross-entropy of the logits ``output`` on the batch's ids."""
+        return next_token_loss(output, batch[0])
+
+
+def calibration_windows(
+    n: int, length: int = WINDOW, seed: int = 0, data: str = DEFAULT_DATA
+) -> torch.Tensor:
+    """GPTQ-style calibration set: ``n`` random ``length``-token windows of ``data``'s train split."""
+    return CausalLMTask(train_ids(data), window=length).calibration_windows(n, length, seed)
+
+
+def make_causal_lm(data: str | None) -> CausalLMTask:
+    """Task factory ``causal-lm`` (``data``: None for Austen + Wikipedia, else a text spec)."""
+    return CausalLMTask(train_ids(DEFAULT_DATA if data is None else data))
+
+
+TASKS.add("causal-lm", make_causal_lm)

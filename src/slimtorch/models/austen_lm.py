@@ -1,0 +1,197 @@
+"""Builtin ``austen-lm``: a small Llama causal LM (grouped-query attention) trained by the project.
+
+The model is ``transformers.LlamaForCausalLM`` (8 query heads sharing 2 key/value heads, SwiGLU,
+RMSNorm, rotary positions, tied embeddings) trained on the train split of the Jane Austen novels
+and the Wikipedia sample (``python -m slimtorch.models.train_austen_lm``). Its byte-level BPE
+tokenizer (``tokenizer.json``) was trained offline with ``tokenizers`` on the same text.
+
+The committed files in ``models/weights/austen_lm/`` form a Hugging Face directory
+(``config.json``, ``model.safetensors``, ``tokenizer.json``): ``slimtorch`` loads it as
+``builtin:austen-lm`` and transformers loads it with ``from_pretrained(local_files_only=True)``.
+Quality: evaluator ``perplexity`` on the held-out split of ``builtin:austen`` (the last 10% of
+each novel). Fine-tuning and calibration task: ``causal-lm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from slimtorch.core.errors import ArtifactError, UserInputError
+from slimtorch.models.registry import MODELS, BuiltinModel
+
+WEIGHTS_DIR = Path(__file__).parent / "weights" / "austen_lm"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+EOS_TOKEN = "<|endoftext|>"
+EXAMPLE_SEQ_LEN = 128
+DEFAULT_TRAIN_DATA = "builtin:austen+builtin:wikipedia"
+EVAL_DATA = "builtin:austen"
+TRAIN_CMD = (
+    "python -m slimtorch.models.train_austen_lm --out src/slimtorch/models/weights/austen_lm"
+)
+
+
+def llama_config(vocab_size: int, **overrides: Any) -> Any:
+    """The builtin's ``LlamaConfig`` (4 layers, hidden 256, 8 heads / 2 KV heads, context 256)."""
+    from transformers import LlamaConfig
+
+    fields: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 256,
+        "intermediate_size": 640,  # SwiGLU, 2.5x; a multiple of 128 for group-wise quantization
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "architectures": ["LlamaForCausalLM"],
+    }
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def _missing(path: Path) -> ArtifactError:
+    return ArtifactError(
+        f"builtin:austen-lm is missing {path}; reinstall slimtorch or retrain it with `{TRAIN_CMD}`"
+    )
+
+
+def read_config(directory: Path | None = None) -> Any:
+    """The ``LlamaConfig`` saved in ``directory`` (default: the builtin's; no weights read)."""
+    from transformers import LlamaConfig
+
+    path = (directory or WEIGHTS_DIR) / CONFIG_FILE
+    if not path.is_file():
+        raise _missing(path)
+    return LlamaConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def from_config(config: Any) -> nn.Module:
+    """A fresh fp32 ``LlamaForCausalLM`` (sdpa attention) for ``config``."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    return model.eval()  # type: ignore[no-any-return]
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors state dict (fp16 or fp32) into ``model`` as fp32, strictly."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise _missing(path)
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{path} does not fit the config beside it (missing {missing[:4]}, unexpected"
+            f" {unexpected[:4]}); retrain with `{TRAIN_CMD}`"
+        )
+    if tied:
+        model.tie_weights()  # type: ignore[operator]
+
+
+def build(pretrained: bool) -> nn.Module:
+    """The builtin; ``pretrained=False`` builds the architecture from its config only."""
+    model = from_config(read_config())
+    # Where the tokenizer lives: the perplexity evaluator looks here (as for from_pretrained).
+    config: Any = model.config
+    config._name_or_path = str(WEIGHTS_DIR)
+    if pretrained:
+        load_weights(model, WEIGHTS_DIR / WEIGHTS_FILE)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str | Path) -> Any:
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` (or a directory holding it)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        if path.parent == WEIGHTS_DIR:
+            raise _missing(path)
+        raise UserInputError(
+            f"no tokenizer at {path}; give a tokenizer.json file or a directory holding one"
+        )
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def builtin_tokenizer_path() -> Path:
+    """``tokenizer.json`` of the builtin."""
+    return WEIGHTS_DIR / TOKENIZER_FILE
+
+
+def text_split(spec: str, split: Literal["train", "heldout"]) -> str:
+    """The ``split`` of text specs joined by ``+`` (``builtin:austen``, ``builtin:wikipedia``,
+    a ``.txt`` path): per novel / article / file, held out = its last 10% of characters."""
+    from slimtorch.models import data_text
+
+    parts = []
+    for part in (p.strip() for p in spec.split("+")):
+        if part == "builtin:austen":
+            parts.append(data_text.austen_split(split))
+        elif part == "builtin:wikipedia":
+            articles = data_text.load_wikipedia()
+            parts.append("\n\n".join(data_text.split_text(a, split) for a in articles))
+        else:
+            parts.append(data_text.split_text(data_text.load_text(part), split))
+    return "\n\n".join(parts)
+
+
+def encode(text: str, tokenizer: Any) -> torch.Tensor:
+    """Token ids (int64) of ``text`` as one stream, no special tokens added."""
+    return torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def encoded_split(
+    spec: str, split: Literal["train", "heldout"], tokenizer_path: str | None = None
+) -> torch.Tensor:
+    """Token ids of ``split`` of ``spec`` under a tokenizer (default: the builtin's); cached."""
+    tok = load_tokenizer(tokenizer_path or builtin_tokenizer_path())
+    ids = encode(text_split(spec, split), tok)
+    if ids.numel() < 2:
+        raise UserInputError(f"the {split} split of {spec!r} has under 2 tokens; give more text")
+    return ids
+
+
+def example_inputs(batch: int) -> tuple[torch.Tensor]:
+    """``(input_ids,)`` int64 ``[batch, 128]``: consecutive windows of held-out Austen text."""
+    ids = encoded_split(EVAL_DATA, "heldout")
+    n = ids.numel() // EXAMPLE_SEQ_LEN
+    rows = [(i % n) * EXAMPLE_SEQ_LEN for i in range(batch)]
+    return (torch.stack([ids[r : r + EXAMPLE_SEQ_LEN] for r in rows]),)
+
+
+MODELS.add(
+    "austen-lm",
+    BuiltinModel(
+        name="austen-lm",
+        summary="Llama causal LM with GQA (4 layers, hidden 256, 8/2 heads) on Austen + Wikipedia",
+        build=build,
+        evaluator="perplexity",
+        data=EVAL_DATA,
+        example_inputs=example_inputs,
+        task="causal-lm",
+    ),
+)
