@@ -154,6 +154,30 @@ def charlm_recipes(steps: int) -> dict[str, dict[str, Any]]:
     return out
 
 
+def charlm_budget_recipes(steps: int) -> dict[str, dict[str, Any]]:
+    """Same total training budget, three ways to spend it (LSTM hidden units 50%)."""
+    base = _with_steps(yaml.safe_load((RECIPES / "charlstm-structured50.yaml").read_text()), steps)
+    prune, finetune = base["stages"]
+    iterative = {**prune, "steps": 4, "finetune_steps": steps // 8, "train": finetune["train"]}
+    rest = {**finetune, "train": {**finetune["train"], "steps": steps - 4 * (steps // 8)}}
+    distill = {
+        "method": "distill.finetune",
+        "distill": {"temperature": 2.0, "alpha": 0.5},
+        "train": finetune["train"],
+    }
+    return {
+        f"one-shot L1 + finetune {steps}": {"stages": [prune, finetune]},
+        f"one-shot taylor + finetune {steps}": {
+            "stages": [{**prune, "importance": "taylor"}, finetune]
+        },
+        f"4 steps (finetune {steps // 8} each) + finetune {rest['train']['steps']}": {
+            "stages": [iterative, rest]
+        },
+        f"one-shot L1 + distill {steps}": {"stages": [prune, distill]},
+        f"unpruned + finetune {steps} (control)": {"stages": [finetune]},
+    }
+
+
 def run_section(
     name: str, evaluator: str, recipes: dict[str, dict[str, Any]], task: Any, repeats: int
 ) -> dict[str, Any]:
@@ -213,6 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", choices=["charlm", "minilm"])
     p.add_argument("--charlm-steps", type=int, default=400)
     p.add_argument("--no-distill", action="store_true", help="charlm: leave out distill rows")
+    p.add_argument(
+        "--charlm-budget",
+        action="store_true",
+        help="charlm: one-shot vs taylor vs iterative vs distill at the same training budget",
+    )
     p.add_argument("--minilm-steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=12, help="latency runs per model and batch")
     p.add_argument("--out", type=Path, default=OUT_DEFAULT)
@@ -232,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.no_distill:
             recipes = {k: v for k, v in recipes.items() if not k.endswith("distill")}
         key = "charlm" if args.charlm_steps == 400 else f"charlm_{args.charlm_steps}steps"
+        if args.charlm_budget:
+            recipes = charlm_budget_recipes(args.charlm_steps)
+            key = f"charlm_budget_{args.charlm_steps}"
         new[key] = run_section(
             "builtin:char-lstm", "bpc", recipes, make_task("charlm", None), args.repeats
         )
