@@ -198,3 +198,22 @@ def test_sensitivity_scope_scans_groups_on_data() -> None:
     assert all(1 <= s <= 8 for s in sizes)
     with pytest.raises(ConfigError, match="--data"):
         st.compress(model, recipe)
+
+
+class _FixedReshape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).reshape(-1, 32))
+
+
+def test_forward_with_written_sizes_is_a_clear_error() -> None:
+    from slimtorch.core.errors import UnsupportedModelError
+
+    model = _FixedReshape()
+    get_metadata(model)["input"] = {"shape": [2, 1, 4], "dtype": "float32"}
+    with pytest.raises(UnsupportedModelError, match="reshape"):
+        st.compress(model, _stage(ratio=0.5))

@@ -27,7 +27,7 @@ from slimtorch.calibrate.inputs import (
 )
 from slimtorch.calibrate.train import TrainOptions, train
 from slimtorch.core.config import StageConfig
-from slimtorch.core.errors import ConfigError, TargetError
+from slimtorch.core.errors import ConfigError, TargetError, UnsupportedModelError
 from slimtorch.core.methods import Run, register_method
 from slimtorch.core.targets import Targets
 from slimtorch.formats.state import iter_states
@@ -239,6 +239,20 @@ def _ratio_for_flops(
     return hi
 
 
+def _check_runs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """The pruned model must still run on the example inputs (a forward with sizes written
+    into it, e.g. ``x.reshape(-1, 256)``, does not)."""
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except RuntimeError as exc:
+        raise UnsupportedModelError(
+            f"after structured pruning the model's forward fails ({str(exc).splitlines()[0]}):"
+            " it probably has a size written into a reshape/view; compute sizes from the tensor"
+            " (e.g. x.flatten(1)) or put the layers around it in `ignore`"
+        ) from exc
+
+
 def _refuse_states(model: nn.Module) -> None:
     for mname, _, param, _state in iter_states(model):
         raise ConfigError(
@@ -278,6 +292,7 @@ def prune_structured(model: nn.Module, config: StructuredConfig, run: Run) -> No
             )
             ratio = _ratio_for_flops(model, graph, groups, scores, target, config, inputs, weights)
         changed = apply_channels(model, graph, plan(groups, scores, ratio, config, weights))
+        _check_runs(model, inputs)
         log.info(
             "prune.structured step %d: ratio %.3f, %d layers changed", step + 1, ratio, len(changed)
         )
