@@ -27,7 +27,7 @@ def test_parse_bytes() -> None:
 def checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=2048,  # the calibration text is tokenized with builtin:austen-lm's tokenizer hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # austen-lm tokens
         num_attention_heads=4, num_key_value_heads=2, use_cache=False,
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")

@@ -45,6 +45,7 @@ from slimtorch.formats.artifact import write_artifact
 from slimtorch.formats.atomic import write_file
 from slimtorch.formats.concat import concat_artifacts
 from slimtorch.formats.state import iter_states
+from slimtorch.formats.streaming import StreamingArtifactWriter, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +182,11 @@ def compress_offloaded(
     _materialize_outside(model, blocks, ckpt, ties)
     first = model.get_submodule(blocks.names[0])
     inputs = capture_first_inputs(model, first, batches, forward)
+    buffers = _outside_buffers(model, blocks.container)
+    release(model)
     head = plan.work_dir / "outside"
     if not head.exists():
-        _outside_artifact(model, blocks, head)
-    release(model)
+        _outside_artifact(model, blocks.container, ckpt, ties, buffers, head)
     if done >= 0:
         saved = load_file(str(plan.work_dir / "inputs.safetensors"))
         inputs = [((saved[f"h{i}"], *a[1:]), k) for i, (a, k) in enumerate(inputs)]
@@ -252,11 +254,41 @@ def _materialize_outside(
             dst._parameters[leaf] = src._parameters[t_leaf]
 
 
-def _outside_artifact(model: nn.Module, blocks: Any, path: Path) -> None:
-    state = model.state_dict()
-    keep = {
-        k: v.detach()
-        for k, v in state.items()
-        if not k.startswith(blocks.container + ".") and v.device.type != "meta"
+def _outside_buffers(model: nn.Module, container: str) -> dict[str, torch.Tensor]:
+    """Persistent buffers outside the blocks (written as they are)."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if k not in params and not k.startswith(container + ".") and v.device.type != "meta"
     }
-    write_artifact(path, keep, {}, {}, overwrite=True)
+
+
+def _outside_artifact(
+    model: nn.Module,
+    container: str,
+    ckpt: Checkpoint,
+    ties: dict[str, str],
+    buffers: dict[str, torch.Tensor],
+    path: Path,
+) -> None:
+    """The tensors outside the blocks, streamed one at a time from the checkpoint (an
+    embedding and an LM head are each as big as several blocks)."""
+    names = [
+        n for n, _ in model.named_parameters(remove_duplicate=False)
+        if not n.startswith(container + ".") and n not in ties
+    ]  # fmt: skip
+    names += list(buffers)
+    specs = []
+    for name in names:
+        if name in buffers:
+            specs.append(TensorSpec(name, tuple(buffers[name].shape), buffers[name].dtype))
+            continue
+        with safe_open(str(ckpt.where[name]), "pt") as f:
+            shape = tuple(f.get_slice(name).get_shape())
+        specs.append(TensorSpec(name, shape, torch.float32))
+    aliases = {a: t for a, t in ties.items() if not a.startswith(container + ".")}
+    with StreamingArtifactWriter(path, specs, {}, overwrite=True, aliases=aliases) as writer:
+        for name in names:
+            value = buffers[name] if name in buffers else ckpt.get(name).to(torch.float32)
+            writer.write(name, value)

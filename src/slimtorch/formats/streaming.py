@@ -256,8 +256,10 @@ class StreamingArtifactWriter(_StreamingDir):
         specs: Sequence[TensorSpec],
         manifest: Mapping[str, Any],
         overwrite: bool = False,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(path, overwrite)
+        self.aliases = dict(aliases or {})  # name -> the written tensor it shares storage with
         clash = [k for k in _RESERVED if k in manifest]
         if clash:
             raise ArtifactError(f"manifest keys {clash} are reserved by the artifact format")
@@ -291,7 +293,7 @@ class StreamingArtifactWriter(_StreamingDir):
             **self.extra,
             "slimtorch_version": __version__,
             "tensors": self.metas,
-            "aliases": {},
+            "aliases": self.aliases,
             "files": {},
         }
         sha, size = self._stream().finish()
