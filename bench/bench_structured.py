@@ -142,23 +142,38 @@ def resnet(steps: int, repeats: int) -> dict[str, Any]:
     from slimtorch.models.data_images import load_fashion_mnist
 
     test = load_fashion_mnist("test")
-    peer = tp_resnet.run("builtin:resnet18-fashion", steps, repeats, None)
-    model = _loaded("resnet18-fashion")
+    dense = _loaded("resnet18-fashion")
+    peer = copy.deepcopy(dense)
+    ratio = tp_resnet.search_ratio(peer)
+    tp_resnet.tp_prune(peer, ratio)
+    tp_resnet.finetune(peer, steps)
+    flops = tp_resnet.macs_and_params(peer)[0] / tp_resnet.macs_and_params(dense)[0]
     recipe = {
         "stages": [
-            {"method": "prune.structured", "flops": 0.5, "importance": "l1", "ignore": ["fc"]}
+            {"method": "prune.structured", "flops": flops, "importance": "l1", "ignore": ["fc"]}
         ]
     }
-    pruned = st.compress(model, recipe).model
-    ours: dict[str, Any] = {"pruned": tp_resnet.measure(pruned, test, repeats)}
-    tp_resnet.finetune(pruned, steps)
+    ours = st.compress(dense, recipe).model
+    ours_pruned = tp_resnet.measure(ours, test)
+    tp_resnet.finetune(ours, steps)
     with tempfile.TemporaryDirectory(prefix="slimtorch-bench-") as tmp:
-        st.save(pruned, Path(tmp) / "a")
+        st.save(ours, Path(tmp) / "a")
         loaded = st.load(Path(tmp) / "a")
-        ours["finetuned"] = tp_resnet.measure(loaded, test, repeats)
-        ours["finetuned"]["artifact_bytes"] = artifact_size(Path(tmp) / "a")
-    ours["widths"] = tp_resnet.channel_widths(loaded)
-    return {"torch_pruning": peer, "slimtorch": ours, "steps": steps}
+        ours_bytes = artifact_size(Path(tmp) / "a")
+    models = {"dense": dense, "torch_pruning": peer, "slimtorch": loaded}
+    out: dict[str, Any] = {name: tp_resnet.measure(m, test) for name, m in models.items()}
+    out["slimtorch"]["artifact_bytes"] = ours_bytes
+    out["slimtorch_before_finetune"] = ours_pruned
+    for batch, rounds in ((32, repeats), (1, repeats * 5)):
+        ms = tp_resnet.paired_latency_ms(models, batch, rounds)
+        for name in models:
+            out[name][f"latency_b{batch}_ms"] = ms[name]
+    out["widths"] = {
+        "torch_pruning": tp_resnet.channel_widths(peer),
+        "slimtorch": tp_resnet.channel_widths(loaded),
+    }
+    print(json.dumps(out), flush=True)
+    return {**out, "steps": steps, "torch_pruning_ratio": ratio}
 
 
 def main() -> None:

@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", choices=["charlm", "minilm"])
     p.add_argument("--charlm-steps", type=int, default=400)
     p.add_argument("--no-distill", action="store_true", help="charlm: leave out distill rows")
+    p.add_argument("--cases", nargs="*", help="charlm budget: only cases whose label has one")
     p.add_argument(
         "--charlm-budget",
         action="store_true",
@@ -264,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.charlm_budget:
             recipes = charlm_budget_recipes(args.charlm_steps)
             key = f"charlm_budget_{args.charlm_steps}"
+            if args.cases:
+                recipes = {k: v for k, v in recipes.items() if any(c in k for c in args.cases)}
         new[key] = run_section(
             "builtin:char-lstm", "bpc", recipes, make_task("charlm", None), args.repeats
         )

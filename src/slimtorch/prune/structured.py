@@ -129,8 +129,8 @@ def plan(
 def selected_groups(
     model: nn.Module, graph: DependencyGraph, config: StructuredConfig
 ) -> list[Group]:
-    """Prunable groups produced by a targeted layer (its output channels, or its heads) that
-    touch no ignored layer."""
+    """Prunable groups produced by a targeted layer (its output channels, or its heads) and by
+    no ignored layer: ``ignore`` keeps a layer's outputs, as Torch-Pruning's ignored layers."""
     sel = Targets.of(config.targets, config.ignore)
     out = []
     for g in graph.prunable:
@@ -138,9 +138,9 @@ def selected_groups(
         internal = any(m.dim not in ("in", "out") for m in g.members)
         if internal and not config.heads:
             continue
-        if any(any(sel.matches(p, m.module, mod) for p in config.ignore) for m, mod in mods):
-            continue
         producers = [(m, mod) for m, mod in mods if m.dim != "in" and not _coupled(model, m.module)]
+        if any(any(sel.matches(p, m.module, mod) for p in config.ignore) for m, mod in producers):
+            continue  # an ignored layer keeps its outputs (its inputs may still shrink)
         if any(sel.selects(m.module, mod) for m, mod in producers):
             out.append(g)
     return out
