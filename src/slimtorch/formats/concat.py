@@ -9,35 +9,64 @@ parts been written together.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load as st_load
+import torch
 
 from slimtorch import __version__
-from slimtorch.core.errors import ArtifactError
+from slimtorch.core.errors import ArtifactError, ChecksumError
 from slimtorch.formats.artifact import (
     _RESERVED,
     FORMAT,
     FORMAT_VERSION,
-    _verified_bytes,
     read_manifest,
 )
 from slimtorch.formats.atomic import MANIFEST_FILE, MODEL_FILE
 from slimtorch.formats.streaming import TORCH_DTYPES, TensorSpec, _StreamingDir
 
 
-def part_specs(path: Path) -> list[TensorSpec]:
-    """The parts stored in an artifact's ``model.safetensors``, in file order (header only)."""
+def _header(path: Path) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
     with open(path / MODEL_FILE, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
     entries.sort(key=lambda kv: kv[1]["data_offsets"][0])
+    return 8 + length, entries
+
+
+def part_specs(path: Path) -> list[TensorSpec]:
+    """The parts stored in an artifact's ``model.safetensors``, in file order (header only)."""
+    _, entries = _header(path)
     return [TensorSpec(k, tuple(v["shape"]), TORCH_DTYPES[v["dtype"]]) for k, v in entries]
+
+
+def _verify(path: Path, info: dict[str, Any]) -> None:
+    """sha256 and size of a source's ``model.safetensors``, read in chunks."""
+    file = path / MODEL_FILE
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    if file.stat().st_size != info["bytes"] or digest.hexdigest() != info["sha256"]:
+        raise ChecksumError(f"{file} does not match its manifest; re-create it")
+
+
+def _parts(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each stored part, read on its own (memory: one part at a time)."""
+    start, entries = _header(path)
+    with open(path / MODEL_FILE, "rb") as f:
+        for name, meta in entries:
+            begin, end = meta["data_offsets"]
+            f.seek(start + begin)
+            raw = bytearray(f.read(end - begin))
+            dtype = TORCH_DTYPES[meta["dtype"]]
+            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            yield name, flat.reshape(meta["shape"])
 
 
 class _Joined(_StreamingDir):
@@ -97,10 +126,8 @@ def concat_artifacts(
     joined = _Joined(Path(out), specs, overwrite)
     with joined:
         for path in paths:
-            info = read_manifest(path)["files"][MODEL_FILE]
-            parts = st_load(_verified_bytes(path, MODEL_FILE, info))
-            for spec in part_specs(path):
-                joined.write(spec.name, parts[spec.name])
-            del parts
+            _verify(path, read_manifest(path)["files"][MODEL_FILE])
+            for name, tensor in _parts(path):
+                joined.write(name, tensor)
         result = joined.finish(final)
     return result
