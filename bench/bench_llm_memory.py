@@ -120,10 +120,14 @@ def main() -> None:
     ckpt_bytes = make_checkpoint(ckpt, args.layers, args.hidden, seed=0)
     args.recipe_file = args.workdir / "recipe.yaml"
     cal = f"{{samples: {args.samples}, batch_size: 4}}"
-    args.recipe_file.write_text(
-        f"stages:\n  - method: {args.method}\n    bits: 4\n    group_size: 128\n"
-        f"    calibration: {cal}\n"
-    )
+    if args.method == "quantize.rtn":  # data-free, still streamed block by block
+        options = (
+            "    bits: 4\n    signed: false\n    symmetric: false\n    granularity: per_group\n"
+            "    group_size: 128\n    targets: [Linear]\n    ignore: [lm_head]\n"
+        )
+    else:
+        options = f"    bits: 4\n    group_size: 128\n    calibration: {cal}\n"
+    args.recipe_file.write_text(f"stages:\n  - method: {args.method}\n{options}")
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result: dict[str, Any] = {"checkpoint_bytes": ckpt_bytes, "layers": args.layers,
                               "hidden": args.hidden, "samples": args.samples}  # fmt: skip
