@@ -44,7 +44,7 @@ from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.formats.artifact import write_artifact
 from slimtorch.formats.atomic import write_file
 from slimtorch.formats.concat import concat_artifacts
-from slimtorch.formats.state import iter_states
+from slimtorch.formats.state import clear_state, iter_states
 from slimtorch.formats.streaming import StreamingArtifactWriter, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,10 @@ def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, ties: dict[str
 
 
 def release(module: nn.Module) -> None:
-    """Free ``module``'s parameters (back to ``meta``)."""
+    """Free ``module``'s parameters (back to ``meta``) and the compression states it holds
+    (written out already: they are as big as the quantized weights)."""
+    for _mname, owner, pname, _state in iter_states(module):
+        clear_state(owner, pname)
     for sub in module.modules():
         for leaf, param in list(sub._parameters.items()):
             if param is not None and param.device.type != "meta":
