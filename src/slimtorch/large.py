@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,19 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * 4 for p in module.parameters())
 
 
+def _resident_now() -> int:
+    """This process's resident memory now (imports, the meta skeleton): measured, not assumed."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # not Linux: the peak so far
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def estimate_peak(model: nn.Module, samples: int, length: int, hessians: bool) -> dict[str, int]:
-    """Rough peak of an offloaded run: the largest of the capture phase and one block's work."""
+    """Rough peak of an offloaded run: the memory in use now plus the larger of the capture
+    phase and one block's work. A lower bound: tokenizing the calibration text and allocator
+    slack come on top (measured on a 4 GB checkpoint: 1.91 GB peak, see BENCHMARKS.md)."""
     blocks = find_blocks(model)
     block = model.get_submodule(blocks.names[0])
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)  # type: ignore[union-attr]
@@ -69,7 +82,8 @@ def estimate_peak(model: nn.Module, samples: int, length: int, hessians: bool) -
         "statistics": stats,
         "activations": acts,
         "outside_blocks": outside,
-        "peak": max(outside + acts, _param_bytes(block) + stats + acts) + 400 * 2**20,
+        "process": _resident_now(),
+        "peak": max(outside + acts, _param_bytes(block) + stats + acts) + _resident_now(),
     }
 
 

@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimtorch.calibrate.sequential import (
     Accumulator,
@@ -17,16 +16,12 @@ from slimtorch.calibrate.sequential import (
 )
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
+from slimtorch.testing import models as testing_models
 from slimtorch.testing.models import example_input, tiny_bert, tiny_cnn
 
 
 def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return testing_models.tiny_llama(layers=3, vocab=64, hidden=32, intermediate=64, heads=4)
 
 
 class _Keep:

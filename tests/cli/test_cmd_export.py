@@ -12,8 +12,8 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch.cli.main import main
-from slimtorch.models.artifact import get_metadata, set_architecture
-from slimtorch.testing.models import TinyLSTM, tiny_cnn, tiny_resnet
+from slimtorch.models.artifact import get_metadata
+from slimtorch.testing.models import TinyLSTM, tiny_cnn, tiny_llama, tiny_resnet
 
 ort = pytest.importorskip("onnxruntime")
 STRUCTURED = {"stages": [{"method": "prune.structured", "ratio": 0.5}]}
@@ -74,19 +74,7 @@ def test_pruned_lstm_to_onnx(capsys, tmp_path) -> None:
 
 def test_pruned_llama_to_transformers(capsys, tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    arch = {"kind": "hf", "class": "LlamaForCausalLM", "config": cfg.to_dict()}
-    set_architecture(model, {**arch, "attn_implementation": "sdpa", "dtype": "float32"})
+    model = tiny_llama(max_positions=32)
     pruned = st.compress(model, STRUCTURED).model
     st.save(pruned, tmp_path / "a")
     code, out, err = _run(

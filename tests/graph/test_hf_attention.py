@@ -17,27 +17,14 @@ from slimtorch.graph.hf_attention import (
     head_index,
     register_attention_handlers,
 )
+from slimtorch.testing import models as testing_models
 from slimtorch.testing.models import tiny_bert
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama(attn: str = "sdpa") -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-    )
-    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=attn).eval()
-    with torch.no_grad():  # Llama's 0.02 init gives near-constant outputs; make heads matter
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    return model  # type: ignore[no-any-return]
+    return testing_models.tiny_llama(std=0.1, attn=attn)  # heads must matter
 
 
 def tiny_opt() -> nn.Module:

@@ -12,27 +12,14 @@ from torch import nn
 from slimtorch.core.errors import ArtifactError, UnsupportedModelError
 from slimtorch.graph.hf_attention import ATTENTION, find_attention
 from slimtorch.models.hf_export import export_hf, hf_config_for
+from slimtorch.testing import models as testing_models
 from slimtorch.testing.models import tiny_bert, tiny_stack
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    return model  # type: ignore[no-any-return]
+    return testing_models.tiny_llama(std=0.1)
 
 
 def _slice(lin: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:

@@ -9,27 +9,17 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import slimtorch as st
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
 from slimtorch.formats.state import get_state, iter_states
-from slimtorch.models.artifact import set_architecture
 from slimtorch.recipe import load_recipe
+from slimtorch.testing import models as testing_models
 
 
 def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        use_cache=False,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    arch = {"kind": "hf", "class": "LlamaForCausalLM", "config": config.to_dict()}
-    set_architecture(model, {**arch, "attn_implementation": "sdpa", "dtype": "float32"})
-    return model
+    return testing_models.tiny_llama(vocab=96, heads=4)
 
 
 class _Tokens:

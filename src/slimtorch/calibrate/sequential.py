@@ -290,6 +290,13 @@ def block_matrices(
     return out
 
 
+def matrix_weight(layer: nn.Module, param: str) -> torch.Tensor:
+    """The weight ``param`` of ``layer`` (an entry of :func:`block_matrices`)."""
+    weight = getattr(layer, param)
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def block_linears(block: nn.Module, block_name: str, config: StageConfig) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` layers of ``block`` the stage targets (see :func:`block_layers`)."""
     found = block_layers(block, block_name, config, (nn.Linear,))

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from slimtorch.core.errors import UnsupportedModelError, UserInputError
+from slimtorch.core.errors import ConfigError, UnsupportedModelError, UserInputError
 
 AccumDtype = Literal["float32", "float64"]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -185,3 +185,28 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         f"the damped Hessian (damp={damp}) is not positive definite; increase damp"
         " (e.g. 0.1), use more calibration samples, or accumulate in float64"
     )
+
+
+def check_second_order(weight: torch.Tensor, hessian: torch.Tensor, block_size: int) -> None:
+    """Argument checks shared by the second-order methods (GPTQ, SparseGPT)."""
+    if weight.dim() != 2:
+        raise UserInputError(
+            f"expected a weight matrix [out, in], got shape {tuple(weight.shape)};"
+            " pass slimtorch.formats.state.to_matrix(weight)"
+        )
+    check_hessian(hessian, weight.shape[1])
+    if not bool(torch.isfinite(weight).all()):
+        raise UnsupportedModelError("the weight contains NaN or Inf; fix the model first")
+    if block_size < 1:
+        raise ConfigError(f"block_size must be >= 1, got {block_size}; the usual value is 128")
+
+
+def window(w: torch.Tensor, w1: torch.Tensor, i1: int, j: int, width: int) -> torch.Tensor:
+    """Current values of ``width`` columns from block column ``j`` on (block ``w1`` at ``i1``):
+    the lazy-update column loops of GPTQ and SparseGPT read a group ahead of the block."""
+    part = w1[:, j : j + width]
+    need = width - part.shape[1]
+    if need > 0:
+        end = i1 + w1.shape[1]
+        part = torch.cat([part, w[:, end : end + need]], dim=1)
+    return part

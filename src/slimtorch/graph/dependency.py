@@ -151,27 +151,13 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> torch.fx.GraphModu
     return program.graph_module
 
 
-def _leaf_of(node: torch.fx.Node, leaves: dict[str, LayerHandler], model: nn.Module) -> str | None:
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, _cls in stack.values():
+def _leaf_of(node: torch.fx.Node, leaves: dict[str, LayerHandler]) -> str | None:
+    """The outermost module with a layer handler that ``node`` runs in, if any."""
+    for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
         name = _module_path(path)
         if name in leaves:
             return name
-        if name not in _NOT_LEAF.setdefault(id(model), set()):
-            try:
-                sub = model.get_submodule(name) if name else model
-            except AttributeError:
-                _NOT_LEAF[id(model)].add(name)
-                continue
-            handler = handler_for(sub) if name else None
-            if handler is not None:
-                leaves[name] = handler
-                return name
-            _NOT_LEAF[id(model)].add(name)
     return None
-
-
-_NOT_LEAF: dict[int, set[str]] = {}
 
 
 def _module_path(path: str) -> str:
@@ -186,10 +172,7 @@ def build_graph(model: nn.Module, example_inputs: Sequence[Any]) -> DependencyGr
     """Groups of coupled channels of ``model``, traced on ``example_inputs``."""
     register_attention_handlers(model)
     gm = trace(model, example_inputs)
-    try:
-        return _Builder(model, gm).run()
-    finally:
-        _NOT_LEAF.pop(id(model), None)
+    return _Builder(model, gm).run()
 
 
 class _Builder:
@@ -199,13 +182,17 @@ class _Builder:
         self.spaces = _Spaces()
         self.tracks: dict[torch.fx.Node, Track] = {}
         self.leaves: dict[str, LayerHandler] = {}
+        for name, module in model.named_modules():
+            handler = handler_for(module) if name else None
+            if handler is not None:
+                self.leaves[name] = handler
         self.module_out: dict[str, int] = {}
         self.internal_done: set[str] = set()
         self.leaf_tracks: dict[str, Track] = {}
 
     def run(self) -> DependencyGraph:
         nodes = [n for n in self.gm.graph.nodes if n.op == "call_function"]
-        region = {n: _leaf_of(n, self.leaves, self.model) for n in nodes}
+        region = {n: _leaf_of(n, self.leaves) for n in nodes}
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 self._output(node)

@@ -20,6 +20,7 @@ from slimtorch.calibrate.sequential import (
     LayerwiseConfig,
     block_matrices,
     calibration_batches,
+    matrix_weight,
     run_layerwise,
     run_sequential,
 )
@@ -74,12 +75,6 @@ def _full(block: str, key: str) -> str:
     return f"{block}.{rel}" if block and rel else block or rel
 
 
-def _weight(layer: nn.Module, param: str) -> torch.Tensor:
-    weight = getattr(layer, param)
-    assert isinstance(weight, torch.Tensor)
-    return weight
-
-
 class SparseGPTCompressor:
     def __init__(self, config: SparseGPTConfig) -> None:
         self.config = config
@@ -87,14 +82,16 @@ class SparseGPTCompressor:
 
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
         self.layers = block_matrices(block, name, self.config)
-        return {n: HessianAccumulator(_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()}
+        return {
+            n: HessianAccumulator(matrix_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()
+        }
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         c = self.config
         for lname, (layer, param) in self.layers.items():
             acc = stats[lname]
             assert isinstance(acc, HessianAccumulator)
-            weight = _weight(layer, param)
+            weight = matrix_weight(layer, param)
             prior = _prior(layer, param)
             shape = weight.shape
             w, keep = sparsegpt_prune(
@@ -117,11 +114,12 @@ class WandaCompressor:
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
         self.layers = block_matrices(block, name, self.config)
         return {
-            n: InputNormAccumulator(_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()
+            n: InputNormAccumulator(matrix_weight(m, p).shape[1])
+            for n, (m, p) in self.layers.items()
         }
 
     def outliers(self, name: str, stats: dict[str, Accumulator]) -> None:
-        weights = [_weight(m, p).detach() for m, p in self.layers.values()]
+        weights = [matrix_weight(m, p).detach() for m, p in self.layers.values()]
         norms = [_sq_norm(stats[n]) for n in self.layers]
         self.ratios[name] = outlier_ratio(weights, norms, self.config.owl_threshold)
 
@@ -130,7 +128,7 @@ class WandaCompressor:
         sparsity = self.sparsities.get(name, c.sparsity)
         for lname, (layer, param) in self.layers.items():
             mask = wanda_mask(
-                _weight(layer, param).detach(), _sq_norm(stats[lname]), sparsity, n=c.n, m=c.m,
+                matrix_weight(layer, param).detach(), _sq_norm(stats[lname]), sparsity, n=c.n, m=c.m,
                 prior=_prior(layer, param),
             )  # fmt: skip
             set_mask(WeightRef(_full(name, lname), layer, param), mask)

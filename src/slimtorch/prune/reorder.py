@@ -5,7 +5,7 @@ consumers' N:M groups keep more magnitude (Pool & Yu, 2021); run it before ``pru
 
 ``prune.reorder``: order every group's channels by importance, most important first, so that
 the first k channels of every group form a sub-network. The artifact records the groups; one
-saved model then serves at several widths (``slimtorch.load(path, width=0.5)``, or
+saved model then serves at several widths (the ``width`` argument of slimtorch.load, or
 :func:`slimtorch.search.width.choose_width` for a latency or size budget).
 """
 

@@ -16,8 +16,13 @@ from typing import Protocol
 
 import torch
 
-from slimtorch.calibrate.statistics import check_hessian, dead_inputs, inverse_cholesky
-from slimtorch.core.errors import ConfigError, UnsupportedModelError, UserInputError
+from slimtorch.calibrate.statistics import (
+    check_second_order,
+    dead_inputs,
+    inverse_cholesky,
+    window,
+)
+from slimtorch.core.errors import ConfigError
 from slimtorch.prune.criteria import lowest_k_mask, num_pruned
 from slimtorch.prune.nm import check_nm
 
@@ -41,16 +46,7 @@ class ColumnQuantizer(Protocol):
 def _check(
     weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, n: int, m: int, block: int
 ) -> None:
-    if weight.dim() != 2:
-        raise UserInputError(
-            f"expected a weight matrix [out, in], got shape {tuple(weight.shape)};"
-            " pass slimtorch.formats.state.to_matrix(weight)"
-        )
-    check_hessian(hessian, weight.shape[1])
-    if not bool(torch.isfinite(weight).all()):
-        raise UnsupportedModelError("the weight contains NaN or Inf; fix the model before pruning")
-    if block < 1:
-        raise ConfigError(f"block_size must be >= 1, got {block}; the usual value is 128")
+    check_second_order(weight, hessian, block)
     if n or m:
         check_nm(n, m)
         if weight.shape[1] % m:
@@ -60,16 +56,6 @@ def _check(
             )
     elif not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}; e.g. 0.5")
-
-
-def _window(w: torch.Tensor, w1: torch.Tensor, i1: int, j: int, width: int) -> torch.Tensor:
-    """Current values of ``width`` columns from block column ``j`` on (block ``w1`` at ``i1``)."""
-    part = w1[:, j : j + width]
-    need = width - part.shape[1]
-    if need > 0:
-        end = i1 + w1.shape[1]
-        part = torch.cat([part, w[:, end : end + need]], dim=1)
-    return part
 
 
 def _nm_prune(
@@ -136,7 +122,7 @@ def sparsegpt_prune(
             qc = col * keep1[:, j]
             if quantizer is not None:
                 if quantizer.needs_fit(i1 + j):
-                    quantizer.fit(i1 + j, _window(w, w1, i1, j, quantizer.width))
+                    quantizer.fit(i1 + j, window(w, w1, i1, j, quantizer.width))
                 qc = quantizer.quantize(i1 + j, qc)
             e = (col - qc) / u1[j, j]
             w1[:, j:] -= e.unsqueeze(1) * u1[j, j:].unsqueeze(0)

@@ -21,8 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from slimtorch.calibrate.statistics import check_hessian, dead_inputs, inverse_cholesky
-from slimtorch.core.errors import ConfigError, UnsupportedModelError, UserInputError
+from slimtorch.calibrate.statistics import (
+    check_second_order,
+    dead_inputs,
+    inverse_cholesky,
+    window,
+)
+from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.formats.state import QuantState, from_matrix
 from slimtorch.quantize.observers import observe
 from slimtorch.quantize.primitives import (
@@ -170,30 +175,10 @@ class ColumnGrid:
         )
 
 
-def window(w: torch.Tensor, w1: torch.Tensor, i1: int, j: int, width: int) -> torch.Tensor:
-    """Current values of ``width`` columns from block column ``j`` on (block ``w1`` at ``i1``)."""
-    part = w1[:, j : j + width]
-    need = width - part.shape[1]
-    if need > 0:
-        end = i1 + w1.shape[1]
-        part = torch.cat([part, w[:, end : end + need]], dim=1)
-    return part
-
-
 def check_inputs(
     weight: torch.Tensor, hessian: torch.Tensor, block_size: int, mask: torch.Tensor | None
 ) -> None:
-    """Shared argument checks of the second-order methods (GPTQ, SparseGPT)."""
-    if weight.dim() != 2:
-        raise UserInputError(
-            f"expected a weight matrix [out, in], got shape {tuple(weight.shape)};"
-            " pass slimtorch.formats.state.to_matrix(weight)"
-        )
-    check_hessian(hessian, weight.shape[1])
-    if not bool(torch.isfinite(weight).all()):
-        raise UnsupportedModelError("the weight contains NaN or Inf; fix the model before GPTQ")
-    if block_size < 1:
-        raise ConfigError(f"block_size must be >= 1, got {block_size}; the usual value is 128")
+    check_second_order(weight, hessian, block_size)
     if mask is not None and mask.shape != weight.shape:
         raise UserInputError(f"mask shape {tuple(mask.shape)} != weight {tuple(weight.shape)}")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -20,6 +19,7 @@ from slimtorch.calibrate.sequential import (
     Accumulator,
     LayerwiseConfig,
     block_matrices,
+    matrix_weight,
     run_layerwise,
 )
 from slimtorch.calibrate.statistics import HessianAccumulator
@@ -72,14 +72,16 @@ class GPTQCompressor:
 
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
         self.layers = block_matrices(block, name, self.config)
-        return {n: HessianAccumulator(_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()}
+        return {
+            n: HessianAccumulator(matrix_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()
+        }
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         c = self.config
         for lname, (layer, param) in self.layers.items():
             acc = stats[lname]
             assert isinstance(acc, HessianAccumulator)
-            weight = _weight(layer, param)
+            weight = matrix_weight(layer, param)
             old = get_state(layer, param)
             mask = old.mask if old is not None else None
             result = gptq_quantize(
@@ -95,12 +97,6 @@ class GPTQCompressor:
             state = WeightState(mask=mask, quant=result.quant_state(tuple(weight.shape)))
             apply_state(layer, param, state)
             log.debug("gptq %s.%s: loss %.4g", name, lname, result.loss)
-
-
-def _weight(layer: nn.Module, param: str) -> torch.Tensor:
-    weight = getattr(layer, param)
-    assert isinstance(weight, torch.Tensor)
-    return weight
 
 
 def _compressor(config: GPTQConfig, run: Run) -> GPTQCompressor:

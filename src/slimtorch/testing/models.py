@@ -187,6 +187,48 @@ def tiny_bert(
     return transformers.BertModel(config).eval()  # type: ignore[no-any-return]
 
 
+def tiny_llama(
+    layers: int = 2,
+    vocab: int = 128,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 8,
+    kv_heads: int = 2,
+    max_positions: int = 64,
+    std: float | None = None,
+    attn: str = "sdpa",
+    seed: int = 0,
+) -> nn.Module:
+    """A small randomly initialised Hugging Face ``LlamaForCausalLM`` with grouped-query
+    attention (needs ``transformers``), in eval mode, KV cache off, carrying its ``hf``
+    architecture so that ``slimtorch.save``/``load`` round-trip it. ``std`` re-draws every
+    matrix from N(0, std) (Llama's 0.02 init gives near-constant outputs)."""
+    import transformers
+
+    from slimtorch.models.artifact import set_architecture
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        use_cache=False,
+    )
+    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn).eval()
+    if std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, std)
+    arch = {"kind": "hf", "class": "LlamaForCausalLM", "config": config.to_dict()}
+    set_architecture(model, {**arch, "attn_implementation": attn, "dtype": "float32"})
+    return model  # type: ignore[no-any-return]
+
+
 def example_input(model: nn.Module, batch: int = 4) -> torch.Tensor:
     """A deterministic input for any of the tiny models."""
     gen = torch.Generator().manual_seed(123)
