@@ -148,6 +148,11 @@ def main() -> None:
         result["in_memory_vs_offloaded"] = same_parts(
             args.workdir / "offloaded", args.workdir / "in_memory"
         )
+    elif RESULTS.is_file():  # keep the earlier in-memory comparison, marked as such
+        earlier = json.loads(RESULTS.read_text())
+        for key in ("in_memory", "in_memory_vs_offloaded"):
+            if key in earlier:
+                result[f"earlier_{key}"] = {**earlier[key], "command": earlier.get("command")}
     result.update(
         command="python " + " ".join(sys.argv),
         machine=platform.processor() or platform.machine(),

@@ -19,7 +19,9 @@ resnet: builtin:resnet18-fashion pruned to half its MACs by slimtorch (`prune.st
 bisected to half the MACs), both fine-tuned with the same function and steps, side by side in
 one run: parameters, MACs (Torch-Pruning's counter for both), accuracy on the 10,000 test images,
 latency at batch 32 and 1 (one thread) and bytes on disk. slimtorch's numbers are of the model
-loaded back from its artifact (`slimtorch.load`).
+loaded back from its artifact (`slimtorch.load`). The "_bn_folded" rows fold every BatchNorm into
+the convolution before it (recipe stage `fuse.batchnorm`; ours saved and loaded again), applied
+alike to the dense, Torch-Pruning and slimtorch models.
 
 Results: bench/results/structured.json (one key per section).
 """
@@ -156,13 +158,25 @@ def resnet(steps: int, repeats: int) -> dict[str, Any]:
     ours = st.compress(dense, recipe).model
     ours_pruned = tp_resnet.measure(ours, test)
     tp_resnet.finetune(ours, steps)
-    with tempfile.TemporaryDirectory(prefix="slimtorch-bench-") as tmp:
+    fold = {"stages": [{"method": "fuse.batchnorm"}]}  # BN folded into the convs before it
+    with tempfile.TemporaryDirectory(prefix="bench-structured-") as tmp:
         st.save(ours, Path(tmp) / "a")
         loaded = st.load(Path(tmp) / "a")
         ours_bytes = artifact_size(Path(tmp) / "a")
-    models = {"dense": dense, "torch_pruning": peer, "slimtorch": loaded}
+        st.save(st.compress(loaded, fold).model, Path(tmp) / "f")
+        loaded_folded = st.load(Path(tmp) / "f")
+        folded_bytes = artifact_size(Path(tmp) / "f")
+    models = {
+        "dense": dense,
+        "torch_pruning": peer,
+        "slimtorch": loaded,
+        "dense_bn_folded": st.compress(dense, fold).model,
+        "torch_pruning_bn_folded": st.compress(peer, fold).model,
+        "slimtorch_bn_folded": loaded_folded,
+    }
     out: dict[str, Any] = {name: tp_resnet.measure(m, test) for name, m in models.items()}
     out["slimtorch"]["artifact_bytes"] = ours_bytes
+    out["slimtorch_bn_folded"]["artifact_bytes"] = folded_bytes
     out["slimtorch_before_finetune"] = ours_pruned
     for batch, rounds in ((32, repeats), (1, repeats * 5)):
         ms = tp_resnet.paired_latency_ms(models, batch, rounds)
@@ -172,6 +186,10 @@ def resnet(steps: int, repeats: int) -> dict[str, Any]:
         "torch_pruning": tp_resnet.channel_widths(peer),
         "slimtorch": tp_resnet.channel_widths(loaded),
     }
+    for name in models:
+        out[name]["speedup_b32"] = round(
+            out["dense"]["latency_b32_ms"] / out[name]["latency_b32_ms"], 3
+        )
     print(json.dumps(out), flush=True)
     return {**out, "steps": steps, "torch_pruning_ratio": ratio}
 

@@ -29,7 +29,7 @@ from slimtorch.models.artifact import get_architecture, load_artifact, resized_e
 from slimtorch.models.artifact import get_metadata as get_metadata  # re-exported API
 from slimtorch.models.artifact import set_architecture as set_architecture
 from slimtorch.recipe import Recipe, load_recipe
-from slimtorch.runtime import RUNTIME_MODULES
+from slimtorch.runtime import RUNTIME_MODULES, linearize_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ def compress(
         raise ConfigError(f"stages {names} need training data: pass --data (data= in Python)")
     dense = dense_safetensors_bytes(model.state_dict())
     work = model if inplace else copy.deepcopy(model)
+    swapped = linearize_conv1d(work)  # GPT-2's Conv1D as Linear: every stage then finds it
+    if swapped:
+        log.info("%d Hugging Face Conv1D layers run as Linear (weights transposed)", len(swapped))
     run = Run(ctx, data, original=model if not inplace else copy.deepcopy(model).eval())
     report = []
     for i, stage in enumerate(rec.stages):

@@ -33,6 +33,7 @@ from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.core.methods import Run
 from slimtorch.models.hf import from_config, read_architecture
 from slimtorch.recipe import Recipe
+from slimtorch.runtime.conv1d import Conv1DLinear, linearize_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,12 @@ def _check_vocab(config: Any) -> None:
         )
 
 
+def _linear_config(model: nn.Module, name: str) -> dict[str, Any]:
+    layer = model.get_submodule(name)
+    assert isinstance(layer, Conv1DLinear)
+    return layer.config()
+
+
 def compress_large(
     model_dir: str | Path,
     recipe: Recipe,
@@ -130,6 +137,7 @@ def compress_large(
     arch = read_architecture(root)
     with empty_parameters():
         model = from_config(arch)
+    swapped = linearize_conv1d(model)  # GPT-2's Conv1D run as Linear, recorded in the manifest
     config: Any = getattr(model, "config", None)
     if getattr(config, "use_cache", None):
         config.use_cache = False  # a KV cache is not needed to calibrate
@@ -152,7 +160,9 @@ def compress_large(
     recipe_dict = {k: v for k, v in recipe.to_dict().items() if k != "description"}
     manifest = {
         "architecture": arch,
-        "modules": [],
+        "modules": [
+            {"name": n, "type": "Conv1DLinear", "config": _linear_config(model, n)} for n in swapped
+        ],
         "metadata": {
             "source": str(root),
             "recipe": recipe_dict,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -134,3 +135,18 @@ def test_missing_austen_names_the_debian_package(
 def test_missing_tokenizer_file(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match=r"tokenizer\.json"):
         austen_lm.load_tokenizer(tmp_path)
+
+
+def test_chunked_encoding_gives_the_ids_of_the_whole_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = austen_lm.load_tokenizer(austen_lm.builtin_tokenizer_path())
+    text = data_text.austen_split("heldout")[:20_000]
+    text += "\nend \n x\n\n  y\nz.\nQ" * 50  # newlines next to spaces must not be cut at
+    monkeypatch.setattr(austen_lm, "CHUNK_CHARS", 97)
+    cuts = austen_lm.safe_cuts(text, 97)
+    assert len(cuts) > 100 and cuts == sorted(set(cuts)) and cuts[-1] == len(text)
+    for c in cuts[1:-1]:
+        assert text[c - 1] == "\n" and not text[c].isspace() and not text[c - 2].isspace()
+    whole = torch.tensor(tok.encode(text, add_special_tokens=False).ids, dtype=torch.int64)
+    chunked = torch.cat([austen_lm.encode(text[a:b], tok) for a, b in itertools.pairwise(cuts)])
+    assert torch.equal(chunked, whole)
+    assert torch.equal(austen_lm.encode(text, tok), whole)

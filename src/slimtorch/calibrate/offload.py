@@ -100,6 +100,8 @@ def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, ties: dict[str
         owner, _, leaf = pname.rpartition(".")
         target = module.get_submodule(owner) if owner else module
         value = ckpt.get(key).to(torch.float32)
+        if type(target).__name__ == "Conv1DLinear" and leaf == "weight":
+            value = value.t().contiguous()  # stored [in, out] by transformers' Conv1D
         target._parameters[leaf] = nn.Parameter(value, requires_grad=param.requires_grad)
 
 

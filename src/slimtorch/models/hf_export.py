@@ -33,6 +33,7 @@ from slimtorch.formats.atomic import check_target, fsync_dir, swap_into_place
 from slimtorch.formats.state import iter_states
 from slimtorch.graph.hf_attention import find_attention
 from slimtorch.models import hf
+from slimtorch.runtime.conv1d import Conv1DLinear
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _meta_shapes(model: nn.Module, cfg: dict[str, Any]) -> dict[str, tuple[int, 
 
 
 def _real_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    return {n: tuple(t.shape) for n, t in hf_state_dict(model).items()}
 
 
 def _update_heads(model: nn.Module, cfg: dict[str, Any]) -> None:
@@ -165,6 +166,17 @@ def _fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as transformers stores it: the weight of every Conv1D that
+    slimtorch ran as a Linear (runtime.conv1d) transposed back to ``[in, out]``."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, Conv1DLinear):
+            key = f"{name}.weight" if name else "weight"
+            state[key] = state[key].t().contiguous()
+    return state
+
+
 def export_hf(model: nn.Module, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` to ``out_dir`` so that ``from_pretrained(out_dir)`` loads it; atomic.
 
@@ -178,7 +190,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, overwrite: bool = False) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        model.save_pretrained(tmp)  # type: ignore[operator]
+        model.save_pretrained(tmp, state_dict=hf_state_dict(model))  # type: ignore[operator]
         hf._config_from_dict(cfg).save_pretrained(tmp)  # the pruned sizes replace config.json
         _fsync_tree(tmp)
         swap_into_place(tmp, path, overwrite)

@@ -11,6 +11,7 @@ from torch import nn
 
 from slimtorch.core.registry import Registry
 from slimtorch.runtime.attention import PrunedMultiheadAttention
+from slimtorch.runtime.conv1d import Conv1DLinear, linearize_conv1d
 from slimtorch.runtime.fused import FusedIdentity, FusedLayer
 from slimtorch.runtime.int4 import Int4WeightOnlyLinear
 from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available, quantize_weight_int8
@@ -24,15 +25,18 @@ RUNTIME_MODULES.add("FusedIdentity", FusedIdentity)
 RUNTIME_MODULES.add("LowRankLinear", LowRankLinear)
 RUNTIME_MODULES.add("LowRankConv2d", LowRankConv2d)
 RUNTIME_MODULES.add("PrunedMultiheadAttention", PrunedMultiheadAttention)
+RUNTIME_MODULES.add("Conv1DLinear", Conv1DLinear)
 
 __all__ = [
     "RUNTIME_MODULES",
+    "Conv1DLinear",
     "FusedIdentity",
     "FusedLayer",
     "Int4WeightOnlyLinear",
     "Int8DynamicLinear",
     "LowRankConv2d",
     "LowRankLinear",
+    "linearize_conv1d",
     "onednn_available",
     "quantize_weight_int8",
 ]

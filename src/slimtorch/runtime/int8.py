@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtorch.core.errors import ArtifactError
+from slimtorch.runtime.shapes import LinearShape
 
 Kernel = Literal["auto", "onednn", "int_mm"]
 
@@ -109,7 +109,7 @@ def _int_matmul(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(a, b)
 
 
-class Int8DynamicLinear(nn.Module):
+class Int8DynamicLinear(LinearShape, nn.Module):
     """``nn.Linear`` replacement with int8 weights and dynamic per-token int8 activations."""
 
     weight_int8: Tensor
@@ -143,25 +143,6 @@ class Int8DynamicLinear(nn.Module):
         if linear.bias is not None and mod.bias is not None:
             mod.bias.copy_(linear.bias.detach().to(torch.float32))
         return mod.to(linear.weight.device)
-
-    def config(self) -> dict[str, Any]:
-        """JSON-serialisable constructor arguments (buffers come from the state dict)."""
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> Int8DynamicLinear:
-        """Rebuild an empty module from :meth:`config` output; then ``load_state_dict``."""
-        try:
-            return cls(int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg["bias"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(
-                f"bad Int8DynamicLinear config {cfg!r} ({exc}); it needs in_features,"
-                " out_features and bias - re-save the artifact"
-            ) from None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
