@@ -19,6 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "calibrate": {"core", "formats", "graph", "models"},
     **{t: LOWER for t in TECHNIQUES},
     "eval": LOWER,
+    "report": LOWER | {"eval"},
     "recipe": LOWER | TECHNIQUES,
     "search": LOWER | TECHNIQUES | {"eval", "recipe"},
     "testing": LOWER | TECHNIQUES | {"eval", "recipe"},

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from slimtorch.cli import cmd_distill, cmd_export, cmd_merge, cmd_sensitivity
+from slimtorch.cli import cmd_distill, cmd_export, cmd_merge, cmd_report, cmd_sensitivity
 from slimtorch.core.errors import UserInputError
 
 
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_distill.add_parser(sub)
     cmd_export.add_parser(sub)
     cmd_sensitivity.add_parser(sub)
+    cmd_report.add_parser(sub)
     return parser
 
 
@@ -107,12 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "distill": cmd_distill.run,
         "export": cmd_export.run,
         "sensitivity": cmd_sensitivity.run,
+        "report": cmd_report.run,
     }
     renderers: dict[str, Callable[[dict[str, Any]], str]] = {
         "merge": cmd_merge.render,
         "distill": cmd_distill.render,
         "export": cmd_export.render,
         "sensitivity": cmd_sensitivity.render,
+        "report": cmd_report.render,
     }
     try:
         result = handlers[args.command](args)
