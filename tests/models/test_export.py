@@ -118,8 +118,8 @@ def test_masked_weights_export_dense_with_a_warning(tmp_path, caplog) -> None:
     (tmp_path / "m.onnx").write_bytes(b"old")
     with caplog.at_level(logging.WARNING, logger="slimtorch.models.export"):
         report = export_onnx(res.model, (x,), tmp_path / "m.onnx", overwrite=True)
-    assert report["dense_weights_from_states"] == 2
-    assert "exported as dense float values" in caplog.text
+    assert report["dense_weights_from_states"] == 2 and report["lowbit_layers"] == []
+    assert "keeps 0.weight dense float: unstructured sparsity" in caplog.text
     with torch.no_grad():
         expected = res.model(x).numpy()
     np.testing.assert_allclose(_ort_outputs(str(tmp_path / "m.onnx"), x)[0], expected, atol=1e-5)

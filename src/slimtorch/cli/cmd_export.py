@@ -33,6 +33,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         " shape recorded in the artifact is used as recorded)",
     )
     p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="--to onnx: write every weight as dense float (default: compressed weights low-bit)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="--to onnx: fail when a compressed weight cannot be stored low-bit (default: keep"
+        " it dense float with a warning)",
+    )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return p
@@ -70,7 +81,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from slimtorch.models.compressed_tensors import export_checked
 
         return export_checked(model, inputs, args.out, args.force)
-    return export_onnx(model, inputs, args.out, args.opset, args.force)
+    return export_onnx(
+        model,
+        inputs,
+        args.out,
+        args.opset,
+        args.force,
+        quantized=not args.dense,
+        strict=args.strict,
+    )
 
 
 def _render_ct(result: dict[str, Any]) -> str:
@@ -114,6 +133,18 @@ def render(result: dict[str, Any]) -> str:
         f"latency (1 thread, median): onnxruntime {result['onnxruntime_ms']:.3f} ms,"
         f" PyTorch {result['torch_ms']:.3f} ms",
     ]
+    layers = result.get("lowbit_layers") or []
+    if layers:
+        ops: dict[str, int] = {}
+        for layer in layers:
+            ops[layer["op"]] = ops.get(layer["op"], 0) + 1
+        kinds = ", ".join(f"{n} x {op}" for op, n in ops.items())
+        lines.append(
+            f"low-bit weights: {kinds}; {result['dense_float_bytes']:,} bytes as dense float"
+            f" ({result['dense_float_bytes'] / max(result['bytes'], 1):.2f}x)"
+        )
+    for d in result.get("dense_layers") or []:
+        lines.append(f"dense float: {d['param']} ({d['reason']})")
     if result.get("dynamo_error"):
         lines.append(f"note: the dynamo exporter failed ({result['dynamo_error']})")
     return "\n".join(lines)

@@ -37,8 +37,8 @@ class DynamicInt8Config(StageConfig):
 def _quantize_embeddings(model: nn.Module, ignore: list[str]) -> int:
     try:
         refs = select_weights(model, None, ignore, types=("Embedding",))
-    except TargetError:
-        return 0  # the model has no embedding
+    except (TargetError, UnsupportedModelError):
+        return 0  # the model has no embedding (or nothing left but the int8 Linears)
     spec = QuantSpec(bits=8, granularity="per_channel")
     for ref in refs:
         state = get_state(ref.module, ref.param)

@@ -1,0 +1,221 @@
+"""Compressed models as low-bit ONNX files, against fp32 ONNX and onnxruntime's quantize_dynamic.
+
+    .venv/bin/python bench/bench_onnx.py [--only lenet|minilm|charlstm] [--presets int8,int4]
+
+For each builtin model (lenet5-fashion, char-lstm, minilm) and each shipped preset that applies,
+the preset is applied one-shot (``slimtorch.compress`` without data: stages that need training
+data are skipped), then ``slimtorch.models.export.export_onnx`` writes the low-bit ONNX file and
+checks it in onnxruntime against the PyTorch model. Rows:
+
+* ``fp32``: the uncompressed model exported dense (``quantized=False``);
+* ``ort-dynamic``: ``onnxruntime.quantization.quantize_dynamic`` on the fp32 file (its
+  defaults: int8 weights per tensor, dynamic uint8 activations, MatMul/Gemm and more);
+* one row per preset.
+
+Per row: ONNX bytes, onnxruntime latency (median ms, ``intra_op_num_threads=1``, CPU) at batch 1
+and at the model's usual batch, quality: LeNet test accuracy on all 10,000 Fashion-MNIST test
+images run through onnxruntime; for char-lstm and MiniLM the agreement with the fp32 PyTorch
+model on the example inputs (top-1 agreement of next-char logits; cosine of the token
+embeddings). Writes bench/results/onnx.json (merged per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import slimtorch as st
+from slimtorch.models.export import _median_ms, export_onnx
+from slimtorch.models.registry import builtin_info, load_model
+
+RESULTS = Path(__file__).parent / "results" / "onnx.json"
+MODELS = {
+    "lenet": ("lenet5-fashion", 256),
+    "charlstm": ("char-lstm", 128),
+    "minilm": ("minilm", 1),
+}
+PRESETS = {
+    "lenet": "int8 int4 dynamic-int8 kmeans4 kmeans6 kmeans8 sparse90-int8 deep-compression nm24"
+    " structured-50 binary ternary",
+    "charlstm": "int8 int4 dynamic-int8 kmeans4 kmeans6 kmeans8 sparse90-int8 deep-compression"
+    " binary ternary",
+    "minilm": "int8 int4 dynamic-int8 kmeans4 w8a8-smoothquant",
+}
+
+
+def _session(path: str) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(session: Any, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    return {f"input_{i}": t.numpy() for i, t in enumerate(inputs) if f"input_{i}" in names}
+
+
+def _latency(path: str, inputs: tuple[torch.Tensor, ...]) -> float:
+    session = _session(path)
+    feeds = _feeds(session, inputs)
+    return round(_median_ms(lambda: session.run(None, feeds), budget_s=3.0), 3)
+
+
+def _lenet_accuracy(path: str, batch: int) -> float:
+    from slimtorch.models.data_images import load_fashion_mnist, to_model_input
+
+    images, labels = load_fashion_mnist("test")
+    x = to_model_input(images).numpy()
+    session = _session(path)
+    name = session.get_inputs()[0].name
+    correct = 0
+    for start in range(0, len(x), batch):
+        chunk = x[start : start + batch]
+        pad = batch - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        logits = session.run(None, {name: chunk})[0][: batch - pad]
+        correct += int((logits.argmax(1) == labels[start : start + batch].numpy()).sum())
+    return round(correct / len(x), 4)
+
+
+def _agreement(
+    path: str, inputs: tuple[torch.Tensor, ...], reference: np.ndarray, key: str
+) -> float:
+    session = _session(path)
+    out = session.run(None, _feeds(session, inputs))[0].reshape(reference.shape)
+    if key == "charlstm":
+        return round(float((out.argmax(-1) == reference.argmax(-1)).mean()), 4)
+    a, b = out.reshape(-1, out.shape[-1]), reference.reshape(-1, reference.shape[-1])
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return round(float(cos.mean()), 5)
+
+
+def _quality(
+    key: str, path: str, batch: int, inputs: tuple[torch.Tensor, ...], ref: np.ndarray
+) -> dict[str, Any]:
+    if key == "lenet":
+        return {"accuracy": _lenet_accuracy(path, batch)}
+    metric = "top1_agreement" if key == "charlstm" else "cosine_to_fp32"
+    return {metric: _agreement(path, inputs, ref, key)}
+
+
+def _row(
+    name: str,
+    key: str,
+    files: dict[int, str],
+    inputs: dict[int, tuple[torch.Tensor, ...]],
+    ref: np.ndarray,
+    batch: int,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"variant": name, "onnx_bytes": Path(files[batch]).stat().st_size}
+    for b, path in files.items():
+        row[f"ort_ms_batch{b}"] = _latency(path, inputs[b])
+    row.update(_quality(key, files[batch], batch, inputs[batch], ref))
+    return row
+
+
+def _export_all(
+    model: torch.nn.Module,
+    inputs: dict[int, tuple[torch.Tensor, ...]],
+    tmp: Path,
+    tag: str,
+    quantized: bool,
+) -> tuple[dict[int, str], dict[str, Any]]:
+    files, report = {}, {}
+    for b, x in inputs.items():
+        out = tmp / f"{tag}-b{b}.onnx"
+        report = export_onnx(model, x, out, quantized=quantized)
+        files[b] = str(out)
+    return files, report
+
+
+def bench_model(key: str, presets: list[str]) -> dict[str, Any]:
+    from onnxruntime.quantization import quantize_dynamic
+
+    name, batch = MODELS[key]
+    info = builtin_info(name)
+    model = load_model(f"builtin:{name}").model
+    batches = sorted({1, batch})
+    inputs = {b: tuple(info.example_inputs(b)) for b in batches}
+    with torch.inference_mode():
+        out = model(*inputs[batch])
+    ref = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out).numpy()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        files, _ = _export_all(model, inputs, tmp, "fp32", quantized=False)
+        rows.append(_row("fp32", key, files, inputs, ref, batch))
+        ort_files = {}
+        for b, path in files.items():
+            ort_files[b] = str(tmp / f"ortdyn-b{b}.onnx")
+            quantize_dynamic(path, ort_files[b])
+        rows.append(_row("ort-dynamic (quantize_dynamic)", key, ort_files, inputs, ref, batch))
+        for preset in presets:
+            start = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    compressed = st.compress(model, preset).model
+                    files, report = _export_all(compressed, inputs, tmp, preset, quantized=True)
+            except Exception as exc:  # a preset that does not apply is reported, not fatal
+                rows.append({"variant": preset, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                continue
+            row = _row(preset, key, files, inputs, ref, batch)
+            ops: dict[str, int] = {}
+            for layer in report["lowbit_layers"]:
+                ops[layer["op"]] = ops.get(layer["op"], 0) + 1
+            row.update(
+                lowbit_ops=ops,
+                dense_layers=len(report["dense_layers"]),
+                verified_max_abs_diff=report["max_abs_diff"],
+                tolerance=[report["atol"], report["rtol"]],
+                dense_float_bytes=report["dense_float_bytes"],
+                seconds=round(time.perf_counter() - start, 1),
+            )
+            rows.append(row)
+            logging.getLogger("bench").info("%s %s: %s", key, preset, row)
+    return {"model": name, "usual_batch": batch, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(MODELS), action="append")
+    parser.add_argument("--presets", help="comma-separated presets (default: all that apply)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("torch", "onnxscript", "slimtorch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    import onnxruntime
+
+    results["environment"] = {
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": 1,
+    }
+    for key in args.only or list(MODELS):
+        presets = args.presets.split(",") if args.presets else PRESETS[key].split()
+        results[key] = bench_model(key, presets)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        for row in results[key]["rows"]:
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
