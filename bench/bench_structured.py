@@ -194,9 +194,30 @@ def resnet(steps: int, repeats: int) -> dict[str, Any]:
     return {**out, "steps": steps, "torch_pruning_ratio": ratio}
 
 
+def scaling(repeats: int) -> dict[str, Any]:
+    """Random-weight ResNet18Small at base widths 8/16/32 against every width cut to about half
+    the MACs (6/11/22): how much of halved MACs turns into speed at batch 32 on one thread."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tp_resnet
+    from slimtorch.models.resnet import ResNet18Small
+
+    pairs = ((8, 6), (16, 11), (32, 22))
+    models = {f"width{w}": ResNet18Small(w).eval() for pair in pairs for w in pair}
+    ms = tp_resnet.paired_latency_ms(models, 32, repeats)
+    macs = {name: tp_resnet.macs_and_params(m)[0] for name, m in models.items()}
+    return {
+        f"{a}->{b}": {
+            "mac_ratio": round(macs[f"width{b}"] / macs[f"width{a}"], 3),
+            "b32_ms": [ms[f"width{a}"], ms[f"width{b}"]],
+            "speedup_b32": round(ms[f"width{a}"] / ms[f"width{b}"], 3),
+        }
+        for a, b in pairs
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["permute", "widths", "resnet"], required=True)
+    parser.add_argument("--only", choices=["permute", "widths", "resnet", "scaling"], required=True)
     parser.add_argument("--steps", type=int, default=1000, help="fine-tuning steps (resnet)")
     parser.add_argument("--repeats", type=int, default=20, help="latency runs (resnet)")
     parser.add_argument("--models", default="lenet5-fashion,minilm")
@@ -210,6 +231,8 @@ def main() -> None:
         section: dict[str, Any] = permute(args.models.split(","), ctx)
     elif args.only == "resnet":
         section = resnet(args.steps, args.repeats)
+    elif args.only == "scaling":
+        section = scaling(args.repeats)
     else:
         section = widths(args.model, args.finetune_steps, ctx)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
