@@ -102,14 +102,20 @@ def _latency(model: nn.Module, name: str, batch: int) -> float:
     return measure_latency_ms(model, inputs, warmup=3, repeats=15)
 
 
-def widths(name: str, finetune_steps: int, ctx: Context) -> dict[str, Any]:
+def widths(name: str, finetune_steps: int, slimmable_steps: int, ctx: Context) -> dict[str, Any]:
     model = _loaded(name)
     ordered = st.compress(model, {"stages": [{"method": "prune.reorder"}]}, ctx=ctx).model
     rows = []
     info = builtin_info(name)
-    task = make_task(info.task or "classification", info.data) if finetune_steps else None
-    with tempfile.TemporaryDirectory(prefix="slimtorch-bench-") as tmp:
+    needs_task = finetune_steps or slimmable_steps
+    task = make_task(info.task or "classification", info.data) if needs_task else None
+    with tempfile.TemporaryDirectory(prefix="bench-widths-") as tmp:
         st.save(ordered, Path(tmp) / "ordered")
+        if task is not None and slimmable_steps:  # one artifact, every width trained together
+            train = {"steps": slimmable_steps, "lr": 0.001, "batch_size": 64}
+            stage = {"method": "train.slimmable", "widths": [1.0, 0.75, 0.5], "train": train}
+            slim = st.compress(ordered, {"stages": [stage]}, data=task, ctx=ctx).model
+            st.save(slim, Path(tmp) / "slim")
         for width in (1.0, 0.75, 0.5):
             narrowed = st.load(Path(tmp) / "ordered", width=width)
             st.save(narrowed, Path(tmp) / f"w{width}")
@@ -133,9 +139,16 @@ def widths(name: str, finetune_steps: int, ctx: Context) -> dict[str, Any]:
                 }
                 tuned = st.compress(tuned, recipe, data=task, ctx=ctx).model
                 row["quality_finetuned"] = _quality(tuned, ctx)
+            if task is not None and slimmable_steps:
+                row["quality_slimmable"] = _quality(st.load(Path(tmp) / "slim", width=width), ctx)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return {"model": name, "finetune_steps": finetune_steps, "rows": rows}
+    return {
+        "model": name,
+        "finetune_steps": finetune_steps,
+        "slimmable_steps": slimmable_steps,
+        "rows": rows,
+    }
 
 
 def resnet(steps: int, repeats: int) -> dict[str, Any]:
@@ -223,6 +236,9 @@ def main() -> None:
     parser.add_argument("--models", default="lenet5-fashion,minilm")
     parser.add_argument("--model", default="resnet18-fashion")
     parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument(
+        "--slimmable-steps", type=int, default=0, help="widths: train.slimmable steps (0: skip)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -234,7 +250,7 @@ def main() -> None:
     elif args.only == "scaling":
         section = scaling(args.repeats)
     else:
-        section = widths(args.model, args.finetune_steps, ctx)
+        section = widths(args.model, args.finetune_steps, args.slimmable_steps, ctx)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results[args.only] = {
         **section,

@@ -26,6 +26,7 @@ from slimtorch.runtime import RUNTIME_MODULES
 
 ARCH_ATTR = "_slimtorch_architecture"
 WIDTHS_KEY = "widths"  # metadata: channel groups ordered by importance (prune.reorder)
+WIDTH_STATS_KEY = "width_stats"  # metadata: BatchNorm statistics per trained width (slimmable)
 META_ATTR = "_slimtorch_metadata"
 
 
@@ -122,6 +123,27 @@ def available_widths(model: nn.Module) -> bool:
     return bool(get_metadata(model).get(WIDTHS_KEY))
 
 
+def width_key(width: float) -> str:
+    """How a width names its entry in the metadata (``0.5`` -> ``"0.5"``)."""
+    return f"{width:g}"
+
+
+def _width_statistics(model: nn.Module, width: float) -> None:
+    """Load the BatchNorm statistics ``train.slimmable`` recorded for ``width``, if any."""
+    stats = get_metadata(model).pop(WIDTH_STATS_KEY, None) or {}
+    for name, values in stats.get(width_key(width), {}).items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        buf = module._buffers.get(leaf)
+        value = torch.tensor(values, dtype=buf.dtype if buf is not None else torch.float32)
+        if buf is None or buf.shape != value.shape:
+            raise ArtifactError(
+                f"the statistics recorded for width {width} do not fit {name}"
+                f" ({tuple(value.shape)}); re-save the artifact"
+            )
+        module._buffers[leaf] = value
+
+
 def narrow(model: nn.Module, width: float) -> nn.Module:
     """A copy of a ``prune.reorder``-ed model keeping the first ``width`` of every group's
     channels (the most important ones); ``width=1`` returns an unchanged copy."""
@@ -145,6 +167,7 @@ def narrow(model: nn.Module, width: float) -> nn.Module:
         keep[i] = torch.cat([torch.arange(count // blocks) + b * per for b in range(blocks)])
     out = copy.deepcopy(model)
     apply_channels(out, DependencyGraph(groups), keep)
+    _width_statistics(out, width)
     meta = get_metadata(out)
     meta.pop(WIDTHS_KEY, None)
     meta["width"] = width

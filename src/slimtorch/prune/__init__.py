@@ -9,6 +9,7 @@ Importing this package registers the recipe methods ``prune.magnitude``, ``prune
 from slimtorch.prune import layerwise as layerwise
 from slimtorch.prune import methods as methods
 from slimtorch.prune import reorder as reorder
+from slimtorch.prune import slimmable as slimmable
 from slimtorch.prune import structured as structured
 from slimtorch.prune.criteria import (
     global_magnitude_masks,
