@@ -13,7 +13,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from slimtorch.cli import cmd_distill, cmd_export, cmd_merge, cmd_report, cmd_sensitivity
+from slimtorch.cli import (
+    cmd_auto,
+    cmd_distill,
+    cmd_export,
+    cmd_merge,
+    cmd_report,
+    cmd_sensitivity,
+)
 from slimtorch.core.errors import UserInputError
 
 
@@ -90,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_export.add_parser(sub)
     cmd_sensitivity.add_parser(sub)
     cmd_report.add_parser(sub)
+    cmd_auto.add_parser(sub)
     return parser
 
 
@@ -109,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": cmd_export.run,
         "sensitivity": cmd_sensitivity.run,
         "report": cmd_report.run,
+        "auto": cmd_auto.run,
     }
     renderers: dict[str, Callable[[dict[str, Any]], str]] = {
         "merge": cmd_merge.render,
@@ -116,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": cmd_export.render,
         "sensitivity": cmd_sensitivity.render,
         "report": cmd_report.render,
+        "auto": cmd_auto.render,
     }
     try:
         result = handlers[args.command](args)
