@@ -101,3 +101,44 @@ def test_empty_calibration_is_an_error() -> None:
     model = tiny_llama()
     with pytest.raises(ConfigError, match="no batches"):
         capture_first_inputs(model, model.model.layers[0], [])
+
+
+class _TwoReaders(nn.Module):
+    """``a`` and ``b`` read the same tensor, except on calls where ``split`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, split: bool = False) -> torch.Tensor:
+        self.calls += 1
+        return self.a(x) + self.b(x * 2 if split else x)
+
+
+def test_layers_reading_one_tensor_share_one_accumulator() -> None:
+    from slimtorch.calibrate.sequential import observe_block
+    from slimtorch.calibrate.statistics import HessianAccumulator, InputNormAccumulator
+
+    block = _TwoReaders()
+    xs = [torch.randn(5, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    stats: dict = {"a": HessianAccumulator(4), "b": HessianAccumulator(4)}
+    observe_block(block, [((x,), {}) for x in xs], stats)
+    assert stats["a"] is stats["b"] and block.calls == 3
+    expected = HessianAccumulator(4)
+    for x in xs:
+        expected.update(x)
+    torch.testing.assert_close(stats["b"].hessian(), expected.hessian())
+    # different accumulator types never share; a later batch that splits the readers makes
+    # every layer observed alone (a second pass), with the right statistics for each
+    mixed: dict = {"a": HessianAccumulator(4), "b": InputNormAccumulator(4)}
+    observe_block(block, [((x,), {}) for x in xs], mixed)
+    assert mixed["a"] is not mixed["b"]
+    split = [((xs[0],), {}), ((xs[1],), {"split": True})]
+    alone: dict = {"a": InputNormAccumulator(4), "b": InputNormAccumulator(4)}
+    observe_block(block, split, alone)
+    assert alone["a"] is not alone["b"]
+    torch.testing.assert_close(alone["a"].sq_norm(), xs[0].pow(2).sum(0) + xs[1].pow(2).sum(0))
+    torch.testing.assert_close(
+        alone["b"].sq_norm(), xs[0].pow(2).sum(0) + (2 * xs[1]).pow(2).sum(0)
+    )

@@ -61,8 +61,16 @@ def test_accumulator_bad_inputs() -> None:
         acc.hessian()
     with pytest.raises(UserInputError, match=r"\[\.\.\., 4\]"):
         acc.update(torch.randn(3, 5))
+    acc.update(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+    acc.update(torch.ones(2, 4))
     with pytest.raises(UnsupportedModelError, match="NaN"):
-        acc.update(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+        acc.hessian()  # checked once, when read
+    for bad in (InputNormAccumulator(4), AbsMaxAccumulator(4), AbsMeanAccumulator(4)):
+        bad.update(torch.tensor([[1.0, float("inf"), 0.0, float("nan")]]))
+        read = getattr(bad, {"InputNorm": "sq_norm", "AbsMax": "absmax"}.get(
+            type(bad).__name__.removesuffix("Accumulator"), "absmean"))  # fmt: skip
+        with pytest.raises(UnsupportedModelError, match="NaN"):
+            read()
     with pytest.raises(UserInputError, match="float64"):
         InputNormAccumulator(4, dtype="float16")  # type: ignore[arg-type]
     with pytest.raises(UserInputError):

@@ -15,6 +15,7 @@ targeted layer's *input* (for a Linear: ``x`` of ``x @ W.T``; for an LSTM, its i
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -121,11 +122,61 @@ def _detach(value: Any) -> Any:
     return value
 
 
+class _SharedInputs:
+    """Layers that read the same input tensor (q/k/v, gate/up) need one accumulator, not one
+    each: the first batch finds which layers share their input with an earlier one of the same
+    accumulator type, later batches update only the first of each group (and check the others
+    still read the same tensor)."""
+
+    def __init__(self) -> None:
+        self.alias: dict[str, str] = {}  # key -> the key whose accumulator it shares
+        self.seen: dict[tuple[int, type], tuple[str, torch.Tensor]] = {}
+        self.first = True
+        self.broken = False
+
+    def start_batch(self) -> None:
+        self.seen = {}  # holds the batch's inputs alive, so no address is reused within it
+
+    def should_update(self, key: str, x: torch.Tensor, acc: Accumulator) -> bool:
+        found = self.seen.get((id(x), type(acc)))
+        leader = found[0] if found is not None and found[1] is x else None
+        if self.first:
+            if leader is not None:
+                self.alias[key] = leader
+                return False
+            self.seen[(id(x), type(acc))] = (key, x)
+            return True
+        if key in self.alias:
+            self.broken |= leader != self.alias[key]
+            return False
+        self.seen[(id(x), type(acc))] = (key, x)
+        return True
+
+
 def observe_block(
     block: nn.Module, inputs: Sequence[Inputs], stats: dict[str, Accumulator]
 ) -> None:
     """Run ``block`` on every captured input, feeding each observed layer's input to its
-    accumulator."""
+    accumulator. Layers that read the same tensor share one accumulator (``stats`` is updated
+    to point them at it)."""
+    fresh = copy.deepcopy(stats)  # empty accumulators, for the rare rerun without sharing
+    shared = _SharedInputs()
+    _observe(block, inputs, stats, shared)
+    if shared.broken:  # a layer stopped reading its group's tensor: observe every layer alone
+        log.debug("shared calibration inputs differ between batches; observing every layer")
+        stats.update(fresh)
+        _observe(block, inputs, stats, None)
+        return
+    for key, leader in shared.alias.items():
+        stats[key] = stats[leader]
+
+
+def _observe(
+    block: nn.Module,
+    inputs: Sequence[Inputs],
+    stats: dict[str, Accumulator],
+    shared: _SharedInputs | None,
+) -> None:
     handles = []
     for key, acc in stats.items():
         lname, _, param = key.partition(":")
@@ -134,18 +185,28 @@ def observe_block(
             handles.append(layer.register_forward_hook(_rnn_hook(layer, param, acc)))
             continue
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], acc: Accumulator = acc) -> None:
-            if args and isinstance(args[0], torch.Tensor):
+        def hook(
+            _m: nn.Module, args: tuple[Any, ...], key: str = key, acc: Accumulator = acc
+        ) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            if shared is None or shared.should_update(key, args[0], acc):
                 acc.update(args[0].detach())
 
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for args, kwargs in inputs:
+                if shared is not None:
+                    shared.start_batch()
                 block(*args, **kwargs)
+                if shared is not None:
+                    shared.first = False
     finally:
         for h in handles:
             h.remove()
+        if shared is not None:
+            shared.seen = {}
 
 
 def _rnn_hook(layer: nn.Module, param: str, acc: Accumulator) -> Callable[..., None]:

@@ -46,20 +46,23 @@ class _ChannelAccumulator:
                 f" {tuple(x.shape)}; feed the inputs of the layer this accumulator was made for"
             )
         rows = x.detach().reshape(-1, self.in_features).to(self.dtype)
-        if not bool(torch.isfinite(rows).all()):
-            raise UnsupportedModelError(
-                f"{type(self).__name__}: calibration inputs contain NaN or Inf; check the model"
-                " weights and the calibration data (run the model in float32)"
-            )
         self.count += rows.shape[0]
         return rows
 
-    def _require_data(self) -> None:
-        if self.count == 0:
+    def _require_data(self, total: torch.Tensor | None) -> torch.Tensor:
+        """The accumulated ``total``, refused when empty or not finite. NaN/Inf inputs carry
+        into every total, so one check when it is read replaces one per batch."""
+        if self.count == 0 or total is None:
             raise UserInputError(
                 f"{type(self).__name__} has seen no inputs; pass calibration data that reaches"
                 " this layer (check --data and the number of calibration samples)"
             )
+        if not bool(torch.isfinite(total).all()):
+            raise UnsupportedModelError(
+                f"{type(self).__name__}: calibration inputs contain NaN or Inf; check the model"
+                " weights and the calibration data (run the model in float32)"
+            )
+        return total
 
 
 class HessianAccumulator(_ChannelAccumulator):
@@ -76,9 +79,7 @@ class HessianAccumulator(_ChannelAccumulator):
 
     def hessian(self) -> torch.Tensor:
         """The ``[in, in]`` Hessian in the accumulation dtype."""
-        self._require_data()
-        assert self._sum is not None
-        return self._sum * (2.0 / self.count)
+        return self._require_data(self._sum) * (2.0 / self.count)
 
 
 class InputNormAccumulator(_ChannelAccumulator):
@@ -94,9 +95,7 @@ class InputNormAccumulator(_ChannelAccumulator):
 
     def sq_norm(self) -> torch.Tensor:
         """``[in]``: ``||X_j||_2^2`` over all rows seen."""
-        self._require_data()
-        assert self._sq is not None
-        return self._sq.clone()
+        return self._require_data(self._sq).clone()
 
     def mean_sq(self) -> torch.Tensor:
         """``[in]``: mean of ``x_j^2`` per row (the norm divided by the number of rows)."""
@@ -118,9 +117,7 @@ class AbsMaxAccumulator(_ChannelAccumulator):
         self._max = amax if self._max is None else torch.maximum(self._max, amax)
 
     def absmax(self) -> torch.Tensor:
-        self._require_data()
-        assert self._max is not None
-        return self._max.clone()
+        return self._require_data(self._max).clone()
 
 
 class AbsMeanAccumulator(_ChannelAccumulator):
@@ -135,9 +132,7 @@ class AbsMeanAccumulator(_ChannelAccumulator):
         self._sum = s if self._sum is None else self._sum.add_(s)
 
     def absmean(self) -> torch.Tensor:
-        self._require_data()
-        assert self._sum is not None
-        return self._sum / self.count
+        return self._require_data(self._sum) / self.count
 
 
 def check_hessian(hessian: torch.Tensor, in_features: int) -> None:
