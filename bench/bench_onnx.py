@@ -1,6 +1,7 @@
 """Compressed models as low-bit ONNX files, against fp32 ONNX and onnxruntime's quantize_dynamic.
 
     .venv/bin/python bench/bench_onnx.py [--only lenet|minilm|charlstm] [--presets int8,int4]
+        [--decode load|run] [--no-baselines]
 
 For each builtin model (lenet5-fashion, char-lstm, minilm) and each shipped preset that applies,
 the preset is applied one-shot (``slimtorch.compress`` without data: stages that need training
@@ -10,13 +11,16 @@ checks it in onnxruntime against the PyTorch model. Rows:
 * ``fp32``: the uncompressed model exported dense (``quantized=False``);
 * ``ort-dynamic``: ``onnxruntime.quantization.quantize_dynamic`` on the fp32 file (its
   defaults: int8 weights per tensor, dynamic uint8 activations, MatMul/Gemm and more);
-* one row per preset.
+* one row per preset (a recipe file path is a preset too: the row is named after the file);
+  ``--decode run`` rows (``PRESET [decode=run]``) keep the weights low-bit in memory
+  (DequantizeLinear / MatMulNBits) instead of decoding them once at load time.
 
 Per row: ONNX bytes, onnxruntime latency (median ms, ``intra_op_num_threads=1``, CPU) at batch 1
 and at the model's usual batch, quality: LeNet test accuracy on all 10,000 Fashion-MNIST test
 images run through onnxruntime; for char-lstm and MiniLM the agreement with the fp32 PyTorch
 model on the example inputs (top-1 agreement of next-char logits; cosine of the token
-embeddings). Writes bench/results/onnx.json (merged per model).
+embeddings). Writes bench/results/onnx.json, merged per model and variant (a run with a few
+presets replaces only those rows).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 import slimtorch as st
+from slimtorch.api import set_architecture
 from slimtorch.models.export import _median_ms, export_onnx
 from slimtorch.models.registry import builtin_info, load_model
 
@@ -49,8 +54,10 @@ PRESETS = {
     " structured-50 binary ternary",
     "charlstm": "int8 int4 dynamic-int8 kmeans4 kmeans6 kmeans8 sparse90-int8 deep-compression"
     " binary ternary",
-    "minilm": "int8 int4 dynamic-int8 kmeans4 w8a8-smoothquant",
+    "minilm": "int8 int4 dynamic-int8 kmeans4 kmeans6 kmeans8 w8a8-smoothquant nm24"
+    " examples/recipes/minilm-structured50.yaml",
 }
+PRESETS["charlstm"] += " examples/recipes/charlstm-structured50.yaml"
 
 
 def _session(path: str) -> Any:
@@ -133,21 +140,26 @@ def _export_all(
     tmp: Path,
     tag: str,
     quantized: bool,
+    decode: str = "load",
 ) -> tuple[dict[int, str], dict[str, Any]]:
     files, report = {}, {}
     for b, x in inputs.items():
         out = tmp / f"{tag}-b{b}.onnx"
-        report = export_onnx(model, x, out, quantized=quantized)
+        report = export_onnx(model, x, out, quantized=quantized, decode=decode)
         files[b] = str(out)
     return files, report
 
 
-def bench_model(key: str, presets: list[str]) -> dict[str, Any]:
+def bench_model(
+    key: str, presets: list[str], baselines: bool = True, decode: str = "load"
+) -> dict[str, Any]:
     from onnxruntime.quantization import quantize_dynamic
 
     name, batch = MODELS[key]
     info = builtin_info(name)
-    model = load_model(f"builtin:{name}").model
+    loaded = load_model(f"builtin:{name}")
+    model = loaded.model
+    set_architecture(model, loaded.architecture)  # structured pruning needs the example inputs
     batches = sorted({1, batch})
     inputs = {b: tuple(info.example_inputs(b)) for b in batches}
     with torch.inference_mode():
@@ -156,31 +168,53 @@ def bench_model(key: str, presets: list[str]) -> dict[str, Any]:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        files, _ = _export_all(model, inputs, tmp, "fp32", quantized=False)
-        rows.append(_row("fp32", key, files, inputs, ref, batch))
-        ort_files = {}
-        for b, path in files.items():
-            ort_files[b] = str(tmp / f"ortdyn-b{b}.onnx")
-            quantize_dynamic(path, ort_files[b])
-        rows.append(_row("ort-dynamic (quantize_dynamic)", key, ort_files, inputs, ref, batch))
+        if baselines:
+            files, _ = _export_all(model, inputs, tmp, "fp32", quantized=False)
+            rows.append(_row("fp32", key, files, inputs, ref, batch))
+            ort_files = {}
+            for b, path in files.items():
+                ort_files[b] = str(tmp / f"ortdyn-b{b}.onnx")
+                quantize_dynamic(path, ort_files[b])
+            rows.append(_row("ort-dynamic (quantize_dynamic)", key, ort_files, inputs, ref, batch))
         for preset in presets:
             start = time.perf_counter()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     compressed = st.compress(model, preset).model
-                    files, report = _export_all(compressed, inputs, tmp, preset, quantized=True)
+                    tag = Path(preset).stem
+                    files, report = _export_all(compressed, inputs, tmp, tag, True, decode)
             except Exception as exc:  # a preset that does not apply is reported, not fatal
-                rows.append({"variant": preset, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                rows.append(
+                    {
+                        "variant": preset + ("" if decode == "load" else f" [decode={decode}]"),
+                        "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                    }
+                )
                 continue
-            row = _row(preset, key, files, inputs, ref, batch)
+            row = _row(
+                Path(preset).stem if preset.endswith(".yaml") else preset,
+                key,
+                files,
+                inputs,
+                ref,
+                batch,
+            )
             ops: dict[str, int] = {}
             for layer in report["lowbit_layers"]:
                 ops[layer["op"]] = ops.get(layer["op"], 0) + 1
+            if decode != "load":
+                row["variant"] += f" [decode={decode}]"
             row.update(
+                decode=decode,
                 lowbit_ops=ops,
                 dense_layers=len(report["dense_layers"]),
                 verified_max_abs_diff=report["max_abs_diff"],
+                **(
+                    {"layer_max_abs_diff": report["layer_max_abs_diff"]}
+                    if "layer_max_abs_diff" in report
+                    else {}
+                ),
                 tolerance=[report["atol"], report["rtol"]],
                 dense_float_bytes=report["dense_float_bytes"],
                 seconds=round(time.perf_counter() - start, 1),
@@ -194,6 +228,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(MODELS), action="append")
     parser.add_argument("--presets", help="comma-separated presets (default: all that apply)")
+    parser.add_argument(
+        "--decode",
+        choices=("load", "run"),
+        default="load",
+        help="export_onnx decode mode ('run' rows are named 'PRESET [decode=run]')",
+    )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the fp32 and quantize_dynamic rows"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -210,7 +253,11 @@ def main() -> None:
     }
     for key in args.only or list(MODELS):
         presets = args.presets.split(",") if args.presets else PRESETS[key].split()
-        results[key] = bench_model(key, presets)
+        fresh = bench_model(key, presets, not args.no_baselines, args.decode)
+        old = results.get(key, {}).get("rows", [])
+        names = {r["variant"] for r in fresh["rows"]}
+        fresh["rows"] = [r for r in old if r["variant"] not in names] + fresh["rows"]
+        results[key] = fresh  # rows merged by variant: a partial run replaces only its rows
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         for row in results[key]["rows"]:

@@ -44,6 +44,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="--to onnx: fail when a compressed weight cannot be stored low-bit (default: keep"
         " it dense float with a warning)",
     )
+    p.add_argument(
+        "--decode",
+        choices=("load", "run"),
+        default="load",
+        help="--to onnx: 'load' (default) decodes low-bit weights once when onnxruntime loads"
+        " the file (small file, dense float in memory, float speed); 'run' keeps them low-bit"
+        " in memory (DequantizeLinear/MatMulNBits, decoded at every run: slower). Both exact",
+    )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return p
@@ -89,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.force,
         quantized=not args.dense,
         strict=args.strict,
+        decode=args.decode,
     )
 
 

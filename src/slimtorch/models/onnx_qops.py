@@ -7,9 +7,10 @@ Three encodings, all exact (the decoded values equal the model's effective float
   an optional Reshape/Transpose back to the initializer's layout.
 * ``codebook``: indices (uint8, or uint4 decoded by a DequantizeLinear with scale 1) cast to
   int32 and looked up with ``Gather(codebook, indices)``.
-* ``MatMulNBits`` (com.microsoft, 4-bit, block-wise) and the dynamic-int8 chain
-  ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (-> Add)``, which replace the matrix
-  product that consumes the weight (see :func:`matmul_nbits_nodes`, :func:`dynamic_int8_nodes`).
+* ``MatMulNBits`` (com.microsoft, 4-bit, block-wise) and the dynamic-int8 chain (per-token
+  activation codes from standard ops ``-> MatMulInteger -> Cast -> Mul/Sub (-> Add)``), which
+  replace the matrix product that consumes the weight (see :func:`matmul_nbits_nodes`,
+  :func:`dynamic_int8_nodes`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
+_QMAX_S8 = 127
 
 
 @dataclass
@@ -82,10 +84,12 @@ def storage_type(bits: int, signed: bool, int4: bool) -> int:
 
 def int_tensor(name: str, values: np.ndarray, elem: int) -> TensorProto:
     """An integer initializer of ONNX type ``elem`` (4-bit types are packed two per byte)."""
-    if elem in (TensorProto.INT4, TensorProto.UINT4):
-        flat = values.astype(np.int64).reshape(-1).tolist()
-        return helper.make_tensor(name, elem, list(values.shape), flat)
-    dtype = np.int8 if elem == TensorProto.INT8 else np.uint8
+    if elem in (TensorProto.INT4, TensorProto.UINT4):  # raw bytes, low nibble first
+        flat = values.astype(np.int64).reshape(-1) & 15
+        packed = pack_nibbles(np.pad(flat, (0, flat.size % 2)))
+        return helper.make_tensor(name, elem, list(values.shape), packed.tobytes(), raw=True)
+    dtypes: dict[int, Any] = {TensorProto.INT8: np.int8, TensorProto.UINT16: np.uint16}
+    dtype = dtypes.get(int(elem), np.uint8)
     return numpy_helper.from_array(values.astype(dtype), name)
 
 
@@ -141,6 +145,126 @@ def decode_nodes(enc: Encoded, out: str, int4: bool) -> tuple[list[Any], list[Te
     return nodes + post_nodes, inits + post_inits
 
 
+def _loaded_codes(
+    enc: Encoded, prefix: str, table: np.ndarray | None
+) -> tuple[list[Any], list[TensorProto], str]:
+    """Nodes producing ``table[q]`` (or float ``q`` when no table) from stored codes, as float32.
+
+    4-bit codes (``enc.bits <= 4``) are packed two per byte (low nibble first) and looked up in
+    unpacked with int32 Div/Mul/Sub and looked up in a 16-entry table (the codebook, or the
+    code values); wider codes are int8/uint8 and cast (or gathered)."""
+    rows, cols = enc.q.shape
+    shape = numpy_helper.from_array(np.array([rows, cols], np.int64), f"{prefix}_qshape")
+    if enc.bits <= 4:  # int32 arithmetic unpacks the nibbles; a 16-entry table decodes them
+        nib = np.pad(enc.q.reshape(-1) & 15, (0, enc.q.size % 2))
+        packed = numpy_helper.from_array(pack_nibbles(nib), f"{prefix}_q")
+        if table is None:
+            table = (np.arange(16) - (16 * (np.arange(16) >= 8) if enc.signed else 0)).astype(
+                np.float32
+            )
+        consts = [
+            float_tensor(f"{prefix}_table", table),
+            numpy_helper.from_array(np.array(16, np.int32), f"{prefix}_16"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}_flat"),
+            numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_start"),
+            numpy_helper.from_array(np.array([rows * cols], np.int64), f"{prefix}_stop"),
+            numpy_helper.from_array(np.array([1], np.int64), f"{prefix}_axis1"),
+        ]
+        n = lambda k: f"{prefix}_{k}"  # noqa: E731
+        nodes = [
+            helper.make_node("Cast", [packed.name], [n("i")], to=TensorProto.INT32),
+            helper.make_node("Div", [n("i"), n("16")], [n("hi")]),
+            helper.make_node("Mul", [n("hi"), n("16")], [n("hi16")]),
+            helper.make_node("Sub", [n("i"), n("hi16")], [n("lo")]),
+            helper.make_node("Unsqueeze", [n("lo"), n("axis1")], [n("lo2")]),
+            helper.make_node("Unsqueeze", [n("hi"), n("axis1")], [n("hi2")]),
+            helper.make_node("Concat", [n("lo2"), n("hi2")], [n("pairs")], axis=1),
+            helper.make_node("Reshape", [n("pairs"), n("flat")], [n("all")]),
+            helper.make_node("Slice", [n("all"), n("start"), n("stop")], [n("idx")]),
+            helper.make_node("Gather", [n("table"), n("idx")], [n("g")], axis=0),
+            helper.make_node("Reshape", [n("g"), shape.name], [n("v")]),
+        ]
+        return nodes, [packed, *consts, shape], n("v")
+    elem = TensorProto.INT8 if enc.signed else TensorProto.UINT8
+    if enc.kind == "codebook" and enc.bits > 8:  # > 256 entries: 16-bit indices
+        elem = TensorProto.UINT16
+    q = int_tensor(f"{prefix}_q", enc.q, elem)
+    if table is None:
+        return (
+            [helper.make_node("Cast", [q.name], [f"{prefix}_v"], to=TensorProto.FLOAT)],
+            [q],
+            (f"{prefix}_v"),
+        )
+    book = float_tensor(f"{prefix}_codebook", table)
+    nodes = [
+        helper.make_node("Cast", [q.name], [f"{prefix}_idx"], to=TensorProto.INT32),
+        helper.make_node("Gather", [book.name, f"{prefix}_idx"], [f"{prefix}_v"], axis=0),
+    ]
+    return nodes, [q, book], f"{prefix}_v"
+
+
+def load_decode_nodes(enc: Encoded, out: str) -> tuple[list[Any], list[TensorProto]]:
+    """Nodes computing ``out`` from ``enc`` with plain ops on initializers only (Cast, Gather,
+    Reshape, Sub, Mul): onnxruntime constant-folds them when it loads the file, so the weight
+    is small on disk and dense float32 in memory, and runs at float speed. Exact: the same
+    ``(q - zero_point) * scale`` float32 arithmetic as DequantizeLinear, any opset >= 13."""
+    prefix = f"{out}_lowbit"
+    if enc.kind == "codebook":
+        assert enc.codebook is not None
+        book = enc.codebook.astype(np.float32)
+        if enc.bits <= 4:
+            book = np.pad(book, (0, 16 - book.size))
+        nodes, inits, v = _loaded_codes(enc, prefix, book)
+    else:
+        assert enc.scale is not None and enc.zero_point is not None
+        nodes, inits, v = _loaded_codes(enc, prefix, None)
+        rows, cols = enc.q.shape
+        scale, zp = enc.scale.astype(np.float32), enc.zero_point.astype(np.float32)
+        if enc.block_size is not None:  # [R, G * g] view with a scale per [R, G, 1]
+            g, groups = enc.block_size, scale.shape[1]
+            pad = numpy_helper.from_array(np.array([0, 0, 0, groups * g - cols], np.int64),
+                                          f"{prefix}_pad")  # fmt: skip
+            blocks = numpy_helper.from_array(np.array([rows, groups, g], np.int64), f"{prefix}_b")
+            inits += [pad, blocks]
+            nodes += [
+                helper.make_node("Pad", [v, pad.name], [f"{prefix}_vp"]),
+                helper.make_node("Reshape", [f"{prefix}_vp", blocks.name], [f"{prefix}_vb"]),
+            ]
+            v, scale, zp = f"{prefix}_vb", scale[:, :, None], zp[:, :, None]
+        elif scale.ndim == 1:
+            scale, zp = scale[:, None], zp[:, None]
+        if zp.any():  # stored as 8-bit integers like the codes, cast (folded) to float
+            elem = TensorProto.INT8 if enc.signed else TensorProto.UINT8
+            inits.append(int_tensor(f"{prefix}_zp", zp, elem))
+            nodes += [
+                helper.make_node("Cast", [f"{prefix}_zp"], [f"{prefix}_zpf"], to=TensorProto.FLOAT),
+                helper.make_node("Sub", [v, f"{prefix}_zpf"], [f"{prefix}_vz"]),
+            ]
+            v = f"{prefix}_vz"
+        inits.append(float_tensor(f"{prefix}_scale", scale))
+        done = f"{prefix}_dq" if enc.post or enc.block_size is not None else out
+        nodes.append(helper.make_node("Mul", [v, f"{prefix}_scale"], [done]))
+        v = done
+        if enc.block_size is not None:
+            flat = numpy_helper.from_array(np.array([rows, -1], np.int64), f"{prefix}_rows")
+            start = numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_c0")
+            stop = numpy_helper.from_array(np.array([cols], np.int64), f"{prefix}_c1")
+            axis = numpy_helper.from_array(np.array([1], np.int64), f"{prefix}_ax")
+            inits += [flat, start, stop, axis]
+            end = f"{prefix}_dq2" if enc.post else out
+            nodes += [
+                helper.make_node("Reshape", [v, flat.name], [f"{prefix}_vr"]),
+                helper.make_node(
+                    "Slice", [f"{prefix}_vr", start.name, stop.name, axis.name], [end]
+                ),
+            ]
+            v = end
+    if enc.kind == "codebook" and not enc.post:
+        nodes.append(helper.make_node("Identity", [v], [out]))
+    post_nodes, post_inits = _post_nodes(enc, v, out, prefix)
+    return nodes + post_nodes, inits + post_inits
+
+
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     """``uint8 [..., n / 2]`` from codes 0..15 ``[..., n]`` (n even), low nibble first."""
     c = codes.astype(np.uint8)
@@ -187,27 +311,118 @@ def matmul_nbits_nodes(
     return node, inits
 
 
-def dynamic_int8_nodes(
-    name: str, inputs: tuple[str, str | None], output: str, codes: np.ndarray, scale: np.ndarray
-) -> tuple[list[Any], list[TensorProto]]:
-    """``x @ W^T (+ bias)`` with ``W = codes * scale[:, None]`` (int8 symmetric per row, ``[N, K]``)
-    as ``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul (-> Add)``.
+def _const(name: str, value: float | list[int], dtype: type = np.float32) -> TensorProto:
+    return numpy_helper.from_array(np.array(value, dtype=dtype), name)
 
-    Weights are stored as uint8 ``codes + 128`` with zero point 128: u8 x u8 products do not
-    saturate on AVX2 CPUs without VNNI, where u8 x s8 pair sums can (onnxruntime's warning)."""
-    x, bias = inputs
-    w = numpy_helper.from_array((codes.T.astype(np.int16) + 128).astype(np.uint8), f"{name}_Wq")
-    wzp = numpy_helper.from_array(np.array(128, dtype=np.uint8), f"{name}_Wzp")
-    ws = float_tensor(f"{name}_Ws", scale.reshape(-1))
-    xq, xs, xzp = f"{name}_xq", f"{name}_xs", f"{name}_xzp"
-    scaled = output if bias is None else f"{name}_nobias"
+
+def _reduce(op: str, x: str, out: str, axes: str, opset: int) -> Any:
+    """``op`` over the last axis, keeping it (axes became an input in opset 18)."""
+    if opset >= 18:
+        return helper.make_node(op, [x, axes], [out], keepdims=1)
+    return helper.make_node(op, [x], [out], axes=[-1], keepdims=1)
+
+
+def _quantize_tokens(
+    p: str, x: str, qmax: int, symmetric: bool, opset: int
+) -> tuple[list[Any], list[TensorProto], str]:
+    """Nodes computing Int8DynamicLinear's per-token activation codes of ``x`` (last axis).
+
+    Asymmetric (the oneDNN kernel): ``s = (max(hi, 0) - min(lo, 0)) / qmax``, ``zp =
+    floor(-min(lo, 0) / s)``, ``u = trunc(x / s + zp + 0.5)`` as uint8 (``Clip`` to
+    ``[0, qmax]`` then ``Floor`` is that truncation). Symmetric (the ``int_mm`` kernel):
+    ``s = max|x| / 127``, ``q = round(x * 127 / max|x|)`` (half to even) as int8. Same float32
+    operations in the same order as :mod:`slimtorch.runtime.int8`, so the codes are identical."""
+    n = lambda k: f"{p}_{k}"  # noqa: E731
+    inits = [_const(n("axes"), [-1], np.int64), _const(n("tiny"), 1e-30)]
     nodes = [
-        helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xzp]),
-        helper.make_node("MatMulInteger", [xq, w.name, xzp, wzp.name], [f"{name}_acc"]),
-        helper.make_node("Cast", [f"{name}_acc"], [f"{name}_accf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [xs, ws.name], [f"{name}_s"]),
-        helper.make_node("Mul", [f"{name}_accf", f"{name}_s"], [scaled]),
+        _reduce("ReduceMax", x, n("hi0"), n("axes"), opset),
+        _reduce("ReduceMin", x, n("lo0"), n("axes"), opset),
     ]
+    if symmetric:
+        inits.append(_const(n("qmax"), float(_QMAX_S8)))
+        nodes += [
+            helper.make_node("Neg", [n("lo0")], [n("nlo")]),
+            helper.make_node("Max", [n("hi0"), n("nlo"), n("tiny")], [n("amax")]),
+            helper.make_node("Div", [n("qmax"), n("amax")], [n("inv")]),
+            helper.make_node("Mul", [x, n("inv")], [n("v")]),
+            helper.make_node("Round", [n("v")], [n("r")]),
+            helper.make_node("Cast", [n("r")], [n("q")], to=TensorProto.INT8),
+            helper.make_node("Div", [n("amax"), n("qmax")], [n("scale")]),
+        ]
+        return nodes, inits, "int8"
+    inits += [_const(n("zero"), 0.0), _const(n("half"), 0.5), _const(n("qmax"), float(qmax))]
+    nodes += [
+        helper.make_node("Max", [n("hi0"), n("zero")], [n("hi")]),
+        helper.make_node("Min", [n("lo0"), n("zero")], [n("lo")]),
+        helper.make_node("Sub", [n("hi"), n("lo")], [n("range")]),
+        helper.make_node("Max", [n("range"), n("tiny")], [n("range1")]),
+        helper.make_node("Div", [n("range1"), n("qmax")], [n("scale")]),
+        helper.make_node("Reciprocal", [n("scale")], [n("inv")]),
+        helper.make_node("Mul", [n("lo"), n("inv")], [n("lo_s")]),
+        helper.make_node("Neg", [n("lo_s")], [n("nlo_s")]),
+        helper.make_node("Floor", [n("nlo_s")], [n("zp")]),
+        helper.make_node("Add", [n("zp"), n("half")], [n("zp_half")]),
+        helper.make_node("Mul", [x, n("inv")], [n("xs")]),
+        helper.make_node("Add", [n("xs"), n("zp_half")], [n("v")]),
+        helper.make_node("Clip", [n("v"), n("zero"), n("qmax")], [n("vc")]),
+        helper.make_node("Floor", [n("vc")], [n("f")]),
+        helper.make_node("Cast", [n("f")], [n("q")], to=TensorProto.UINT8),
+    ]
+    return nodes, inits, "uint8"
+
+
+def dynamic_int8_nodes(
+    name: str,
+    inputs: tuple[str, str | None],
+    output: str,
+    weight: tuple[np.ndarray, np.ndarray],
+    activations: tuple[int, bool],
+    opset: int,
+) -> tuple[list[Any], list[TensorProto]]:
+    """``x @ W^T (+ bias)`` computed as :class:`~slimtorch.runtime.int8.Int8DynamicLinear`
+    computes it: ``weight`` = (int8 codes ``[N, K]``, per-row scale), ``activations`` = (the
+    largest activation code, symmetric); per-token codes (:func:`_quantize_tokens`), an exact
+    int32 ``MatMulInteger``, then ``y = s * (ws * acc - zp * ws * rowsum(W)) + bias``.
+
+    Weights are int8 (u8 x s8 products) when activation codes stay below 128: onnxruntime's
+    AVX2 kernel sums pairs of u8 x s8 products in int16, which cannot saturate then. 8-bit
+    unsigned activations (CPUs with VNNI) get uint8 weights ``codes + 128`` with zero point 128
+    (u8 x u8, no saturation anywhere)."""
+    x, bias = inputs
+    codes, scale = weight
+    qmax, symmetric = activations
+    nodes, inits, kind = _quantize_tokens(name, x, qmax, symmetric, opset)
+    n = lambda k: f"{name}_{k}"  # noqa: E731
+    ws = float_tensor(n("Ws"), scale.reshape(-1))
+    if kind == "uint8" and qmax > 127:
+        w = numpy_helper.from_array((codes.T.astype(np.int16) + 128).astype(np.uint8), n("Wq"))
+        wzp = _const(n("Wzp"), 128, np.uint8)
+        mm_inputs = [n("q"), w.name, "", wzp.name]
+        inits += [w, wzp]
+    else:
+        w = numpy_helper.from_array(np.ascontiguousarray(codes.T.astype(np.int8)), n("Wq"))
+        mm_inputs = [n("q"), w.name]
+        inits.append(w)
+    inits.append(ws)
+    nodes += [
+        helper.make_node("MatMulInteger", mm_inputs, [n("acc")]),
+        helper.make_node("Cast", [n("acc")], [n("accf")], to=TensorProto.FLOAT),
+    ]
+    scaled = output if bias is None else n("nobias")
+    if symmetric:
+        nodes += [
+            helper.make_node("Mul", [n("accf"), n("scale")], [n("y0")]),
+            helper.make_node("Mul", [n("y0"), ws.name], [scaled]),
+        ]
+    else:
+        colsum = codes.astype(np.int64).sum(axis=1).astype(np.float32) * scale.reshape(-1)
+        inits.append(float_tensor(n("colsum"), colsum.astype(np.float32)))
+        nodes += [
+            helper.make_node("Mul", [n("accf"), ws.name], [n("y0")]),
+            helper.make_node("Mul", [n("zp"), n("colsum")], [n("zpc")]),
+            helper.make_node("Sub", [n("y0"), n("zpc")], [n("y1")]),
+            helper.make_node("Mul", [n("y1"), n("scale")], [scaled]),
+        ]
     if bias is not None:
         nodes.append(helper.make_node("Add", [scaled, bias], [output]))
-    return nodes, [w, wzp, ws]
+    return nodes, inits

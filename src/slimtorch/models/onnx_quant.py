@@ -7,7 +7,12 @@ else by value: same layout, transposed, or row by row for LSTM/GRU gate stacks) 
 ======================================  ==========================================================
 weight state                            ONNX
 ======================================  ==========================================================
-affine <= 8 bits, per tensor / channel  int8/uint8 codes + ``DequantizeLinear`` (scale, zero
+decode="load" (default), any grid      int8/uint8 codes (4-bit: two per byte) + ``Cast`` (or
+                                        ``Gather`` of a 256-entry nibble-pair table),
+                                        ``Sub``/``Mul`` by zero point and scale, per tensor, row
+                                        or group: folded by onnxruntime at load time
+                                        (codebooks: ``Gather`` of the codebook)
+decode="run": affine <= 8 bits          int8/uint8 codes + ``DequantizeLinear`` (scale, zero
                                         point, axis); 2-4 bits: int4/uint4 codes (opset >= 21)
 affine per group                        blocked ``DequantizeLinear`` (opset 21, ``block_size``)
 affine 2-4-bit per group, on a Linear   ``com.microsoft.MatMulNBits`` (bits 4, block = group,
@@ -15,8 +20,9 @@ affine 2-4-bit per group, on a Linear   ``com.microsoft.MatMulNBits`` (bits 4, b
 binary / ternary                        codes -1/0/+1 as int4 (int8 below opset 21) + DQ
 codebook (k-means)                      uint8 (uint4 for <= 16 centroids) indices, ``Cast`` and
                                         ``Gather(codebook, indices)``
-Int8DynamicLinear (dynamic_int8, w8a8)  ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul
-                                        (-> Add bias)``: int8 activations, per tensor
+Int8DynamicLinear (dynamic_int8, w8a8)  per-token activation codes (ReduceMax/Min, Div, Floor,
+                                        Cast) ``-> MatMulInteger -> Cast -> Mul/Sub (-> Add)``:
+                                        the int8 arithmetic of slimtorch.runtime.int8
 mask only (unstructured / N:M sparse)   dense float (ONNX has no sparse weight onnxruntime runs)
 ======================================  ==========================================================
 
@@ -41,6 +47,7 @@ from slimtorch.models.onnx_qops import (
     decode,
     decode_nodes,
     dynamic_int8_nodes,
+    load_decode_nodes,
     matmul_nbits_nodes,
 )
 from slimtorch.models.onnx_sources import Match, Matcher, Source
@@ -69,7 +76,7 @@ def _per_row(scale: np.ndarray, zp: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return s, z
 
 
-_STORAGE = {2: "uint8", 3: "int8", 21: "uint4", 22: "int4"}
+_STORAGE = {2: "uint8", 3: "int8", 4: "uint16", 21: "uint4", 22: "int4"}
 
 
 def _rows_encoding(m: Match, shape: tuple[int, ...]) -> Encoded | str:
@@ -162,7 +169,9 @@ def _nbits_params(s: Source, k: int) -> tuple[int, tuple[np.ndarray, np.ndarray,
     return bits, (rep, np.repeat(zp, k_blocks, axis=1), block)
 
 
-def _fused(model: ModelProto, name: str, m: Match) -> tuple[list[Any], list[Any], int, str] | None:
+def _fused(
+    model: ModelProto, name: str, m: Match, load: bool
+) -> tuple[list[Any], list[Any], int, str] | None:
     """MatMulNBits / dynamic-int8 nodes replacing the one product that consumes ``name``.
 
     MatMul consumers of weight-only grids get MatMulNBits (4-bit grids, or 8-bit with one
@@ -179,8 +188,14 @@ def _fused(model: ModelProto, name: str, m: Match) -> tuple[list[Any], list[Any]
         return None
     prefix = f"{name}_lowbit"
     if s.dynamic:
-        nodes, inits = dynamic_int8_nodes(prefix, io, node.output[0], s.codes, s.scale)
+        m.io = (io[0], node.output[0], io[1] is not None)
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        acts = (s.act_qmax, s.act_symmetric)
+        weight = (s.codes, s.scale)
+        nodes, inits = dynamic_int8_nodes(prefix, io, node.output[0], weight, acts, opset)
         return nodes, inits, index, "MatMulInteger"
+    if load:  # weights decoded once at load time: the plain float product stays
+        return None
     found = _nbits_params(s, s.codes.shape[1])
     if found is None or (node.op_type == "Gemm" and (found[0] != 4 or s.group is None)):
         return None
@@ -213,10 +228,12 @@ def _nbytes(inits: list[Any]) -> int:
     return sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in inits)
 
 
-def _rewrite_one(model: ModelProto, name: str, m: Match, int4: bool, rw: Rewrite) -> str | None:
+def _rewrite_one(
+    model: ModelProto, name: str, m: Match, int4: bool, load: bool, rw: Rewrite
+) -> str | None:
     """Rewrite initializer ``name``; returns why it stays dense, or None."""
     s = m.source
-    fused = _fused(model, name, m)
+    fused = _fused(model, name, m, load)
     entry = {"param": s.param, "initializer": name, "layout": m.layout, "bits": s.bits}
     if fused is not None:
         nodes, inits, index, op = fused
@@ -227,6 +244,8 @@ def _rewrite_one(model: ModelProto, name: str, m: Match, int4: bool, rw: Rewrite
         del model.graph.initializer[:]
         model.graph.initializer.extend([*kept, *inits])
         rw.dynamic |= op == "MatMulInteger"
+        if op == "MatMulInteger" and m.io is not None:  # for the per-layer check in export
+            entry.update(activation=m.io[0], output=m.io[1], bias_added=m.io[2])
         rw.layers.append(
             {
                 **entry,
@@ -240,28 +259,40 @@ def _rewrite_one(model: ModelProto, name: str, m: Match, int4: bool, rw: Rewrite
     enc = encoding(m, shape)
     if isinstance(enc, str):
         return enc
-    if enc.block_size is not None and not int4:
+    if enc.block_size is not None and not int4 and not load:
         return f"a per-group grid needs blocked DequantizeLinear (opset >= {OPSET_LOWBIT})"
     lo, hi = (
         (-(2 ** (enc.bits - 1)), 2 ** (enc.bits - 1) - 1) if enc.signed else (0, 2**enc.bits - 1)
     )
-    if enc.bits > 8 or enc.q.min() < lo or enc.q.max() > hi:
+    if load and enc.kind == "codebook" and enc.bits <= 16:  # uint16 indices (Cast, Gather)
+        lo, hi = 0, 2**16 - 1
+    elif enc.bits > 8:
+        lo, hi = 1, 0  # nothing fits
+    if enc.q.min() < lo or enc.q.max() > hi:
         return (
-            "its codes need more than 8 bits (a full 8-bit codebook plus a zero for pruned weights)"
+            "its codes need more than 8 bits (a full 8-bit codebook plus a zero for pruned"
+            " weights); decode='load' stores such codebook indices as uint16"
         )
     value = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
     if not np.array_equal(decode(enc), value):
         return "its low-bit form does not decode to the exported values"
-    nodes, inits = decode_nodes(enc, name, int4)
+    if load:
+        nodes, inits = load_decode_nodes(enc, name)
+        op = "Gather" if enc.kind == "codebook" else "Mul"
+        storage = ("int4" if enc.signed else "uint4") if enc.bits <= 4 else None
+    else:
+        nodes, inits = decode_nodes(enc, name, int4)
+        op = "Gather" if enc.kind == "codebook" else "DequantizeLinear"
+        storage = None
     _replace_initializer(model, name, nodes, inits)
-    op = "Gather" if enc.kind == "codebook" else "DequantizeLinear"
-    storage = _STORAGE.get(inits[0].data_type, str(inits[0].data_type))
+    storage = storage or _STORAGE.get(inits[0].data_type, str(inits[0].data_type))
     rw.layers.append(
         {
             **entry,
             "op": op,
             "storage": storage,
             "granularity": s.granularity,
+            "decode": "load" if load else "run",
             "bytes": _nbytes(inits),
         }
     )
@@ -274,12 +305,23 @@ def _rewrite_one(model: ModelProto, name: str, m: Match, int4: bool, rw: Rewrite
 
 
 def quantize_onnx(
-    model: ModelProto, sources: list[Source], opset: int | None = None, strict: bool = False
+    model: ModelProto,
+    sources: list[Source],
+    opset: int | None = None,
+    strict: bool = False,
+    decode: str = "load",
 ) -> Rewrite:
     """Rewrite ``model`` in place: every float initializer holding one of ``sources`` low-bit.
 
     ``opset`` is the opset the user asked for (None: free to raise it to 21 for int4 and
-    per-group grids). Returns what was written and what stayed dense, and why."""
+    per-group grids). ``decode``: "load" (plain ops on initializers that onnxruntime folds
+    when it loads the file: small on disk, dense float in memory, float speed; any opset) or
+    "run" (DequantizeLinear / MatMulNBits: low-bit in memory too, decoded at every run).
+    Dynamic-int8 layers are MatMulInteger either way. Returns what was written and what stayed
+    dense, and why."""
+    if decode not in ("load", "run"):
+        raise ValueError(f"decode must be 'load' or 'run', not {decode!r}")
+    load = decode == "load"
     default = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
     int4 = opset is None or opset >= OPSET_LOWBIT
     matcher = Matcher(sources)
@@ -291,7 +333,7 @@ def quantize_onnx(
         m = matcher.match(init.name, numpy_helper.to_array(init))
         if m is None:
             continue
-        why = _rewrite_one(model, init.name, m, int4, rw)
+        why = _rewrite_one(model, init.name, m, int4, load, rw)
         if why is not None:
             _dense(rw, m.source.param, why, strict)
         seen.update(s.param for s, _ in m.rows or [(m.source, 0)])
@@ -299,7 +341,9 @@ def quantize_onnx(
         if s.param not in seen:
             _dense(rw, s.param, "no initializer of the exported graph holds its values", strict)
     if any(
-        e["storage"] in ("int4", "uint4") or e.get("granularity") == "per_group" for e in rw.layers
+        e.get("decode") == "run"
+        and (e["storage"] in ("int4", "uint4") or e.get("granularity") == "per_group")
+        for e in rw.layers
     ):
         default.version = max(default.version, OPSET_LOWBIT)
     if any(e["op"] == "MatMulNBits" for e in rw.layers) and not any(

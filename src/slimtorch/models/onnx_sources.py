@@ -36,6 +36,8 @@ class Source:
     group: int | None = None
     codebook: np.ndarray | None = None
     dynamic: bool = False  # an Int8DynamicLinear: int8 activations too
+    act_qmax: int = 127  # its activation codes: 0..act_qmax (asymmetric) or +-127 (symmetric)
+    act_symmetric: bool = False
 
     @property
     def matrix(self) -> np.ndarray:
@@ -57,6 +59,9 @@ def _codebook_codes(q: QuantState, keep: np.ndarray | None) -> tuple[np.ndarray,
     codes = to_matrix(q.codes.to(torch.int64)).numpy().astype(np.int32)
     if keep is not None and not keep.all():
         zeros = np.flatnonzero(book == 0)
+        if zeros.size == 0 and book.size >= 256 and keep.any():  # only the entries in use
+            used, inverse = np.unique(np.where(keep, codes, codes[keep][0]), return_inverse=True)
+            book, codes = book[used], inverse.reshape(keep.shape).astype(np.int32)
         if zeros.size == 0:  # a code for the pruned entries (codes are stored as 8 bits anyway)
             book = np.append(book, np.float32(0))
             zeros = np.array([book.size - 1])
@@ -126,7 +131,7 @@ def float_twin(model: nn.Module) -> tuple[nn.Module, list[Source]]:
     """A copy of ``model`` with every ``Int8DynamicLinear`` as an ``nn.Linear`` holding its
     dequantized weight (exportable), and those weights as dynamic-int8 sources."""
     from slimtorch.graph.weights import replace_module
-    from slimtorch.runtime.int8 import Int8DynamicLinear
+    from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available
 
     names = [n for n, m in model.named_modules() if isinstance(m, Int8DynamicLinear) and n]
     if not names:
@@ -143,12 +148,15 @@ def float_twin(model: nn.Module) -> tuple[nn.Module, list[Source]]:
                 lin.bias.copy_(mod.bias)
         replace_module(twin, name, lin.eval())
         scale = mod.weight_scale.detach().to(torch.float32).numpy().reshape(-1, 1)
+        kernel = mod.kernel if mod.kernel != "auto" else None
+        kernel = kernel or ("onednn" if onednn_available() else "int_mm")  # as on CPU
         sources.append(
             Source(
                 param=f"{name}.weight", weight=lin.weight.detach().numpy().copy(),
                 codes=mod.weight_int8.to(torch.int32).numpy(), scale=scale,
                 zero_point=np.zeros_like(scale, dtype=np.int32), bits=8, signed=True,
-                granularity="per_channel", dynamic=True,
+                granularity="per_channel", dynamic=True, act_qmax=mod._act_qmax_u8,
+                act_symmetric=kernel == "int_mm",
             )
         )  # fmt: skip
     return twin, sources
@@ -165,6 +173,7 @@ class Match:
     layout: str
     source: Source
     rows: list[tuple[Source, int]] | None = None
+    io: tuple[str, str, bool] | None = None  # dynamic int8: (activation, output, bias added)
 
 
 class Matcher:
