@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/slimtorch-llm-peers"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-llm-peers"))
     parser.add_argument("--profile-dir", type=Path, default=None)
     parser.add_argument("--profile", nargs="*", default=["ours"], help="impls to cProfile")
     parser.add_argument("--markdown", type=Path, default=None)

@@ -13,14 +13,7 @@ from slimtorch.core.errors import UserInputError
 from slimtorch.models.artifact import WIDTHS_KEY, get_metadata, narrow
 from slimtorch.prune.permutation import channel_matrix, nm_kept_magnitude
 from slimtorch.prune.reorder import importance_order
-from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet
-
-
-def _with_input(model: nn.Module) -> nn.Module:
-    x = example_input(model)
-    dtype = "int64" if x.dtype == torch.int64 else "float32"
-    get_metadata(model)["input"] = {"shape": list(x.shape), "dtype": dtype}
-    return model
+from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet, with_example_input
 
 
 class _MLP(nn.Module):
@@ -58,7 +51,7 @@ def test_permute_keeps_outputs_and_raises_kept_magnitude() -> None:
 
 
 def test_reorder_then_serve_at_several_widths(tmp_path: Path) -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     x = example_input(model)
     ordered = st.compress(model, {"stages": [{"method": "prune.reorder"}]}).model
     with torch.no_grad():
@@ -83,7 +76,7 @@ def test_reorder_then_serve_at_several_widths(tmp_path: Path) -> None:
 
 
 def test_lstm_widths() -> None:
-    model = _with_input(tiny_lstm())
+    model = with_example_input(tiny_lstm())
     ordered = st.compress(model, {"stages": [{"method": "prune.reorder", "importance": "l2"}]})
     narrowed = narrow(ordered.model, 0.25)
     assert narrowed.lstm.hidden_size == 4
@@ -91,7 +84,7 @@ def test_lstm_widths() -> None:
 
 
 def test_width_errors(tmp_path: Path) -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     st.save(model, tmp_path / "plain")
     with pytest.raises(UserInputError, match=r"prune\.reorder"):
         st.load(tmp_path / "plain", width=0.5)

@@ -16,14 +16,7 @@ from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
 from slimtorch.models.artifact import WIDTH_STATS_KEY, get_metadata, narrow
 from slimtorch.prune.slimmable import SharedWidth, position_maps
-from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet
-
-
-def _with_input(model: nn.Module) -> nn.Module:
-    x = example_input(model)
-    dtype = "int64" if x.dtype == torch.int64 else "float32"
-    get_metadata(model)["input"] = {"shape": list(x.shape), "dtype": dtype}
-    return model
+from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet, with_example_input
 
 
 class MatchTeacher:
@@ -50,7 +43,7 @@ class MatchTeacher:
 
 
 def _reordered(model: nn.Module) -> nn.Module:
-    return st.compress(_with_input(model), {"stages": [{"method": "prune.reorder"}]}).model
+    return st.compress(with_example_input(model), {"stages": [{"method": "prune.reorder"}]}).model
 
 
 @pytest.mark.parametrize("make", [tiny_resnet, tiny_lstm])
@@ -101,7 +94,7 @@ def test_slimmable_training_makes_narrow_widths_work(tmp_path: Path) -> None:
 
 
 def test_needs_a_reordered_model() -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     recipe = {"stages": [{"method": "train.slimmable", "train": {"steps": 1}}]}
     with pytest.raises(ConfigError, match=r"prune\.reorder"):
         st.compress(model, recipe, data=MatchTeacher(model))  # type: ignore[arg-type]

@@ -19,14 +19,7 @@ from slimtorch.core.errors import ConfigError, TargetError
 from slimtorch.models.artifact import get_metadata
 from slimtorch.prune.structured import keep_count, top_channels
 from slimtorch.recipe import load_recipe
-from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet
-
-
-def _with_input(model: nn.Module) -> nn.Module:
-    x = example_input(model)
-    dtype = "int64" if x.dtype == torch.int64 else "float32"
-    get_metadata(model)["input"] = {"shape": list(x.shape), "dtype": dtype}
-    return model
+from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet, with_example_input
 
 
 class _Task:
@@ -62,7 +55,7 @@ def test_keep_count_and_top_channels() -> None:
 
 
 def test_ratio_halves_every_group_and_reloads_exactly(tmp_path: Path) -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     result = st.compress(model, _stage(ratio=0.5))
     pruned = result.model
     assert pruned.block1.conv1.out_channels == 4 and pruned.block2.conv2.out_channels == 8
@@ -81,7 +74,7 @@ def test_ratio_halves_every_group_and_reloads_exactly(tmp_path: Path) -> None:
 
 
 def test_flops_target_is_met() -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     x = example_input(model)
     pruned = st.compress(model, _stage(flops=0.5)).model
     kept = count_flops(pruned, (x,)) / count_flops(model, (x,))
@@ -90,13 +83,13 @@ def test_flops_target_is_met() -> None:
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "fpgm", "bn_scale", "random"])
 def test_data_free_criteria(importance: str) -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     pruned = st.compress(model, _stage(ratio=0.25, importance=importance)).model
     assert pruned.block1.conv1.out_channels == 6
 
 
 def test_l1_keeps_the_largest_filters() -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     with torch.no_grad():
         model.block1.conv1.weight[[1, 6]] *= 100.0
     pruned = st.compress(model, _stage(ratio=0.75, targets=["block1.conv1"])).model
@@ -107,7 +100,7 @@ def test_l1_keeps_the_largest_filters() -> None:
 
 @pytest.mark.parametrize("importance", ["taylor", "activation"])
 def test_data_criteria_use_the_task(importance: str) -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     pruned = st.compress(model, _stage(ratio=0.5, importance=importance), data=_Task()).model
     assert pruned.block1.conv1.out_channels == 4
     assert all(p.grad is None for p in pruned.parameters())
@@ -116,7 +109,7 @@ def test_data_criteria_use_the_task(importance: str) -> None:
 
 
 def test_global_scope_varies_per_group_within_max_ratio() -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     pruned = st.compress(model, _stage(ratio=0.5, scope="global", max_ratio=0.75)).model
     before = [8, 8, 16, 16, 8]  # block1.conv1, stem, block2.conv1, block2.conv2, side
     after = [
@@ -132,14 +125,14 @@ def test_global_scope_varies_per_group_within_max_ratio() -> None:
 
 
 def test_iterative_steps_with_finetuning() -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     recipe = _stage(ratio=0.5, steps=2, finetune_steps=3, train={"steps": 1, "batch_size": 8})
     pruned = st.compress(model, recipe, data=_Task()).model
     assert pruned.block1.conv1.out_channels == 4
 
 
 def test_lstm_hidden_units_are_removed(tmp_path: Path) -> None:
-    model = _with_input(tiny_lstm())
+    model = with_example_input(tiny_lstm())
     pruned = st.compress(model, _stage(ratio=0.5)).model
     assert pruned.lstm.hidden_size == 8 and pruned.gru.hidden_size == 8
     assert pruned.emb.embedding_dim == 8 and pruned.head.in_features == 8
@@ -154,7 +147,7 @@ def test_bad_configs_and_models() -> None:
         load_recipe(_stage(ratio=0.5, flops=0.5))
     with pytest.raises(ConfigError):
         load_recipe(_stage(ratio=1.0))
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     with pytest.raises(TargetError, match="no prunable"):
         st.compress(model, _stage(ratio=0.5, targets=["fc"]))
     masked = st.compress(model, {"stages": [{"method": "prune.magnitude", "sparsity": 0.5}]})
@@ -191,7 +184,7 @@ def test_sensitivity_weights_favour_robust_groups() -> None:
 
 
 def test_sensitivity_scope_scans_groups_on_data() -> None:
-    model = _with_input(tiny_resnet())
+    model = with_example_input(tiny_resnet())
     recipe = _stage(ratio=0.5, scope="sensitivity", calibration_batches=2)
     pruned = st.compress(model, recipe, data=_Task()).model
     sizes = [pruned.block1.conv1.out_channels, pruned.stem.out_channels, pruned.side.out_channels]

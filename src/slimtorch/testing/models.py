@@ -235,3 +235,14 @@ def example_input(model: nn.Module, batch: int = 4) -> torch.Tensor:
     if isinstance(model, (TinyCNN, TinyResNet)):
         return torch.randn(batch, 1, 8, 8, generator=gen)
     return torch.randint(0, 32, (batch, 10), generator=gen)
+
+
+def with_example_input(model: nn.Module) -> nn.Module:
+    """Record :func:`example_input`'s shape in ``model``'s metadata (what stages that trace the
+    model, such as ``prune.structured``, read); returns the model."""
+    from slimtorch.models.artifact import get_metadata
+
+    x = example_input(model)
+    dtype = "int64" if x.dtype == torch.int64 else "float32"
+    get_metadata(model)["input"] = {"shape": list(x.shape), "dtype": dtype}
+    return model
