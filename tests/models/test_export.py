@@ -11,7 +11,7 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch.core.errors import ArtifactError, UserInputError
-from slimtorch.models import export as export_mod
+from slimtorch.models import onnx_verify
 from slimtorch.models.artifact import get_metadata
 from slimtorch.models.export import OnnxExportError, compare_outputs, export_onnx
 from slimtorch.testing.models import tiny_resnet
@@ -91,7 +91,7 @@ def test_failed_verification_removes_the_file(tmp_path, monkeypatch) -> None:
     def never(*_args: object) -> dict[str, object]:
         return {"ok": False, "max_abs_diff": 3.0, "tolerance_used": 9.0, "worst_output": 0}
 
-    monkeypatch.setattr(export_mod, "compare_outputs", never)
+    monkeypatch.setattr(onnx_verify, "compare_outputs", never)
     model = nn.Sequential(nn.Linear(4, 3)).eval()
     with pytest.raises(OnnxExportError, match="differs by up to 3"):
         export_onnx(model, (torch.randn(2, 4),), tmp_path / "m.onnx")

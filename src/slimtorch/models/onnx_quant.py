@@ -41,12 +41,12 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto, helper, numpy_helper
 
+from slimtorch.models.onnx_dynamic import dynamic_int8_nodes
 from slimtorch.models.onnx_qops import (
     MS_DOMAIN,
     Encoded,
     decode,
     decode_nodes,
-    dynamic_int8_nodes,
     load_decode_nodes,
     matmul_nbits_nodes,
 )
