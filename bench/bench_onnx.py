@@ -40,7 +40,8 @@ import torch
 
 import slimtorch as st
 from slimtorch.api import set_architecture
-from slimtorch.models.export import _median_ms, export_onnx
+from slimtorch.models.export import export_onnx
+from slimtorch.models.onnx_verify import _median_ms
 from slimtorch.models.registry import builtin_info, load_model
 
 RESULTS = Path(__file__).parent / "results" / "onnx.json"
@@ -58,6 +59,17 @@ PRESETS = {
     " examples/recipes/minilm-structured50.yaml",
 }
 PRESETS["charlstm"] += " examples/recipes/charlstm-structured50.yaml"
+
+
+def _required_data(loaded: Any, preset: str) -> Any:
+    """The model's own calibration task for presets that cannot run without data (SmoothQuant,
+    GPTQ, ...); None otherwise, so optional fine-tuning stages stay skipped (one-shot rows)."""
+    from slimtorch.calibrate.tasks import make_task
+    from slimtorch.recipe import load_recipe
+
+    if not load_recipe(preset).needs_data or loaded.task is None:
+        return None
+    return make_task(loaded.task, None)
 
 
 def _session(path: str) -> Any:
@@ -181,7 +193,9 @@ def bench_model(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    compressed = st.compress(model, preset).model
+                    compressed = st.compress(
+                        model, preset, data=_required_data(loaded, preset)
+                    ).model
                     tag = Path(preset).stem
                     files, report = _export_all(compressed, inputs, tmp, tag, True, decode)
             except Exception as exc:  # a preset that does not apply is reported, not fatal
