@@ -66,8 +66,9 @@ def _resident_now() -> int:
 
 def estimate_peak(model: nn.Module, samples: int, length: int, hessians: bool) -> dict[str, int]:
     """Rough peak of an offloaded run: the memory in use now plus the larger of the capture
-    phase and one block's work. A lower bound: tokenizing the calibration text and allocator
-    slack come on top (measured on a 4 GB checkpoint: 1.91 GB peak, see BENCHMARKS.md)."""
+    phase and one block's work. A lower bound: the temporaries of quantizing and encoding a
+    block come on top (freed memory is handed back to the OS after each block; measured on a
+    4.1 GB checkpoint with RTN 4-bit: 1.37 GB peak, see BENCHMARKS.md)."""
     blocks = find_blocks(model)
     block = model.get_submodule(blocks.names[0])
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)  # type: ignore[union-attr]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from slimtorch.calibrate.offload import (
     OffloadPlan,
     compress_offloaded,
     empty_parameters,
+    return_freed_memory,
 )
 from slimtorch.calibrate.sequential import Accumulator, run_sequential
 from slimtorch.core.context import Context
@@ -103,3 +106,24 @@ def test_offloaded_equals_in_memory_and_resumes(checkpoint: Path, tmp_path: Path
     again = read_artifact(tmp_path / "again")
     for name, t in want.tensors.items():
         assert torch.equal(again.tensors[name], t), name
+
+
+def _resident() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc: Linux only")
+def test_return_freed_memory_hands_big_frees_back() -> None:
+    if not return_freed_memory(mmap_threshold=1 << 20):
+        pytest.skip("the C library is not glibc")
+    before = _resident()
+    big = torch.ones(8 << 20, dtype=torch.uint8)  # 8 MiB, touched: resident
+    assert _resident() - before >= 6 << 20
+    del big
+    assert _resident() - before < 2 << 20  # its own mapping: gone as soon as it is freed
+
+
+def test_return_freed_memory_elsewhere_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert return_freed_memory(mmap_threshold=1 << 20) is False

@@ -15,10 +15,13 @@ into one artifact (:func:`slimtorch.formats.concat.concat_artifacts`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
 import shutil
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +69,23 @@ def empty_parameters() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def return_freed_memory(mmap_threshold: int | None = None) -> bool:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``); with ``mmap_threshold``,
+    also map every allocation of at least that many bytes on its own from now on, so freeing it
+    returns it at once (glibc otherwise keeps one block's big temporaries and the next block adds
+    its own). Process-wide; False, doing nothing, where the C library is not glibc."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    if not sys.platform.startswith("linux") or not hasattr(lib, "malloc_trim"):
+        return False
+    if mmap_threshold is not None:
+        lib.mallopt(-3, int(mmap_threshold))  # M_MMAP_THRESHOLD, fixed from now on
+    lib.malloc_trim(0)
+    return True
 
 
 class Checkpoint:
@@ -181,6 +201,7 @@ def compress_offloaded(
     blocks = find_blocks(model)
     if blocks.names == [""]:
         raise UserInputError("offloaded compression needs a model with repeated blocks")
+    return_freed_memory(mmap_threshold=1 << 20)
     ties = _ties(model)
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     done = _progress(plan)
@@ -192,6 +213,7 @@ def compress_offloaded(
     head = plan.work_dir / "outside"
     if not head.exists():
         _outside_artifact(model, blocks.container, ckpt, ties, buffers, head)
+    return_freed_memory()
     if done >= 0:
         saved = load_file(str(plan.work_dir / "inputs.safetensors"))
         inputs = [((saved[f"h{i}"], *a[1:]), k) for i, (a, k) in enumerate(inputs)]
@@ -212,6 +234,7 @@ def compress_offloaded(
             _save_hidden(inputs, plan.work_dir / "inputs.safetensors")
         _mark(plan, i)
         release(block)
+        return_freed_memory()
     parts = [head] + [plan.work_dir / f"block{i:05d}" for i in range(len(blocks.names))]
     manifest = concat_artifacts(parts, plan.out, plan.manifest, overwrite=plan.overwrite)
     shutil.rmtree(plan.work_dir, ignore_errors=True)
@@ -294,6 +317,5 @@ def _outside_artifact(
         specs.append(TensorSpec(name, shape, torch.float32))
     aliases = {a: t for a, t in ties.items() if not a.startswith(container + ".")}
     with StreamingArtifactWriter(path, specs, {}, overwrite=True, aliases=aliases) as writer:
-        for name in names:
-            value = buffers[name] if name in buffers else ckpt.get(name).to(torch.float32)
-            writer.write(name, value)
+        for name in names:  # one at a time: the last is freed before the next is read
+            writer.write(name, buffers[name] if name in buffers else ckpt.get(name).float())
