@@ -146,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=ResNetTrainSpec.epochs)
     parser.add_argument("--lr", type=float, default=ResNetTrainSpec.lr)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--width", type=int, default=BASE_WIDTH, help="base width (the builtin is BASE_WIDTH)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--record", type=Path, help="JSON record (default: training.json by --out)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    spec = ResNetTrainSpec(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    spec = ResNetTrainSpec(epochs=args.epochs, lr=args.lr, seed=args.seed, width=args.width)
     out = args.out or RECORD_FILE.parent / f"{NAME}.safetensors"
     train_and_save(spec, out, args.record or out.parent / RECORD_FILE.name)
     return 0
