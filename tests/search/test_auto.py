@@ -159,6 +159,9 @@ def test_search_resumes_without_rerunning_and_keeps_failures(tmp_path: Path) -> 
     assert kept == set(front) | {summary["best"]}  # artifacts off the front are deleted
     rep = report(tmp_path / "out")
     assert rep["best_trial"]["id"] == summary["best"] and rep["failed"] == 1
+    by_id = {r["id"]: r for r in lines(tmp_path)}
+    uni = rep["best_uniform"]  # shown as measured, not as "in the size budget"
+    assert uni is not None and uni["meets_budget"] == by_id[uni["id"]]["meets_budget"]
 
 
 @pytest.mark.slow

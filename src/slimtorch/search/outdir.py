@@ -121,13 +121,14 @@ def report(out: Path) -> dict[str, Any]:
         for i in summary.get("uniform", [])
         if i in records and (limit is None or (records[i].get("bytes") or limit + 1) <= limit)
     ]
-    as_budget = [{**r, "meets_budget": True} for r in uniform]
+    as_budget = [{**r, "meets_budget": True} for r in uniform]  # in the size budget: compared
+    best_uniform = best_within(as_budget)
     return {
         **summary,
         "out": str(out),
         "dense_bytes": dense,
         "pareto": [row(records[i]) for i in front if i in records],
         "best_trial": row(records.get(summary["best"])) if summary.get("best") else None,
-        "best_uniform": row(dict(best_within(as_budget) or {}) or None),
+        "best_uniform": row(records[best_uniform["id"]]) if best_uniform else None,
         "failed": sum(1 for r in records.values() if r.get("status") != "ok"),
     }
