@@ -13,7 +13,7 @@ from slimtorch.models import lenet, resnet
 from slimtorch.models import train_resnet as tr
 from slimtorch.models.data_images import load_fashion_mnist
 from slimtorch.models.registry import MODELS, load_model
-from slimtorch.models.train_lenet import RECORD_FILE
+from slimtorch.models.train_lenet import RECORD_FILE, top1_percent
 
 NAME = "resnet18-fashion"
 RECORD = json.loads(RECORD_FILE.read_text()) if RECORD_FILE.is_file() else {}
@@ -145,7 +145,7 @@ def test_train_resnet_learns_and_is_seeded():
     assert torch.equal(model.conv1.weight, model2.conv1.weight)
     assert losses[-1] < 0.1 * losses[0]
     assert not model.training and model.conv1.weight.is_contiguous()
-    assert tr.top1_percent(model, images, labels) == 100.0
+    assert top1_percent(model, images, labels) == 100.0
 
 
 def test_train_and_save_writes_weights_and_record(tmp_path, monkeypatch):

@@ -124,11 +124,35 @@ def train_and_save(spec: TrainSpec, out: Path, record_path: Path | None) -> dict
     start = time.perf_counter()
     losses = train_classifier(model, train_x, train_y, spec)
     seconds = time.perf_counter() - start
-    tensors = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()}
-    _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata={"arch": spec.arch}))
+    return save_classifier(
+        model, out, spec.arch, asdict(spec), losses, seconds, (train_x, train_y), (test_x, test_y),
+        record_path,
+    )  # fmt: skip
+
+
+def save_classifier(
+    model: nn.Module,
+    out: Path,
+    arch: str,
+    config: dict[str, Any],
+    losses: list[float],
+    seconds: float,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    record_path: Path | None,
+) -> dict[str, Any]:
+    """Write a trained Fashion-MNIST classifier's weights atomically and its training record
+    (settings, time, test accuracy, parameters, sha256); shared by the builtin CNN trainers."""
+    test_x, test_y = test
+    tensors = {
+        k: (v.float() if v.is_floating_point() else v).detach().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata={"arch": arch}))
     entry: dict[str, Any] = {
-        **asdict(spec),
-        "train_images": len(train_y),
+        **config,
+        "arch": arch,
+        "train_images": len(train[1]),
         "train_seconds": round(seconds, 1),
         "threads": torch.get_num_threads(),
         "final_train_loss": round(losses[-1], 4),
@@ -141,7 +165,7 @@ def train_and_save(spec: TrainSpec, out: Path, record_path: Path | None) -> dict
     }
     if record_path is not None:
         _update_record(record_path, out.name.removesuffix(".safetensors"), entry)
-    log.info("%s: test accuracy %.2f%% after %.0f s", spec.arch, entry["test_accuracy"], seconds)
+    log.info("%s: test accuracy %.2f%% after %.0f s", arch, entry["test_accuracy"], seconds)
     return entry
 
 

@@ -11,7 +11,6 @@ versions, as for the LeNets.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import time
@@ -21,12 +20,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from slimtorch.models.data_images import load_fashion_mnist, to_model_input
 from slimtorch.models.resnet import BASE_WIDTH, NAME, ResNet18Small
-from slimtorch.models.train_lenet import RECORD_FILE, _atomic_write, _update_record, top1_percent
+from slimtorch.models.train_lenet import RECORD_FILE, save_classifier
 
 log = logging.getLogger(__name__)
 
@@ -118,26 +116,10 @@ def train_and_save(spec: ResNetTrainSpec, out: Path, record_path: Path | None) -
     start = time.perf_counter()
     losses = train_resnet(model, train_x, train_y, spec)
     seconds = time.perf_counter() - start
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata={"arch": "resnet18"}))
-    entry: dict[str, Any] = {
-        **asdict(spec),
-        "arch": "resnet18",
-        "train_images": len(train_y),
-        "train_seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(),
-        "final_train_loss": round(losses[-1], 4),
-        "test_accuracy": round(top1_percent(model, test_x, test_y), 2),
-        "test_images": len(test_y),
-        "test_accuracy_first2000": round(top1_percent(model, test_x[:2000], test_y[:2000]), 2),
-        "params": sum(p.numel() for p in model.parameters()),
-        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
-        "torch_version": torch.__version__,
-    }
-    if record_path is not None:
-        _update_record(record_path, out.name.removesuffix(".safetensors"), entry)
-    log.info("resnet18: test accuracy %.2f%% after %.0f s", entry["test_accuracy"], seconds)
-    return entry
+    return save_classifier(
+        model, out, "resnet18", asdict(spec), losses, seconds, (train_x, train_y),
+        (test_x, test_y), record_path,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
