@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_structured.py --only permute [--models lenet5-fashion,minilm]
     .venv/bin/python bench/bench_structured.py --only widths [--model resnet18-fashion]
-    .venv/bin/python bench/bench_structured.py --only resnet [--steps 1000]
+    .venv/bin/python bench/bench_structured.py --only resnet [--steps 1000] [--seeds 1]
 
 permute: quality after 2:4 magnitude pruning (`prune.nm`, no fine-tuning) of every Linear/Conv
 with and without `prune.permute` first (channel permutation through the dependency graph: only
@@ -13,15 +13,18 @@ widths: `prune.reorder` (L1 importance order) then `slimtorch.save`; the artifac
 saved again, latency (batch 32 and 1, one thread, median) and accuracy, and the same widths
 after a short fine-tune of each narrowed model (`--finetune-steps`).
 
-resnet: builtin:resnet18-fashion pruned to half its MACs by slimtorch (`prune.structured`,
-`flops: 0.5`, group L1, one ratio for every group, fc left whole) and by Torch-Pruning 1.6.1
+resnet: builtin:resnet18-fashion pruned to half its MACs by Torch-Pruning 1.6.1
 (bench/tp_resnet.py: MetaPruner, GroupMagnitudeImportance(p=1), global_pruning=False, ratio
-bisected to half the MACs), both fine-tuned with the same function and steps, side by side in
-one run: parameters, MACs (Torch-Pruning's counter for both), accuracy on the 10,000 test images,
-latency at batch 32 and 1 (one thread) and bytes on disk. slimtorch's numbers are of the model
-loaded back from its artifact (`slimtorch.load`). The "_bn_folded" rows fold every BatchNorm into
-the convolution before it (recipe stage `fuse.batchnorm`; ours saved and loaded again), applied
-alike to the dense, Torch-Pruning and slimtorch models.
+bisected to half the MACs) and by slimtorch (`prune.structured`, group L1, one ratio for every
+group, `flops` set to the FLOPs Torch-Pruning's model kept as slimtorch counts them, fc left
+whole), both fine-tuned with the same function and steps (`--seeds N`: N fine-tuning seeds for
+both, from the same pruned models), side by side in one run: parameters, MACs (Torch-Pruning's
+counter for both), accuracy on the 10,000 test images, latency at batch 32 and 1 (one thread)
+and bytes on disk. slimtorch's numbers are of the model loaded back from its artifact
+(`slimtorch.load`). The "_fused" rows are the deployment step `fuse.conv_bn_relu` (every
+BatchNorm folded into the convolution before it, a following ReLU fused into oneDNN's kernel
+where the module is not shared), applied alike to the dense, Torch-Pruning and slimtorch
+models (ours saved and loaded again).
 
 Results: bench/results/structured.json (one key per section).
 """
@@ -42,6 +45,7 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch.api import artifact_size
+from slimtorch.calibrate.inputs import count_flops
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.eval.latency import measure_latency_ms
@@ -151,7 +155,7 @@ def widths(name: str, finetune_steps: int, slimmable_steps: int, ctx: Context) -
     }
 
 
-def resnet(steps: int, repeats: int) -> dict[str, Any]:
+def resnet(steps: int, repeats: int, seeds: list[int]) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).parent))
     import tp_resnet  # the peer side, same measurement and fine-tuning functions
     from slimtorch.models.data_images import load_fashion_mnist
@@ -161,36 +165,50 @@ def resnet(steps: int, repeats: int) -> dict[str, Any]:
     peer = copy.deepcopy(dense)
     ratio = tp_resnet.search_ratio(peer)
     tp_resnet.tp_prune(peer, ratio)
-    tp_resnet.finetune(peer, steps)
-    flops = tp_resnet.macs_and_params(peer)[0] / tp_resnet.macs_and_params(dense)[0]
+    x = (tp_resnet.example_input(),)
+    flops = count_flops(peer, x) / count_flops(dense, x)  # TP's FLOPs, as slimtorch counts them
+    peer_pruned = copy.deepcopy(peer)
+    tp_resnet.finetune(peer, steps, seed=seeds[0])
     recipe = {
         "stages": [
             {"method": "prune.structured", "flops": flops, "importance": "l1", "ignore": ["fc"]}
         ]
     }
-    ours = st.compress(dense, recipe).model
-    ours_pruned = tp_resnet.measure(ours, test)
-    tp_resnet.finetune(ours, steps)
-    fold = {"stages": [{"method": "fuse.batchnorm"}]}  # BN folded into the convs before it
+    ours_pruned = st.compress(dense, recipe).model
+    ours = copy.deepcopy(ours_pruned)
+    tp_resnet.finetune(ours, steps, seed=seeds[0])
+    # more fine-tuning seeds for both: is an accuracy gap more than the seed's noise?
+    seed_acc: dict[str, list[float]] = {"torch_pruning": [], "slimtorch": []}
+    for seed in seeds[1:]:
+        for name, start in (("torch_pruning", peer_pruned), ("slimtorch", ours_pruned)):
+            trial = copy.deepcopy(start)
+            tp_resnet.finetune(trial, steps, seed=seed)
+            seed_acc[name].append(round(tp_resnet.measure(trial, test)["accuracy"], 2))
+    # deployment: BN folded into the conv before it, a following ReLU fused where it can be
+    fuse = {"stages": [{"method": "fuse.conv_bn_relu"}]}
     with tempfile.TemporaryDirectory(prefix="bench-structured-") as tmp:
         st.save(ours, Path(tmp) / "a")
         loaded = st.load(Path(tmp) / "a")
         ours_bytes = artifact_size(Path(tmp) / "a")
-        st.save(st.compress(loaded, fold).model, Path(tmp) / "f")
-        loaded_folded = st.load(Path(tmp) / "f")
-        folded_bytes = artifact_size(Path(tmp) / "f")
+        st.save(st.compress(loaded, fuse).model, Path(tmp) / "f")
+        loaded_fused = st.load(Path(tmp) / "f")
+        fused_bytes = artifact_size(Path(tmp) / "f")
     models = {
         "dense": dense,
         "torch_pruning": peer,
         "slimtorch": loaded,
-        "dense_bn_folded": st.compress(dense, fold).model,
-        "torch_pruning_bn_folded": st.compress(peer, fold).model,
-        "slimtorch_bn_folded": loaded_folded,
+        "dense_fused": st.compress(dense, fuse).model,
+        "torch_pruning_fused": st.compress(peer, fuse).model,
+        "slimtorch_fused": loaded_fused,
     }
     out: dict[str, Any] = {name: tp_resnet.measure(m, test) for name, m in models.items()}
     out["slimtorch"]["artifact_bytes"] = ours_bytes
-    out["slimtorch_bn_folded"]["artifact_bytes"] = folded_bytes
-    out["slimtorch_before_finetune"] = ours_pruned
+    out["slimtorch_fused"]["artifact_bytes"] = fused_bytes
+    out["slimtorch_before_finetune"] = tp_resnet.measure(ours_pruned, test)
+    out["slimtorch_flops_ours"] = count_flops(ours, x)
+    out["torch_pruning_flops_ours"] = count_flops(peer, x)
+    for name, accs in seed_acc.items():
+        out[name]["accuracy_seeds"] = [out[name]["accuracy"], *accs]
     for batch, rounds in ((32, repeats), (1, repeats * 5)):
         ms = tp_resnet.paired_latency_ms(models, batch, rounds)
         for name in models:
@@ -233,6 +251,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["permute", "widths", "resnet", "scaling"], required=True)
     parser.add_argument("--steps", type=int, default=1000, help="fine-tuning steps (resnet)")
     parser.add_argument("--repeats", type=int, default=20, help="latency runs (resnet)")
+    parser.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds (resnet)")
     parser.add_argument("--models", default="lenet5-fashion,minilm")
     parser.add_argument("--model", default="resnet18-fashion")
     parser.add_argument("--finetune-steps", type=int, default=300)
@@ -246,7 +265,7 @@ def main() -> None:
     if args.only == "permute":
         section: dict[str, Any] = permute(args.models.split(","), ctx)
     elif args.only == "resnet":
-        section = resnet(args.steps, args.repeats)
+        section = resnet(args.steps, args.repeats, list(range(args.seeds)))
     elif args.only == "scaling":
         section = scaling(args.repeats)
     else:

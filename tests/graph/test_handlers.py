@@ -221,19 +221,27 @@ def test_weights_views_and_hand_l1() -> None:
     l1_out = sum(
         t.abs().transpose(0, a).reshape(t.shape[a], -1).sum(1) for t, a in h.weights(lin, "out")
     )
-    torch.testing.assert_close(l1_out, torch.tensor([1 + 2 + 3 + 1.0, 4 + 5 + 0.5 + 1]))
+    torch.testing.assert_close(l1_out, torch.tensor([1 + 2 + 3.0, 4 + 5 + 0.5]))  # no bias
     l1_in = sum(
         t.abs().transpose(0, a).reshape(t.shape[a], -1).sum(1) for t, a in h.weights(lin, "in")
     )
     torch.testing.assert_close(l1_in, torch.tensor([5.0, 7.0, 3.5]))
-    assert [g for g, _ in h.grads(lin, "out")] == [None, None]
+    assert [g for g, _ in h.grads(lin, "out")] == [None]
     lin(torch.ones(1, 3)).sum().backward()
-    (g, axis), _ = h.grads(lin, "out")
+    ((g, axis),) = h.grads(lin, "out")
     assert g is not None and g.shape[axis] == 2
     torch.testing.assert_close(g, torch.ones(2, 3))
     # views share memory with the parameter
-    (w, _), _ = h.weights(lin, "out")
+    ((w, _),) = h.weights(lin, "out")
     assert w.data_ptr() == lin.weight.data_ptr()
+    # importance reads BatchNorm's scale only: not its shift, not the running statistics
+    bn = nn.BatchNorm2d(3)
+    bn.running_var.fill_(100.0)
+    hb = handler_for(bn)
+    assert hb is not None
+    views = hb.weights(bn, "out")
+    assert len(views) == 1 and views[0][0].data_ptr() == bn.weight.data_ptr()
+    assert len(hb.grads(bn, "out")) == 1
 
 
 def test_slot_view_and_take_with_outer_inner() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from slimtorch.calibrate.inputs import count_flops
 from slimtorch.cli.main import main
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, TargetError
+from slimtorch.graph.surgery import apply_channels
 from slimtorch.models.artifact import get_metadata
 from slimtorch.prune.structured import keep_count, top_channels
 from slimtorch.recipe import load_recipe
@@ -48,6 +50,8 @@ def test_keep_count_and_top_channels() -> None:
     assert keep_count(16, 0.5) == 8
     assert keep_count(16, 0.5, blocks=4, round_to=8) == 8
     assert keep_count(10, 0.95) == 1  # never empty
+    assert keep_count(8, 0.2502) == 6 and keep_count(8, 0.2502, down=True) == 5
+    assert keep_count(8, 0.25, down=True) == 6  # 8 * 0.75 is 6, not 5.999...
     assert keep_count(6, 0.5, blocks=4) == 6  # 6 channels cannot split into 4 blocks: untouched
     scores = torch.tensor([0.1, 5.0, 0.3, 4.0, 9.0, 0.0, 0.2, 1.0])
     assert top_channels(scores, 3).tolist() == [1, 3, 4]
@@ -79,6 +83,47 @@ def test_flops_target_is_met() -> None:
     pruned = st.compress(model, _stage(flops=0.5)).model
     kept = count_flops(pruned, (x,)) / count_flops(model, (x,))
     assert 0.38 < kept <= 0.5
+
+
+def test_flops_target_spends_what_rounding_left() -> None:
+    """At half the FLOPs one ratio for every group, rounded down, keeps 5 of 8 ... 47 of 64
+    channels and 48.0% of the FLOPs; the fill pass rounds groups up (one step each, the most
+    importance per FLOP first) while the model stays within the target."""
+    from slimtorch.graph.dependency import build_graph
+    from slimtorch.models.resnet import ResNet18Small
+    from slimtorch.prune.structured import (
+        StructuredConfig,
+        _ratio_for_flops,
+        fill_to_flops,
+        plan,
+        selected_groups,
+    )
+
+    torch.manual_seed(0)
+    model = ResNet18Small(8).eval()
+    x = (torch.randn(1, 1, 28, 28),)
+    config = StructuredConfig(flops=0.5, ignore=["fc"])
+    graph = build_graph(model, x)
+    groups = selected_groups(model, graph, config)
+    scores = {g.id: torch.rand(g.size) for g in groups}
+    ratio = _ratio_for_flops(model, graph, groups, scores, 0.5, config, x)
+    plain = plan(groups, scores, ratio, config)
+    filled = fill_to_flops(model, graph, groups, scores, plain, 0.5, config, x)
+    base = count_flops(model, x)
+
+    def kept(keep: dict[int, torch.Tensor]) -> float:
+        trial = copy.deepcopy(model)
+        apply_channels(trial, graph, keep)
+        return count_flops(trial, x) / base
+
+    assert kept(plain) < 0.485
+    assert kept(plain) + 0.01 < kept(filled) <= 0.5
+    for g in groups:  # at most one channel back per group, its most important removed one
+        extra = set(filled[g.id].tolist()) - set(plain[g.id].tolist())
+        assert set(plain[g.id].tolist()) <= set(filled[g.id].tolist()) and len(extra) <= 1
+        dropped = set(range(g.size)) - set(filled[g.id].tolist())
+        if extra and dropped:
+            assert scores[g.id][sorted(extra)].min() >= scores[g.id][sorted(dropped)].max()
 
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "fpgm", "bn_scale", "random"])

@@ -178,14 +178,19 @@ class SlotHandler:
             )
         return sizes[dim]
 
-    def weights(self, module: nn.Module, dim: str) -> list[tuple[Tensor, int]]:
+    def learned(self, module: nn.Module, dim: str) -> list[tuple[Slot, Tensor]]:
+        """The present weight slots of ``dim``: what importance reads. Biases and buffers
+        (BatchNorm's running statistics) are cut with the channel but are not its importance,
+        as in L1 filter pruning (Li et al., 2017) and Torch-Pruning's magnitude importance."""
         self.size(module, dim)
-        return [slot_view(t.detach(), s) for s, t in self.present(module, dim)]
+        return [(s, t) for s, t in self.present(module, dim) if _is_weight(module, s.name)]
+
+    def weights(self, module: nn.Module, dim: str) -> list[tuple[Tensor, int]]:
+        return [slot_view(t.detach(), s) for s, t in self.learned(module, dim)]
 
     def grads(self, module: nn.Module, dim: str) -> list[tuple[Tensor | None, int]]:
-        self.size(module, dim)
         out: list[tuple[Tensor | None, int]] = []
-        for s, t in self.present(module, dim):
+        for s, t in self.learned(module, dim):
             view, axis = slot_view(t.detach() if t.grad is None else t.grad, s)
             out.append((None if t.grad is None else view, axis))
         return out
@@ -203,6 +208,11 @@ class SlotHandler:
             assign(module, s.name, take(t.detach(), s, keep))
         self.resize(module, dim, keep.numel())
         return None
+
+
+def _is_weight(module: nn.Module, name: str) -> bool:
+    owner, leaf = _owner(module, name)
+    return leaf not in owner._buffers and not leaf.startswith("bias")
 
 
 def _tensor(module: nn.Module, name: str) -> Tensor | None:
