@@ -17,7 +17,8 @@ resnet: builtin:resnet18-fashion pruned to half its MACs by Torch-Pruning 1.6.1
 (bench/tp_resnet.py: MetaPruner, GroupMagnitudeImportance(p=1), global_pruning=False, ratio
 bisected to half the MACs) and by slimtorch (`prune.structured`, group L1, one ratio for every
 group, `flops` set to the FLOPs Torch-Pruning's model kept as slimtorch counts them, fc left
-whole), both fine-tuned with the same function and steps (`--seeds N`: N fine-tuning seeds for
+whole), kept channels of every group a multiple of `--round-to` (8: a whole AVX2 vector; Torch-Pruning's
+`round_to` and our `round_to`, both rounding down), both fine-tuned with the same function and steps (`--seeds N`: N fine-tuning seeds for
 both, from the same pruned models), side by side in one run: parameters, MACs (Torch-Pruning's
 counter for both), accuracy on the 10,000 test images, latency at batch 32 and 1 (one thread)
 and bytes on disk. slimtorch's numbers are of the model loaded back from its artifact
@@ -155,7 +156,7 @@ def widths(name: str, finetune_steps: int, slimmable_steps: int, ctx: Context) -
     }
 
 
-def resnet(steps: int, repeats: int, seeds: list[int]) -> dict[str, Any]:
+def resnet(steps: int, repeats: int, seeds: list[int], round_to: int) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).parent))
     import tp_resnet  # the peer side, same measurement and fine-tuning functions
     from slimtorch.models.data_images import load_fashion_mnist
@@ -163,15 +164,21 @@ def resnet(steps: int, repeats: int, seeds: list[int]) -> dict[str, Any]:
     test = load_fashion_mnist("test")
     dense = _loaded("resnet18-fashion")
     peer = copy.deepcopy(dense)
-    ratio = tp_resnet.search_ratio(peer)
-    tp_resnet.tp_prune(peer, ratio)
+    ratio = tp_resnet.search_ratio(peer, round_to=round_to)
+    tp_resnet.tp_prune(peer, ratio, round_to)
     x = (tp_resnet.example_input(),)
     flops = count_flops(peer, x) / count_flops(dense, x)  # TP's FLOPs, as slimtorch counts them
     peer_pruned = copy.deepcopy(peer)
     tp_resnet.finetune(peer, steps, seed=seeds[0])
     recipe = {
         "stages": [
-            {"method": "prune.structured", "flops": flops, "importance": "l1", "ignore": ["fc"]}
+            {
+                "method": "prune.structured",
+                "flops": flops,
+                "importance": "l1",
+                "ignore": ["fc"],
+                "round_to": round_to,
+            }
         ]
     }
     ours_pruned = st.compress(dense, recipe).model
@@ -210,19 +217,21 @@ def resnet(steps: int, repeats: int, seeds: list[int]) -> dict[str, Any]:
     for name, accs in seed_acc.items():
         out[name]["accuracy_seeds"] = [out[name]["accuracy"], *accs]
     for batch, rounds in ((32, repeats), (1, repeats * 5)):
-        ms = tp_resnet.paired_latency_ms(models, batch, rounds)
-        for name in models:
-            out[name][f"latency_b{batch}_ms"] = ms[name]
+        for stat in ("median", "min"):
+            ms = tp_resnet.paired_latency_ms(models, batch, rounds, stat)
+            for name in models:
+                out[name][f"latency_b{batch}_{'' if stat == 'median' else 'min_'}ms"] = ms[name]
     out["widths"] = {
         "torch_pruning": tp_resnet.channel_widths(peer),
         "slimtorch": tp_resnet.channel_widths(loaded),
     }
     for name in models:
-        out[name]["speedup_b32"] = round(
-            out["dense"]["latency_b32_ms"] / out[name]["latency_b32_ms"], 3
-        )
+        for key in ("", "min_"):
+            out[name][f"speedup_b32_{key or 'median'}"] = round(
+                out["dense"][f"latency_b32_{key}ms"] / out[name][f"latency_b32_{key}ms"], 3
+            )
     print(json.dumps(out), flush=True)
-    return {**out, "steps": steps, "torch_pruning_ratio": ratio}
+    return {**out, "steps": steps, "torch_pruning_ratio": ratio, "round_to": round_to}
 
 
 def scaling(repeats: int) -> dict[str, Any]:
@@ -252,6 +261,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="fine-tuning steps (resnet)")
     parser.add_argument("--repeats", type=int, default=20, help="latency runs (resnet)")
     parser.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds (resnet)")
+    parser.add_argument(
+        "--round-to", type=int, default=8, help="kept channels a multiple of this (resnet, both)"
+    )
     parser.add_argument("--models", default="lenet5-fashion,minilm")
     parser.add_argument("--model", default="resnet18-fashion")
     parser.add_argument("--finetune-steps", type=int, default=300)
@@ -265,7 +277,7 @@ def main() -> None:
     if args.only == "permute":
         section: dict[str, Any] = permute(args.models.split(","), ctx)
     elif args.only == "resnet":
-        section = resnet(args.steps, args.repeats, list(range(args.seeds)))
+        section = resnet(args.steps, args.repeats, list(range(args.seeds)), args.round_to)
     elif args.only == "scaling":
         section = scaling(args.repeats)
     else:
