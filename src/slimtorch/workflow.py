@@ -120,6 +120,8 @@ def compress_to_dir(
             "stages": result.stages,
             "baseline_value": baseline.get("value"),
             "baseline_latency_ms": baseline.get("latency_ms"),
+            "baseline_params": baseline.get("params"),
+            "baseline_nonzero_params": baseline.get("nonzero_params"),
         }
     )
     return report
@@ -186,6 +188,8 @@ def evaluate_dir(
         base = api.evaluate(original.model, data=data, ctx=ctx, latency_batch=latency_batch)
         report["baseline_value"] = base.get("value")
         report["baseline_latency_ms"] = base.get("latency_ms")
+        report["baseline_params"] = base.get("params")
+        report["baseline_nonzero_params"] = base.get("nonzero_params")
     return report
 
 

@@ -57,9 +57,10 @@ def test_compress_eval_inspect(capsys, tmp_path) -> None:
     assert set(report) >= KEYS
     assert report["compression_ratio"] > 1.5  # tiny model: manifest overhead dominates
     assert report["latency_ms"] > 0 and report["baseline_latency_ms"] > 0
+    assert report["baseline_params"] == report["params"]  # int8 keeps every parameter
     code, out, err = _run(capsys, "eval", out_dir, "--json")
     assert code == 0, err
-    assert set(json.loads(out)) >= KEYS
+    assert set(json.loads(out)) >= KEYS and json.loads(out)["baseline_params"] > 0
     code, out, err = _run(capsys, "inspect", out_dir)
     assert code == 0, err
     assert "fc1.weight" in out and "quant" in out
@@ -126,3 +127,14 @@ def test_bad_model_and_bad_artifact_exit_2(capsys, tmp_path) -> None:
     (tmp_path / "junk" / "manifest.json").write_text("{not json")
     code, _, err = _run(capsys, "inspect", str(tmp_path / "junk"))
     assert code == 2 and "Traceback" not in err
+
+
+def test_before_after_table_shows_the_original_parameters(capsys, tmp_path) -> None:
+    """Structured pruning: the "original" column holds the model before, not after."""
+    out_dir = str(tmp_path / "s")
+    args = ["compress", "--model", FACTORY, "--recipe", "structured-50", "--out", out_dir]
+    code, out, err = _run(capsys, *args, "--input-shape", "2,1,8,8")
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("params "))
+    before, after = (int(v.replace(",", "")) for v in row.split()[1:3])
+    assert after < 0.8 * before

@@ -78,7 +78,8 @@ def _before_after(r: dict[str, Any]) -> str:
             r.get("baseline_latency_ms"),
             r.get("latency_ms"),
         ],
-        ["params (nonzero)", r.get("params"), r.get("nonzero_params")],
+        ["params", r.get("baseline_params"), r.get("params")],
+        ["nonzero params", r.get("baseline_nonzero_params"), r.get("nonzero_params")],
     ]
     return table(rows, ["", "original (fp32)", "compressed"])
 

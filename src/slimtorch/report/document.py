@@ -98,7 +98,8 @@ def _eval_table(ev: dict[str, Any]) -> Table:
             ev.get("latency_ms"),
         ],
         ["bytes on disk", ev.get("dense_bytes"), ev.get("bytes_on_disk")],
-        ["params (nonzero)", ev.get("params"), ev.get("nonzero_params")],
+        ["params", ev.get("baseline_params"), ev.get("params")],
+        ["nonzero params", ev.get("baseline_nonzero_params"), ev.get("nonzero_params")],
     ]
     return _table(["measure", "original (fp32)", "compressed"], rows)
 
