@@ -95,6 +95,11 @@ def top_channels(scores: torch.Tensor, keep: int, blocks: int = 1) -> torch.Tens
     return torch.sort(torch.cat(chosen)).values
 
 
+def normalised(groups: list[Group], scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Scores divided by their group's mean, so that channels of different groups compare."""
+    return {g.id: scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in groups}
+
+
 def plan(
     groups: list[Group],
     scores: dict[int, torch.Tensor],
@@ -117,7 +122,7 @@ def plan(
             for g in groups
         }
     else:
-        normed = {g.id: scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in groups}
+        normed = normalised(groups, scores)
         flat = torch.cat([normed[g.id] for g in groups])
         cut = int(flat.numel() * ratio)
         threshold = torch.kthvalue(flat, cut).values if cut > 0 else flat.min() - 1
@@ -263,42 +268,25 @@ def fill_to_flops(
     the model ends smaller and less accurate than the budget allows. The FLOPs a step costs are
     measured once per group; every step taken is checked with a full count."""
     base = count_flops(model, inputs)
-    by_id = {g.id: g for g in groups}
-    normed = {g.id: scores[g.id] / scores[g.id].mean().clamp_min(1e-12) for g in groups}
+    normed = normalised(groups, scores)
 
     def flops(plan_: dict[int, torch.Tensor]) -> int:
         trial = copy.deepcopy(model)
         apply_channels(trial, graph, plan_)
         return count_flops(trial, inputs)
 
-    def grown(current: dict[int, torch.Tensor], gid: int) -> torch.Tensor | None:
-        g = by_id[gid]
-        n = int(current[gid].numel()) + math.lcm(g.blocks, config.round_to)
-        return None if n > g.size else top_channels(scores[gid], n, g.blocks)
-
     now = flops(keep)
-    cost: dict[int, int] = {}  # FLOPs one more step of each group costs (measured once)
+    candidates = []  # (importance gained per FLOP, group id, its channels one step up)
     for g in groups:
-        bigger = grown(keep, g.id)
-        if bigger is not None:
-            cost[g.id] = max(flops({**keep, g.id: bigger}) - now, 1)
-    while cost:
-        gain = {}
-        for gid in cost:
-            bigger = grown(keep, gid)
-            if bigger is not None:
-                gain[gid] = float(normed[gid][bigger].sum() - normed[gid][keep[gid]].sum())
-        if not gain:
-            break
-        gid = max(gain, key=lambda k: gain[k] / cost[k])
-        bigger = grown(keep, gid)
-        assert bigger is not None
-        total = flops({**keep, gid: bigger})
-        if total > target * base:
-            del cost[gid]  # does not fit: this group stays as it is
+        n = int(keep[g.id].numel()) + math.lcm(g.blocks, config.round_to)
+        if n > g.size:
             continue
-        keep = {**keep, gid: bigger}
-        del cost[gid]  # one step per group: what rounding down took from it
+        bigger = top_channels(scores[g.id], n, g.blocks)
+        gain = float(normed[g.id][bigger].sum() - normed[g.id][keep[g.id]].sum())
+        candidates.append((gain / max(flops({**keep, g.id: bigger}) - now, 1), g.id, bigger))
+    for _, gid, bigger in sorted(candidates, key=lambda c: c[0], reverse=True):
+        if flops({**keep, gid: bigger}) <= target * base:
+            keep = {**keep, gid: bigger}
     return keep
 
 
