@@ -242,6 +242,13 @@ def test_weights_views_and_hand_l1() -> None:
     views = hb.weights(bn, "out")
     assert len(views) == 1 and views[0][0].data_ptr() == bn.weight.data_ptr()
     assert len(hb.grads(bn, "out")) == 1
+    mha = nn.MultiheadAttention(8, 2)  # packed in_proj_weight / in_proj_bias, bias_k absent
+    import slimtorch.runtime  # noqa: F401  (registers the MultiheadAttention handler)
+
+    hm = handler_for(mha)
+    assert hm is not None
+    ptrs = {t.data_ptr() for t, _ in hm.weights(mha, "heads")}
+    assert ptrs == {mha.in_proj_weight.data_ptr(), mha.out_proj.weight.data_ptr()}
 
 
 def test_slot_view_and_take_with_outer_inner() -> None:

@@ -1,8 +1,8 @@
 """Per-layer handlers for structured pruning: which channel dims a layer has, and the surgery.
 
 A :class:`LayerHandler` tells the dependency graph how a layer's channels sit in its activations
-(``layout``), which dims are prunable (``dims``), the parameters each channel owns (``weights``,
-``grads``, for importance) and how to physically drop channels (``prune``). Most handlers are
+(``layout``), which dims are prunable (``dims``), the weights each channel owns (``weights``,
+``grads``, for importance: weights, not buffers; slot handlers skip biases too) and how to physically drop channels (``prune``). Most handlers are
 :class:`~slimtorch.graph.slots.SlotHandler`s: one description per dim gives both the importance
 views and the surgery. ``handler_for`` looks a module up by exact class, then by class names
 along its MRO; users add their own layers with :func:`register_handler`. Convolutions live in

@@ -212,7 +212,7 @@ class SlotHandler:
 
 def _is_weight(module: nn.Module, name: str) -> bool:
     owner, leaf = _owner(module, name)
-    return leaf not in owner._buffers and not leaf.startswith("bias")
+    return leaf not in owner._buffers and "bias" not in leaf  # bias, bias_ih_l0, in_proj_bias
 
 
 def _tensor(module: nn.Module, name: str) -> Tensor | None:
