@@ -217,17 +217,17 @@ def resnet(steps: int, repeats: int, seeds: list[int], round_to: int) -> dict[st
     for name, accs in seed_acc.items():
         out[name]["accuracy_seeds"] = [out[name]["accuracy"], *accs]
     for batch, rounds in ((32, repeats), (1, repeats * 5)):
-        for stat in ("median", "min"):
-            ms = tp_resnet.paired_latency_ms(models, batch, rounds, stat)
-            for name in models:
-                out[name][f"latency_b{batch}_{'' if stat == 'median' else 'min_'}ms"] = ms[name]
+        ms = tp_resnet.paired_latency(models, batch, rounds)
+        for name in models:
+            out[name][f"latency_b{batch}_ms"] = ms[name]["median"]
+            out[name][f"latency_b{batch}_min_ms"] = ms[name]["min"]
     out["widths"] = {
         "torch_pruning": tp_resnet.channel_widths(peer),
         "slimtorch": tp_resnet.channel_widths(loaded),
     }
     for name in models:
-        for key in ("", "min_"):
-            out[name][f"speedup_b32_{key or 'median'}"] = round(
+        for stat, key in (("median", ""), ("min", "min_")):
+            out[name][f"speedup_b32_{stat}"] = round(
                 out["dense"][f"latency_b32_{key}ms"] / out[name][f"latency_b32_{key}ms"], 3
             )
     print(json.dumps(out), flush=True)

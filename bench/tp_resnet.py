@@ -115,11 +115,10 @@ def saved_bytes(model: nn.Module) -> int:
         return path.stat().st_size
 
 
-def paired_latency_ms(
-    models: dict[str, nn.Module], batch: int, rounds: int, stat: str = "median"
-) -> dict[str, float]:
-    """Median (``stat="min"``: fastest) ms of one forward pass on ``batch`` images per model,
-    one thread.
+def paired_latency(
+    models: dict[str, nn.Module], batch: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Median and fastest ms of one forward pass on ``batch`` images per model, one thread.
 
     The models take turns within each round, so a load spike from other processes on the
     machine hits all of them alike and the ratio stays fair. On a shared virtual machine the
@@ -143,8 +142,15 @@ def paired_latency_ms(
                     times[name].append((time.perf_counter() - start) * 1000.0)
     finally:
         torch.set_num_threads(threads)
-    reduce = min if stat == "min" else statistics.median
-    return {name: round(reduce(t), 3) for name, t in times.items()}
+    return {
+        name: {"median": round(statistics.median(t), 3), "min": round(min(t), 3)}
+        for name, t in times.items()
+    }
+
+
+def paired_latency_ms(models: dict[str, nn.Module], batch: int, rounds: int) -> dict[str, float]:
+    """Median ms per model of :func:`paired_latency`."""
+    return {name: ms["median"] for name, ms in paired_latency(models, batch, rounds).items()}
 
 
 def measure(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
