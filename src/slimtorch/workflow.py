@@ -37,6 +37,12 @@ def _task_for(loaded: LoadedModel, data: str | None, needed: bool) -> Task | Non
     return make_task(loaded.task, data)
 
 
+def _baseline(measured: dict[str, Any]) -> dict[str, Any]:
+    """The original model's figures, as ``baseline_*`` keys of a report."""
+    keys = ("value", "latency_ms", "params", "nonzero_params")
+    return {f"baseline_{k}": measured.get(k) for k in keys}
+
+
 def _summary(out: Path, measured: dict[str, Any], dense_bytes: int) -> dict[str, Any]:
     on_disk = api.artifact_size(out)
     return {
@@ -118,10 +124,7 @@ def compress_to_dir(
             "recipe": rec.name,
             "out": str(out),
             "stages": result.stages,
-            "baseline_value": baseline.get("value"),
-            "baseline_latency_ms": baseline.get("latency_ms"),
-            "baseline_params": baseline.get("params"),
-            "baseline_nonzero_params": baseline.get("nonzero_params"),
+            **_baseline(baseline),
         }
     )
     return report
@@ -186,10 +189,7 @@ def evaluate_dir(
             {k: meta.get(k) for k in ("evaluator", "data", "input")}
         )
         base = api.evaluate(original.model, data=data, ctx=ctx, latency_batch=latency_batch)
-        report["baseline_value"] = base.get("value")
-        report["baseline_latency_ms"] = base.get("latency_ms")
-        report["baseline_params"] = base.get("params")
-        report["baseline_nonzero_params"] = base.get("nonzero_params")
+        report.update(_baseline(base))
     return report
 
 
