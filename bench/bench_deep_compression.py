@@ -40,10 +40,10 @@ from slimtorch.formats.artifact import MODEL_FILE, read_manifest
 from slimtorch.formats.coded import meta_label
 from slimtorch.formats.sizes import dense_safetensors_bytes
 from slimtorch.models import load_model
-from slimtorch.models.data_images import load_mnist5k
-from slimtorch.models.lenet import ARCHITECTURES
-from slimtorch.models.train_lenet import TrainSpec, train_classifier
 from slimtorch.recipe import Recipe, load_recipe
+from slimtorch.zoo.data_images import load_mnist5k
+from slimtorch.zoo.lenet import ARCHITECTURES
+from slimtorch.zoo.train_lenet import TrainSpec, train_classifier
 
 PAPER = {"lenet300": 40, "lenet5": 39}  # compression rates of Han et al. 2016, Table 1
 EXTRA_95 = "examples/recipes/deep-compression-95.yaml"  # a second, smaller LeNet-5 point

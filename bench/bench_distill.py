@@ -62,11 +62,11 @@ from slimtorch.eval.accuracy import evaluate_accuracy
 from slimtorch.eval.latency import measure_latency_ms
 from slimtorch.eval.similarity import evaluate_lee
 from slimtorch.eval.size import count_params
-from slimtorch.models import minilm
-from slimtorch.models.data_images import load_fashion_mnist
 from slimtorch.models.registry import load_model
 from slimtorch.recipe import load_recipe
 from slimtorch.workflow import CompressOptions, compress_to_dir
+from slimtorch.zoo import minilm
+from slimtorch.zoo.data_images import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DEFAULT = ROOT / "bench" / "results" / "distill.json"

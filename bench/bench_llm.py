@@ -34,10 +34,10 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch.api import artifact_size
+from slimtorch.artifact.load import get_metadata, set_architecture
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.formats.sizes import dense_safetensors_bytes
-from slimtorch.models.artifact import get_metadata, set_architecture
 from slimtorch.models.registry import load_model
 
 RESULTS = Path("bench/results/llm.json")

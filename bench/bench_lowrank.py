@@ -44,12 +44,12 @@ import yaml
 
 import slimtorch as st
 from slimtorch import api
+from slimtorch.artifact.load import get_architecture
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.eval.latency import measure_latency_ms
 from slimtorch.eval.quality import get_evaluator
 from slimtorch.eval.size import count_params
-from slimtorch.models.artifact import get_architecture
 from slimtorch.models.registry import load_model
 
 MODEL = "builtin:minilm"

@@ -63,9 +63,9 @@ from torch import nn
 
 from slimtorch.cli.main import main as slimtorch_main
 from slimtorch.merge import methods as M
-from slimtorch.models.data_images import load_fashion_mnist
 from slimtorch.models.registry import load_model
-from slimtorch.models.train_lenet import TrainSpec, top1_percent, train_classifier
+from slimtorch.zoo.data_images import load_fashion_mnist
+from slimtorch.zoo.train_lenet import TrainSpec, top1_percent, train_classifier
 
 BASE = "builtin:lenet300-fashion"
 LOW, HIGH = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)

@@ -5,7 +5,7 @@
 
 For each builtin model (lenet5-fashion, char-lstm, minilm) and each shipped preset that applies,
 the preset is applied one-shot (``slimtorch.compress`` without data: stages that need training
-data are skipped), then ``slimtorch.models.export.export_onnx`` writes the low-bit ONNX file and
+data are skipped), then ``slimtorch.export.onnx.export.export_onnx`` writes the low-bit ONNX file and
 checks it in onnxruntime against the PyTorch model. Rows:
 
 * ``fp32``: the uncompressed model exported dense (``quantized=False``);
@@ -40,8 +40,8 @@ import torch
 
 import slimtorch as st
 from slimtorch.api import set_architecture
-from slimtorch.models.export import export_onnx
-from slimtorch.models.onnx_verify import _median_ms
+from slimtorch.export.onnx.export import export_onnx
+from slimtorch.export.onnx.verify import _median_ms
 from slimtorch.models.registry import builtin_info, load_model
 
 RESULTS = Path(__file__).parent / "results" / "onnx.json"
@@ -93,7 +93,7 @@ def _latency(path: str, inputs: tuple[torch.Tensor, ...]) -> float:
 
 
 def _lenet_accuracy(path: str, batch: int) -> float:
-    from slimtorch.models.data_images import load_fashion_mnist, to_model_input
+    from slimtorch.zoo.data_images import load_fashion_mnist, to_model_input
 
     images, labels = load_fashion_mnist("test")
     x = to_model_input(images).numpy()

@@ -46,12 +46,12 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch.api import artifact_size
+from slimtorch.artifact.load import get_metadata, set_architecture
 from slimtorch.calibrate.inputs import count_flops
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.eval.latency import measure_latency_ms
 from slimtorch.formats.state import iter_states
-from slimtorch.models.artifact import get_metadata, set_architecture
 from slimtorch.models.registry import builtin_info, load_model
 
 RESULTS = Path("bench/results/structured.json")
@@ -159,7 +159,7 @@ def widths(name: str, finetune_steps: int, slimmable_steps: int, ctx: Context) -
 def resnet(steps: int, repeats: int, seeds: list[int], round_to: int) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).parent))
     import tp_resnet  # the peer side, same measurement and fine-tuning functions
-    from slimtorch.models.data_images import load_fashion_mnist
+    from slimtorch.zoo.data_images import load_fashion_mnist
 
     test = load_fashion_mnist("test")
     dense = _loaded("resnet18-fashion")
@@ -239,7 +239,7 @@ def scaling(repeats: int) -> dict[str, Any]:
     the MACs (6/11/22): how much of halved MACs turns into speed at batch 32 on one thread."""
     sys.path.insert(0, str(Path(__file__).parent))
     import tp_resnet
-    from slimtorch.models.resnet import ResNet18Small
+    from slimtorch.zoo.resnet import ResNet18Small
 
     pairs = ((8, 6), (16, 11), (32, 22))
     models = {f"width{w}": ResNet18Small(w).eval() for pair in pairs for w in pair}

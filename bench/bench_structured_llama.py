@@ -42,8 +42,8 @@ from slimtorch.calibrate.inputs import count_flops
 from slimtorch.eval.latency import measure_latency_ms
 from slimtorch.eval.size import count_params
 from slimtorch.graph.dependency import build_graph
-from slimtorch.models.data_text import austen_split
 from slimtorch.recipe.recipe import load_methods
+from slimtorch.zoo.data_text import austen_split
 
 SEQ = 128
 PROMPT, NEW = 64, 64
@@ -203,7 +203,7 @@ def hf_roundtrip(model: nn.Module, tmp: Path, heldout: torch.Tensor) -> dict[str
     """export_hf -> AutoModelForCausalLM.from_pretrained: config, max |logit diff|, perplexity."""
     from transformers import AutoModelForCausalLM
 
-    from slimtorch.models.hf_export import export_hf
+    from slimtorch.export.hf import export_hf
 
     out = export_hf(model, tmp / "hf")
     cfg = json.loads((out / "config.json").read_text())

@@ -69,7 +69,7 @@ def load_builtin() -> nn.Module:
 
 def weights_dir() -> Path:
     """The builtin's Hugging Face directory (config.json, model.safetensors, tokenizer.json)."""
-    from slimtorch.models.austen_lm import WEIGHTS_DIR
+    from slimtorch.zoo.austen_lm import WEIGHTS_DIR
 
     return Path(WEIGHTS_DIR)
 
@@ -100,7 +100,7 @@ def load_ids(path: Path, dim: int) -> torch.Tensor:
 def heldout_ids() -> torch.Tensor:
     """The held-out Austen ids ``evaluate_perplexity`` scores (builtin tokenizer)."""
     from slimtorch.eval.perplexity import heldout_ids as _heldout
-    from slimtorch.models.austen_lm import builtin_tokenizer_path
+    from slimtorch.zoo.austen_lm import builtin_tokenizer_path
 
     return _heldout(HELDOUT, builtin_tokenizer_path())
 

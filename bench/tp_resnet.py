@@ -41,8 +41,8 @@ from slimtorch.calibrate.tasks import make_task
 from slimtorch.calibrate.train import TrainOptions, train
 from slimtorch.core.context import Context
 from slimtorch.eval.accuracy import accuracy
-from slimtorch.models.data_images import load_fashion_mnist
 from slimtorch.models.registry import load_model
+from slimtorch.zoo.data_images import load_fashion_mnist
 
 MODEL = "builtin:resnet18-fashion"
 DATA = "builtin:fashion-mnist"

@@ -9,19 +9,22 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "slimtorch"
 
 BASE = {"core"}
 TECHNIQUES = {"prune", "quantize", "share", "lowrank", "distill", "merge"}
-LOWER = {"core", "formats", "graph", "runtime", "models", "calibrate"}
+LOWER = {"core", "formats", "graph", "runtime", "models", "artifact", "calibrate"}
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "formats": {"core"},
     "graph": {"core", "formats"},
     "runtime": {"core", "formats", "graph"},
     "models": {"core", "formats", "graph", "runtime"},
-    "calibrate": {"core", "formats", "graph", "models"},
+    "artifact": {"core", "formats", "graph", "runtime", "models"},
+    "calibrate": {"core", "formats", "graph", "models", "artifact", "zoo"},
     **{t: LOWER for t in TECHNIQUES},
-    "eval": LOWER,
+    "export": LOWER,
+    "zoo": LOWER | {"eval"},
+    "eval": LOWER | {"zoo"},
     "report": LOWER | {"eval"},
     "recipe": LOWER | TECHNIQUES,
-    "search": LOWER | TECHNIQUES | {"eval", "recipe"},
+    "search": LOWER | TECHNIQUES | {"eval", "recipe", "export", "zoo"},
     "testing": LOWER | TECHNIQUES | {"eval", "recipe"},
 }
 

@@ -6,7 +6,7 @@ import pytest
 
 from slimtorch import workflow
 from slimtorch.core.context import Context
-from slimtorch.models import data_images
+from slimtorch.zoo import data_images
 
 CTX = Context(progress=False)
 KEYS = {

@@ -18,6 +18,9 @@ from typing import Any
 
 from torch import nn
 
+from slimtorch.artifact.load import get_architecture, load_artifact, resized_entries
+from slimtorch.artifact.load import get_metadata as get_metadata  # re-exported API
+from slimtorch.artifact.load import set_architecture as set_architecture
 from slimtorch.calibrate.inputs import example_inputs
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
@@ -25,9 +28,6 @@ from slimtorch.core.methods import Run, Task
 from slimtorch.formats.artifact import write_artifact
 from slimtorch.formats.sizes import artifact_bytes, dense_safetensors_bytes
 from slimtorch.formats.state import iter_states
-from slimtorch.models.artifact import get_architecture, load_artifact, resized_entries
-from slimtorch.models.artifact import get_metadata as get_metadata  # re-exported API
-from slimtorch.models.artifact import set_architecture as set_architecture
 from slimtorch.recipe import Recipe, load_recipe
 from slimtorch.runtime import RUNTIME_MODULES, linearize_conv1d
 

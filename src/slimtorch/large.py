@@ -100,7 +100,7 @@ def checkpoint_fp32_bytes(path: Path) -> int:
 
 def _check_vocab(config: Any) -> None:
     """The calibration text is tokenized with builtin:austen-lm's tokenizer."""
-    from slimtorch.models.austen_lm import builtin_tokenizer_path, load_tokenizer
+    from slimtorch.zoo.austen_lm import builtin_tokenizer_path, load_tokenizer
 
     have = int(getattr(config, "vocab_size", 0) or 0)
     need = load_tokenizer(builtin_tokenizer_path()).get_vocab_size()

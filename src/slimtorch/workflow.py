@@ -219,7 +219,7 @@ def demo(
     Without the Debian Fashion-MNIST package there is no training data: the demo then uses the
     `int8` preset and the test subset shipped with slimtorch.
     """
-    from slimtorch.models.data_images import fashion_mnist_available
+    from slimtorch.zoo.data_images import fashion_mnist_available
 
     data: str | None = "builtin:fashion-mnist"
     note = None

@@ -14,7 +14,7 @@ from slimtorch.calibrate.tasks import TASKS
 from slimtorch.calibrate.train import TrainOptions, train
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
-from slimtorch.models import char_lstm
+from slimtorch.zoo import char_lstm
 
 
 def _text_task(tmp_path: Path, text: str) -> charlm.CharLMTask:
@@ -59,7 +59,7 @@ def test_training_lowers_loss(tmp_path: Path) -> None:
 def test_default_data_is_austen_train_split() -> None:
     task = charlm.make_charlm(None)
     assert task.name == "charlm"
-    from slimtorch.models.data_text import austen_split
+    from slimtorch.zoo.data_text import austen_split
 
     assert task.ids.numel() == len(austen_split("train"))
     assert int(task.positions.numel()) > 3_500_000

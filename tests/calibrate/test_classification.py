@@ -7,8 +7,8 @@ from slimtorch.calibrate.tasks import TASKS
 from slimtorch.calibrate.train import TrainOptions, train
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
-from slimtorch.models.data_images import load_fashion_mnist
-from slimtorch.models.lenet import LeNet300
+from slimtorch.zoo.data_images import load_fashion_mnist
+from slimtorch.zoo.lenet import LeNet300
 
 CTX = Context(seed=0, progress=False)
 

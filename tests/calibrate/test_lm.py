@@ -13,8 +13,8 @@ from slimtorch.calibrate import lm
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UnsupportedModelError, UserInputError
-from slimtorch.models import austen_lm, data_text
-from slimtorch.models.austen_lm import from_config, llama_config
+from slimtorch.zoo import austen_lm, data_text
+from slimtorch.zoo.austen_lm import from_config, llama_config
 
 VOCAB = 64
 

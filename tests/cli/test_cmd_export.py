@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import slimtorch as st
+from slimtorch.artifact.load import get_metadata
 from slimtorch.cli.main import main
-from slimtorch.models.artifact import get_metadata
 from slimtorch.testing.models import TinyLSTM, tiny_cnn, tiny_llama, tiny_resnet
 
 ort = pytest.importorskip("onnxruntime")

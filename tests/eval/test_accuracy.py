@@ -7,7 +7,7 @@ from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
 from slimtorch.eval.accuracy import accuracy, evaluate_accuracy
 from slimtorch.eval.quality import EVALUATORS
-from slimtorch.models.data_images import to_model_input
+from slimtorch.zoo.data_images import to_model_input
 
 
 class MeanThreshold(nn.Module):

@@ -13,7 +13,7 @@ from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
 from slimtorch.eval import language
 from slimtorch.eval.quality import EVALUATORS
-from slimtorch.models import char_lstm
+from slimtorch.zoo import char_lstm
 
 
 @pytest.fixture(scope="module")

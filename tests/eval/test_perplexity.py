@@ -14,8 +14,8 @@ from slimtorch.core.context import Context
 from slimtorch.core.errors import UnsupportedModelError, UserInputError
 from slimtorch.eval import perplexity
 from slimtorch.eval.quality import get_evaluator
-from slimtorch.models.austen_lm import from_config, llama_config
-from slimtorch.models.train_austen_lm import train_tokenizer
+from slimtorch.zoo.austen_lm import from_config, llama_config
+from slimtorch.zoo.train_austen_lm import train_tokenizer
 
 VOCAB = 300
 CONTEXT = 32

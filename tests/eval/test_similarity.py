@@ -13,7 +13,7 @@ from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
 from slimtorch.eval import similarity
 from slimtorch.eval.quality import EVALUATORS
-from slimtorch.models import minilm
+from slimtorch.zoo import minilm
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ transformers = pytest.importorskip("transformers")
 
 from slimtorch.core.errors import UserInputError  # noqa: E402
 from slimtorch.models import hf  # noqa: E402
-from slimtorch.models.minilm import model_dir  # noqa: E402
 from slimtorch.models.registry import load_model, rebuild  # noqa: E402
 from slimtorch.testing.models import tiny_bert  # noqa: E402
+from slimtorch.zoo.minilm import model_dir  # noqa: E402
 
 
 def _tiny_bert(path: Path) -> None:

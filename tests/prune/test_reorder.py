@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import slimtorch as st
+from slimtorch.artifact.load import WIDTHS_KEY, get_metadata, narrow
 from slimtorch.core.errors import UserInputError
-from slimtorch.models.artifact import WIDTHS_KEY, get_metadata, narrow
 from slimtorch.prune.permutation import channel_matrix, nm_kept_magnitude
 from slimtorch.prune.reorder import importance_order
 from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet, with_example_input

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import slimtorch as st
+from slimtorch.artifact.load import WIDTH_STATS_KEY, get_metadata, narrow
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
-from slimtorch.models.artifact import WIDTH_STATS_KEY, get_metadata, narrow
 from slimtorch.prune.slimmable import SharedWidth, position_maps
 from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet, with_example_input
 

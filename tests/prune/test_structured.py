@@ -13,12 +13,12 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch.api import artifact_size
+from slimtorch.artifact.load import get_metadata
 from slimtorch.calibrate.inputs import count_flops
 from slimtorch.cli.main import main
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, TargetError
 from slimtorch.graph.surgery import apply_channels
-from slimtorch.models.artifact import get_metadata
 from slimtorch.prune.structured import keep_count, top_channels
 from slimtorch.recipe import load_recipe
 from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet, with_example_input
@@ -90,7 +90,6 @@ def test_flops_target_spends_what_rounding_left() -> None:
     channels and 48.0% of the FLOPs; the fill pass rounds groups up (one step each, the most
     importance per FLOP first) while the model stays within the target."""
     from slimtorch.graph.dependency import build_graph
-    from slimtorch.models.resnet import ResNet18Small
     from slimtorch.prune.structured import (
         StructuredConfig,
         _ratio_for_flops,
@@ -98,6 +97,7 @@ def test_flops_target_spends_what_rounding_left() -> None:
         plan,
         selected_groups,
     )
+    from slimtorch.zoo.resnet import ResNet18Small
 
     torch.manual_seed(0)
     model = ResNet18Small(8).eval()

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import slimtorch as st
+from slimtorch.artifact.load import get_metadata
 from slimtorch.cli import cmd_report
 from slimtorch.core.errors import UserInputError
-from slimtorch.models.artifact import get_metadata
 from slimtorch.report import write_report
 from slimtorch.report.collect import module_latency_ms
 from slimtorch.report.markdown import escape_md

@@ -11,8 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import slimtorch as st
 from slimtorch import api
 from slimtorch.core.context import Context
+from slimtorch.export.hf import export_hf
 from slimtorch.large import compress_large
-from slimtorch.models.hf_export import export_hf
 from slimtorch.recipe import load_recipe
 from slimtorch.runtime.conv1d import Conv1DLinear, is_hf_conv1d, linearize_conv1d
 

@@ -351,8 +351,8 @@ def test_task_evaluator_other_evaluators_and_bad_input(monkeypatch) -> None:
 
 
 def test_token_windows_cut_from_spaced_places() -> None:
-    from slimtorch.models.austen_lm import builtin_tokenizer_path, load_tokenizer
     from slimtorch.search.sensitivity_eval import token_windows
+    from slimtorch.zoo.austen_lm import builtin_tokenizer_path, load_tokenizer
 
     tok = load_tokenizer(builtin_tokenizer_path())
     text = " ".join(f"word{i} and some more text." for i in range(400))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import slimtorch as st
+from slimtorch.artifact.load import get_metadata
 from slimtorch.core.errors import UserInputError
-from slimtorch.models.artifact import get_metadata
 from slimtorch.search.width import choose_width
 from slimtorch.testing.models import example_input, tiny_resnet
 

@@ -24,7 +24,7 @@ DEFAULT_DATA = "builtin:austen"
 
 def train_ids(data: str) -> torch.Tensor:
     """Encoded training text of the dataset spec ``data``."""
-    from slimtorch.models import char_lstm
+    from slimtorch.zoo import char_lstm
 
     return char_lstm.encoded_split(data, "train")
 
@@ -37,7 +37,7 @@ class CharLMTask:
     name: str = "charlm"
 
     def __post_init__(self) -> None:
-        from slimtorch.models.char_lstm import target_positions
+        from slimtorch.zoo.char_lstm import target_positions
 
         self.positions = target_positions(self.ids)
         if self.positions.numel() == 0:
@@ -49,7 +49,7 @@ class CharLMTask:
         self, ctx: Context, steps: int, batch_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``steps`` batches of ``batch_size`` windows drawn with ``ctx.generator()``."""
-        from slimtorch.models.char_lstm import context_windows
+        from slimtorch.zoo.char_lstm import context_windows
 
         gen = ctx.generator()
         for _ in range(steps):

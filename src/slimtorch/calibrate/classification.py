@@ -11,7 +11,7 @@ from torch import nn
 from slimtorch.calibrate.tasks import TASKS
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
-from slimtorch.models.data_images import load_image_dataset, to_model_input
+from slimtorch.zoo.data_images import load_image_dataset, to_model_input
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from slimtorch.artifact.load import get_architecture, get_metadata
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
 from slimtorch.core.methods import Task
-from slimtorch.models.artifact import get_architecture, get_metadata
 
 
 def example_inputs(
@@ -48,7 +48,7 @@ def require_inputs(model: nn.Module, method: str, batch: int = 2) -> tuple[Any, 
         raise ConfigError(
             f"{method} traces the model and needs example inputs: load it as builtin:NAME or a"
             " Hugging Face directory, or record them with"
-            " slimtorch.models.artifact.get_metadata(model)['input'] ="
+            " slimtorch.artifact.load.get_metadata(model)['input'] ="
             " {'shape': [...], 'dtype': 'float32'|'int64'}"
         )
     return inputs

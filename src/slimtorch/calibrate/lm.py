@@ -58,7 +58,7 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def train_ids(data: str) -> torch.Tensor:
     """Token ids of the train split of the text spec ``data`` (builtin:austen-lm's tokenizer)."""
-    from slimtorch.models.austen_lm import encoded_split
+    from slimtorch.zoo.austen_lm import encoded_split
 
     return encoded_split(data, "train")
 

@@ -45,7 +45,7 @@ def split_sentences(text: str, min_words: int = MIN_WORDS, max_words: int = MAX_
 
 @lru_cache(maxsize=4)
 def _sentences(spec: str) -> tuple[str, ...]:
-    from slimtorch.models.data_text import load_text
+    from slimtorch.zoo.data_text import load_text
 
     seen: dict[str, None] = {}
     for part in spec.split("+"):
@@ -79,7 +79,7 @@ def _tokenizer(path: str, max_len: int) -> Any:
 def tokenizer_file(spec: str | None) -> Path:
     """``tokenizer.json`` of ``spec`` (the file or its directory); None = MiniLM's."""
     if spec is None:
-        from slimtorch.models.minilm import model_dir
+        from slimtorch.zoo.minilm import model_dir
 
         return model_dir() / "tokenizer.json"
     path = Path(spec)
@@ -138,7 +138,7 @@ class SentenceTask:
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Sentence embeddings ``[B, D]`` of the batch (mean pooling, L2 norm)."""
-        from slimtorch.models.minilm import last_hidden, mean_pool
+        from slimtorch.zoo.minilm import last_hidden, mean_pool
 
         ids, mask = batch
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)

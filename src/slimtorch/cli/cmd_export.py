@@ -60,10 +60,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``slimtorch export``; returns the exporter's JSON-able report."""
     from slimtorch import api  # lazy: keeps `slimtorch --help` fast
+    from slimtorch.artifact.load import get_architecture
     from slimtorch.calibrate.inputs import example_inputs
     from slimtorch.core.errors import UnsupportedModelError, UserInputError
-    from slimtorch.models.artifact import get_architecture
-    from slimtorch.models.export import export_hf_checked, export_onnx
+    from slimtorch.export.onnx.export import export_hf_checked, export_onnx
 
     if args.batch < 1:
         raise UserInputError(f"--batch must be at least 1, got {args.batch}")
@@ -80,13 +80,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserInputError(
             f"{args.dir} records no example inputs for {type(model).__name__}: re-create it with"
             " `slimtorch compress ... --input-shape 1,3,224,224` (and --input-dtype), or set"
-            " slimtorch.models.artifact.get_metadata(model)['input'] = {'shape': [...],"
+            " slimtorch.artifact.load.get_metadata(model)['input'] = {'shape': [...],"
             " 'dtype': 'float32'|'int64'} before slimtorch.save"
         )
     if args.to == "hf":
         return export_hf_checked(model, inputs, args.out, args.force)
     if args.to == "compressed-tensors":
-        from slimtorch.models.compressed_tensors import export_checked
+        from slimtorch.export.compressed_tensors import export_checked
 
         return export_checked(model, inputs, args.out, args.force)
     return export_onnx(

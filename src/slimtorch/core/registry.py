@@ -20,9 +20,17 @@ def nearest(name: str, candidates: list[str]) -> str | None:
 class Registry(Generic[T]):
     """Maps names to objects. ``kind`` names what is registered, for error messages."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plugins: bool = False) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._plugins = plugins  # load the slimtorch.plugins entry points before a lookup
+
+    def _ready(self) -> dict[str, T]:
+        if self._plugins:
+            from slimtorch.core.plugins import load_plugins
+
+            load_plugins()
+        return self._items
 
     def add(self, name: str, item: T) -> T:
         if name in self._items:
@@ -40,12 +48,12 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         try:
-            return self._items[name]
+            return self._ready()[name]
         except KeyError:
             raise ConfigError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        known = sorted(self._items)
+        known = sorted(self._ready())
         hint = nearest(name, known)
         msg = f"unknown {self.kind} {name!r}"
         if hint:
@@ -53,13 +61,13 @@ class Registry(Generic[T]):
         return msg + f" Known {self.kind}s: {', '.join(known)}"
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(self._ready())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._ready()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(sorted(self._ready()))
 
     def items(self) -> list[tuple[str, T]]:
-        return sorted(self._items.items())
+        return sorted(self._ready().items())

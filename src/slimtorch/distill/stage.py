@@ -25,6 +25,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from torch import nn
 
+from slimtorch.artifact.load import load_artifact
 from slimtorch.calibrate.sentences import DEFAULT_SENTENCES, SentenceTask, load_sentences
 from slimtorch.calibrate.train import TrainOptions, train
 from slimtorch.core.config import StageConfig
@@ -34,7 +35,6 @@ from slimtorch.core.targets import Targets
 from slimtorch.distill.student import shrink_layers
 from slimtorch.distill.trainer import DistillOptions, DistillTask
 from slimtorch.formats.artifact import MANIFEST_FILE
-from slimtorch.models.artifact import load_artifact
 from slimtorch.models.registry import load_model
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from typing import Any
 
 from torch import nn
 
+from slimtorch.artifact.load import set_architecture
 from slimtorch.core.errors import ConfigError, UnsupportedModelError
 from slimtorch.distill.trainer import HiddenPair, get_module
 from slimtorch.graph.weights import replace_module
-from slimtorch.models.artifact import set_architecture
 
 __all__ = [
     "check_keep",

@@ -10,7 +10,7 @@ from torch import nn
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
 from slimtorch.eval.quality import EVALUATORS, Quality
-from slimtorch.models.data_images import load_image_dataset, to_model_input
+from slimtorch.zoo.data_images import load_image_dataset, to_model_input
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -40,7 +40,7 @@ def nll_bits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def heldout_ids(data: str) -> torch.Tensor:
     """Encoded held-out text of the dataset spec ``data``."""
-    from slimtorch.models import char_lstm
+    from slimtorch.zoo import char_lstm
 
     return char_lstm.encoded_split(data, "heldout")
 
@@ -50,7 +50,7 @@ def bits_per_char(
     model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, device: str = "cpu"
 ) -> float:
     """Mean bits per character of ``model`` predicting ``ids[p]`` from the 40 before, for ``p`` in ``positions``."""
-    from slimtorch.models.char_lstm import context_windows
+    from slimtorch.zoo.char_lstm import context_windows
 
     if positions.numel() == 0:
         raise UserInputError(
@@ -71,7 +71,7 @@ def bits_per_char(
 
 def evaluate_bpc(model: nn.Module, ctx: Context, data: Any) -> Quality:
     """Evaluator ``bpc`` on ``data`` (default ``builtin:austen``)."""
-    from slimtorch.models.char_lstm import target_positions
+    from slimtorch.zoo.char_lstm import target_positions
 
     spec = "builtin:austen" if data is None else str(data)
     ids = heldout_ids(spec)

@@ -102,7 +102,7 @@ def find_tokenizer(model: nn.Module) -> Path:
 
 def heldout_ids(data: str, tokenizer_path: Path) -> torch.Tensor:
     """Token ids of the held-out split of the text spec ``data`` (tokenized once, cached)."""
-    from slimtorch.models.austen_lm import encoded_split
+    from slimtorch.zoo.austen_lm import encoded_split
 
     return encoded_split(data, "heldout", str(tokenizer_path))
 
@@ -115,7 +115,7 @@ def perplexity_quality(nll: float, tokens: int, extra: dict[str, float] | None =
 
 def evaluate_perplexity(model: nn.Module, ctx: Context, data: Any) -> Quality:
     """Evaluator ``perplexity`` on the held-out split of ``data`` (default builtin:austen)."""
-    from slimtorch.models.austen_lm import text_split
+    from slimtorch.zoo.austen_lm import text_split
 
     spec = DEFAULT_DATA if data is None else str(data)
     ids = heldout_ids(spec, find_tokenizer(model))

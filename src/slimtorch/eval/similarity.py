@@ -1,7 +1,7 @@
 """Evaluator ``lee``: document similarity of a sentence encoder against human judgements.
 
 The 50 Lee & Pincombe news documents are embedded (mean pooling + L2 norm, see
-:func:`slimtorch.models.minilm.embed`); the cosine similarity of every pair (1,225 pairs, the
+:func:`slimtorch.zoo.minilm.embed`); the cosine similarity of every pair (1,225 pairs, the
 upper triangle) is correlated with the human scores. Headline: Pearson (0.656 for the fp32
 all-MiniLM-L6-v2). Extras: Spearman, and the mean cosine between this model's document
 embeddings and those of the fp32 pretrained MiniLM (1.0 = unchanged).
@@ -64,7 +64,7 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 @lru_cache(maxsize=1)
 def reference_embeddings() -> torch.Tensor:
     """Lee-document embeddings of the fp32 pretrained MiniLM (computed once per process)."""
-    from slimtorch.models import data_text, minilm
+    from slimtorch.zoo import data_text, minilm
 
     docs, _ = data_text.load_lee()
     return minilm.embed(minilm.build(True).float(), docs)
@@ -91,7 +91,7 @@ def evaluate_lee(model: nn.Module, ctx: Context, data: Any) -> Quality:
             f"evaluator 'lee' runs on builtin:lee only, got data={data!r}; drop --data or pass"
             " builtin:lee"
         )
-    from slimtorch.models import data_text, minilm
+    from slimtorch.zoo import data_text, minilm
 
     docs, human = data_text.load_lee()
     return lee_quality(minilm.embed(model, docs), human)

@@ -42,7 +42,7 @@ class BuiltinModel:
     evaluates_training_data: bool = True
 
 
-MODELS: Registry[BuiltinModel] = Registry("builtin model")
+MODELS: Registry[BuiltinModel] = Registry("builtin model", plugins=True)
 
 
 @dataclass
@@ -59,13 +59,7 @@ class LoadedModel:
     evaluates_training_data: bool = True
 
 
-def _ensure_builtins() -> None:
-    # Importing the package registers every builtin model.
-    importlib.import_module("slimtorch.models.builtins")
-
-
 def builtin_info(name: str) -> BuiltinModel:
-    _ensure_builtins()
     return MODELS.get(name)
 
 
@@ -100,7 +94,6 @@ def load_model(spec: str) -> LoadedModel:
 
 
 def _builtin_names() -> list[str]:
-    _ensure_builtins()
     return MODELS.names()
 
 

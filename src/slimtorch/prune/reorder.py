@@ -19,13 +19,13 @@ from pydantic import Field, model_validator
 from torch import nn
 
 import slimtorch.runtime  # noqa: F401  (registers the nn.MultiheadAttention head handler)
+from slimtorch.artifact.load import WIDTHS_KEY, get_metadata
 from slimtorch.calibrate.inputs import require_inputs
 from slimtorch.core.config import StageConfig
 from slimtorch.core.errors import TargetError
 from slimtorch.core.methods import Run, register_method
 from slimtorch.graph.dependency import Group, Member, build_graph
 from slimtorch.graph.surgery import apply_channels
-from slimtorch.models.artifact import WIDTHS_KEY, get_metadata
 from slimtorch.prune.importance import group_scores
 from slimtorch.prune.permutation import channel_matrix, find_permutation
 from slimtorch.prune.structured import Criterion, StructuredConfig, selected_groups

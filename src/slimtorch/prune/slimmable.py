@@ -8,7 +8,7 @@ narrowed sub-network reads its weights *from the full model's tensors*, so one o
 one set of shared weights.
 
 Weight sharing without surgery per step: the narrowed model is built once per width by
-:func:`slimtorch.models.artifact.narrow` on a probe whose parameters hold their own flat
+:func:`slimtorch.artifact.load.narrow` on a probe whose parameters hold their own flat
 positions (``arange``), which gives, for every parameter of the narrowed model, the positions of
 the full parameter it keeps - gate blocks of LSTMs, heads and flattened channel blocks included.
 A training step then runs the narrowed model with ``torch.func.functional_call`` on the gathered
@@ -16,7 +16,7 @@ full tensors, and gradients flow back into the full model.
 
 BatchNorm statistics differ between widths (fewer input channels, different sums): each trained
 width keeps its own running mean and variance (switchable BatchNorm), recorded in the model's
-metadata under :data:`~slimtorch.models.artifact.WIDTH_STATS_KEY`; ``slimtorch.load(dir,
+metadata under :data:`~slimtorch.artifact.load.WIDTH_STATS_KEY`; ``slimtorch.load(dir,
 width=w)`` uses them for a trained ``w``.
 """
 
@@ -30,18 +30,18 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from slimtorch.calibrate.train import TrainOptions, train
-from slimtorch.core.config import StageConfig
-from slimtorch.core.context import Context
-from slimtorch.core.errors import ConfigError, UnsupportedModelError
-from slimtorch.core.methods import Run, Task, register_method
-from slimtorch.models.artifact import (
+from slimtorch.artifact.load import (
     WIDTH_STATS_KEY,
     available_widths,
     get_metadata,
     narrow,
     width_key,
 )
+from slimtorch.calibrate.train import TrainOptions, train
+from slimtorch.core.config import StageConfig
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError, UnsupportedModelError
+from slimtorch.core.methods import Run, Task, register_method
 
 log = logging.getLogger(__name__)
 

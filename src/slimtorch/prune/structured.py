@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 import slimtorch.runtime  # noqa: F401  (registers the nn.MultiheadAttention head handler)
+from slimtorch.artifact.load import get_metadata
 from slimtorch.calibrate.inputs import (
     accumulate_gradients,
     count_flops,
@@ -34,7 +35,6 @@ from slimtorch.formats.state import iter_states
 from slimtorch.graph.dependency import DependencyGraph, Group, build_graph
 from slimtorch.graph.handlers import handler_for
 from slimtorch.graph.surgery import apply_channels
-from slimtorch.models.artifact import get_metadata
 from slimtorch.prune.importance import group_scores
 
 log = logging.getLogger(__name__)

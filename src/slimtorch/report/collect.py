@@ -169,9 +169,9 @@ def artifact_latency(
 ) -> LatencyData | str:
     """Latency breakdown of the artifact at ``path`` on ``threads`` torch threads (restored
     afterwards), or a note saying why there is none."""
+    from slimtorch.artifact.load import get_architecture, load_artifact
     from slimtorch.calibrate.inputs import example_inputs
     from slimtorch.eval.latency import measure_latency_ms
-    from slimtorch.models.artifact import get_architecture, load_artifact
 
     model = load_artifact(path)
     inputs = example_inputs(model, batch, get_architecture(model))

@@ -51,7 +51,7 @@ def spaced(n_total: int, n: int) -> torch.Tensor:
 
 def _accuracy(data: str | None, samples: int, split: Split) -> tuple[Evaluate, str, bool]:
     from slimtorch.eval.accuracy import accuracy
-    from slimtorch.models.data_images import load_image_dataset
+    from slimtorch.zoo.data_images import load_image_dataset
 
     name = "train" if split == "calibration" else "test"
     try:
@@ -71,7 +71,7 @@ def _accuracy(data: str | None, samples: int, split: Split) -> tuple[Evaluate, s
 
 def _lee(data: str | None, samples: int, split: Split) -> tuple[Evaluate, str, bool]:
     from slimtorch.eval.similarity import pair_scores, pearson
-    from slimtorch.models import data_text, minilm
+    from slimtorch.zoo import data_text, minilm
 
     if data not in (None, "builtin:lee"):
         raise UserInputError(
@@ -92,7 +92,7 @@ def _lee(data: str | None, samples: int, split: Split) -> tuple[Evaluate, str, b
 
 def _bpc(data: str | None, samples: int, split: Split, ctx: Context) -> tuple[Evaluate, str, bool]:
     from slimtorch.eval.language import bits_per_char, sample_positions
-    from slimtorch.models.char_lstm import encoded_split, target_positions
+    from slimtorch.zoo.char_lstm import encoded_split, target_positions
 
     ids = encoded_split(data or "builtin:austen", "train" if split == "calibration" else "heldout")
     positions = sample_positions(target_positions(ids), samples)
@@ -109,7 +109,7 @@ def token_windows(text: str, tokenizer: Any, n: int, context: int) -> torch.Tens
     Only the text around each place is tokenized (a scan of a 4M-character split would
     otherwise tokenize it all); windows start at the first token of their chunk.
     """
-    from slimtorch.models.austen_lm import encode
+    from slimtorch.zoo.austen_lm import encode
 
     chars = context * 16  # byte-level BPE averages 3-5 characters a token: ample
     rows = []
@@ -134,7 +134,7 @@ def _perplexity(
         model_context,
         perplexity_of_ids,
     )
-    from slimtorch.models.austen_lm import load_tokenizer, text_split
+    from slimtorch.zoo.austen_lm import load_tokenizer, text_split
 
     which: Literal["train", "heldout"] = "train" if split == "calibration" else "heldout"
     text = text_split(data or DEFAULT_DATA, which)

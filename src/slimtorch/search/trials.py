@@ -74,7 +74,7 @@ def prepared_model(spec: dict[str, Any]) -> Any:
 
 
 def _onnx_latency(model: Any, inputs: Any, path: Path) -> float:
-    from slimtorch.models.export import export_onnx
+    from slimtorch.export.onnx.export import export_onnx
 
     try:
         report = export_onnx(model, inputs, path, None, True)
@@ -85,8 +85,8 @@ def _onnx_latency(model: Any, inputs: Any, path: Path) -> float:
 
 def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     from slimtorch import api
+    from slimtorch.artifact.load import get_architecture
     from slimtorch.core.context import Context
-    from slimtorch.models.artifact import get_architecture
 
     ctx = Context(seed=int(spec.get("seed", 0)), progress=False)
     model = prepared_model(spec)

@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
+from slimtorch.artifact.load import narrow
 from slimtorch.core.errors import UserInputError
 from slimtorch.eval.latency import measure_latency_ms
-from slimtorch.models.artifact import narrow
 
 DEFAULT_WIDTHS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
 

@@ -205,7 +205,7 @@ def tiny_llama(
     matrix from N(0, std) (Llama's 0.02 init gives near-constant outputs)."""
     import transformers
 
-    from slimtorch.models.artifact import set_architecture
+    from slimtorch.artifact.load import set_architecture
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
@@ -240,7 +240,7 @@ def example_input(model: nn.Module, batch: int = 4) -> torch.Tensor:
 def with_example_input(model: nn.Module) -> nn.Module:
     """Record :func:`example_input`'s shape in ``model``'s metadata (what stages that trace the
     model, such as ``prune.structured``, read); returns the model."""
-    from slimtorch.models.artifact import get_metadata
+    from slimtorch.artifact.load import get_metadata
 
     x = example_input(model)
     dtype = "int64" if x.dtype == torch.int64 else "float32"

@@ -222,7 +222,7 @@ MODELS.add(
 @functools.lru_cache(maxsize=8)
 def encoded_split(data: str, split: Literal["train", "heldout"]) -> torch.Tensor:
     """Encoded ``split`` ("train" | "heldout") of the text dataset spec ``data`` (cached)."""
-    from slimtorch.models import data_text
+    from slimtorch.zoo import data_text
 
     if data == "builtin:austen":
         text = data_text.austen_split(split)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from slimtorch.core.errors import UserInputError
-from slimtorch.models import data_text
+from slimtorch.zoo import data_text
 
 TITLES = [
     "Sense & Sensibility",

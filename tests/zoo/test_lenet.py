@@ -6,10 +6,10 @@ from safetensors.torch import load_file
 
 from slimtorch.core.errors import ArtifactError
 from slimtorch.eval.accuracy import accuracy
-from slimtorch.models import lenet
-from slimtorch.models import train_lenet as tl
-from slimtorch.models.data_images import load_fashion_mnist
 from slimtorch.models.registry import MODELS
+from slimtorch.zoo import lenet
+from slimtorch.zoo import train_lenet as tl
+from slimtorch.zoo.data_images import load_fashion_mnist
 
 RECORD = json.loads(tl.RECORD_FILE.read_text()) if tl.RECORD_FILE.is_file() else {}
 

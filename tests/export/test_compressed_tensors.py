@@ -11,12 +11,12 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch.core.errors import ArtifactError, UnsupportedModelError
-from slimtorch.formats.state import get_state
-from slimtorch.models.compressed_tensors import (
+from slimtorch.export.compressed_tensors import (
     export_compressed_tensors,
     pack_int32,
     unpack_int32,
 )
+from slimtorch.formats.state import get_state
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-5  # max |logits difference|; float32 reloads with bit-identical weights (measured 0.0)
@@ -243,9 +243,9 @@ def test_existing_directory_needs_overwrite(tmp_path) -> None:
 
 def test_cli_exports_and_checks_the_reload(tmp_path, capsys) -> None:
     pytest.importorskip("compressed_tensors")
+    from slimtorch.artifact.load import set_architecture
     from slimtorch.cli.main import main
     from slimtorch.models import hf
-    from slimtorch.models.artifact import set_architecture
 
     model = _llama()
     model.save_pretrained(tmp_path / "src")
@@ -287,7 +287,7 @@ class _Tokens:
     ],
 )
 def test_calibrated_methods_reload_exactly(tmp_path, stage) -> None:
-    from slimtorch.models.artifact import set_architecture
+    from slimtorch.artifact.load import set_architecture
 
     model = _llama()
     arch = {"kind": "hf", "class": "LlamaForCausalLM", "config": model.config.to_dict()}

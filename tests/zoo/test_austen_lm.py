@@ -12,9 +12,9 @@ from torch import nn
 
 from slimtorch.core.errors import ArtifactError, UserInputError
 from slimtorch.eval.perplexity import perplexity_of_ids
-from slimtorch.models import austen_lm, data_text
 from slimtorch.models.registry import MODELS, load_model, rebuild
-from slimtorch.models.train_austen_lm import LMTrainSpec, lr_at, train_tokenizer
+from slimtorch.zoo import austen_lm, data_text
+from slimtorch.zoo.train_austen_lm import LMTrainSpec, lr_at, train_tokenizer
 
 # Measured when training (see weights/austen_lm/training.json): well above it, far below uniform.
 PPL_BOUND = 200.0

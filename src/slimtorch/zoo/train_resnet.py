@@ -1,6 +1,6 @@
 """Train the builtin ResNet-18 on Fashion-MNIST and write its committed weights and record.
 
-    python -m slimtorch.models.train_resnet --out src/slimtorch/models/weights/resnet18-fashion.safetensors
+    python -m slimtorch.zoo.train_resnet --out src/slimtorch/zoo/weights/resnet18-fashion.safetensors
 
 Seeded (model init, data order and augmentation), SGD with Nesterov momentum, a linear warm-up
 then cosine decay, weight decay, label smoothing, random 2-pixel shifts and horizontal flips;
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.models.data_images import load_fashion_mnist, to_model_input
-from slimtorch.models.resnet import BASE_WIDTH, NAME, ResNet18Small
-from slimtorch.models.train_lenet import RECORD_FILE, save_classifier
+from slimtorch.zoo.data_images import load_fashion_mnist, to_model_input
+from slimtorch.zoo.resnet import BASE_WIDTH, NAME, ResNet18Small
+from slimtorch.zoo.train_lenet import RECORD_FILE, save_classifier
 
 log = logging.getLogger(__name__)
 

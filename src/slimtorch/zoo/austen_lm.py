@@ -2,10 +2,10 @@
 
 The model is ``transformers.LlamaForCausalLM`` (8 query heads sharing 2 key/value heads, SwiGLU,
 RMSNorm, rotary positions, tied embeddings) trained on the train split of the Jane Austen novels
-and the Wikipedia sample (``python -m slimtorch.models.train_austen_lm``). Its byte-level BPE
+and the Wikipedia sample (``python -m slimtorch.zoo.train_austen_lm``). Its byte-level BPE
 tokenizer (``tokenizer.json``) was trained offline with ``tokenizers`` on the same text.
 
-The committed files in ``models/weights/austen_lm/`` form a Hugging Face directory
+The committed files in ``zoo/weights/austen_lm/`` form a Hugging Face directory
 (``config.json``, ``model.safetensors``, ``tokenizer.json``): ``slimtorch`` loads it as
 ``builtin:austen-lm`` and transformers loads it with ``from_pretrained(local_files_only=True)``.
 Quality: evaluator ``perplexity`` on the held-out split of ``builtin:austen`` (the last 10% of
@@ -34,9 +34,7 @@ EOS_TOKEN = "<|endoftext|>"
 EXAMPLE_SEQ_LEN = 128
 DEFAULT_TRAIN_DATA = "builtin:austen+builtin:wikipedia"
 EVAL_DATA = "builtin:austen"
-TRAIN_CMD = (
-    "python -m slimtorch.models.train_austen_lm --out src/slimtorch/models/weights/austen_lm"
-)
+TRAIN_CMD = "python -m slimtorch.zoo.train_austen_lm --out src/slimtorch/zoo/weights/austen_lm"
 
 
 def llama_config(vocab_size: int, **overrides: Any) -> Any:
@@ -145,7 +143,7 @@ def builtin_tokenizer_path() -> Path:
 def text_split(spec: str, split: Literal["train", "heldout"]) -> str:
     """The ``split`` of text specs joined by ``+`` (``builtin:austen``, ``builtin:wikipedia``,
     a ``.txt`` path): per novel / article / file, held out = its last 10% of characters."""
-    from slimtorch.models import data_text
+    from slimtorch.zoo import data_text
 
     parts = []
     for part in (p.strip() for p in spec.split("+")):

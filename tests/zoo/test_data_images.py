@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimtorch.core.errors import UserInputError
-from slimtorch.models import data_images as di
+from slimtorch.zoo import data_images as di
 
 needs_fashion = pytest.mark.skipif(
     not di.fashion_mnist_available("train"), reason="Debian dataset-fashion-mnist not installed"

@@ -9,8 +9,8 @@ from torch import nn
 pytest.importorskip("transformers")
 
 from slimtorch.core.errors import UserInputError
-from slimtorch.models import minilm
 from slimtorch.models.registry import MODELS
+from slimtorch.zoo import minilm
 
 SENTENCES = [
     "A man is playing a guitar.",

@@ -1,7 +1,7 @@
 """LeNet-300-100 and LeNet-5 (Caffe layout, as in Deep Compression), trained on Fashion-MNIST.
 
-Inputs are ``float [B, 1, 28, 28]`` made by :func:`slimtorch.models.data_images.to_model_input`.
-The committed weights in ``models/weights/`` come from ``python -m slimtorch.models.train_lenet``.
+Inputs are ``float [B, 1, 28, 28]`` made by :func:`slimtorch.zoo.data_images.to_model_input`.
+The committed weights in ``zoo/weights/`` come from ``python -m slimtorch.zoo.train_lenet``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _builder(arch: str, name: str, summary: str) -> BuiltinModel:
             if not path.is_file():
                 raise ArtifactError(
                     f"weights of builtin:{name} missing at {path}; reinstall slimtorch or run"
-                    f" `python -m slimtorch.models.train_lenet --model {arch} --out {path}`"
+                    f" `python -m slimtorch.zoo.train_lenet --model {arch} --out {path}`"
                 )
             model.load_state_dict(load_file(str(path)))
         return model.eval()

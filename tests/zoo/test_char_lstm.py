@@ -9,8 +9,8 @@ from torch import nn
 
 from slimtorch.core.errors import UserInputError
 from slimtorch.eval.language import bits_per_char, heldout_ids, sample_positions
-from slimtorch.models import char_lstm
 from slimtorch.models.registry import MODELS
+from slimtorch.zoo import char_lstm
 
 
 @pytest.fixture(scope="module")

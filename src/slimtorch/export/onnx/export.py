@@ -13,9 +13,9 @@ Compressed weights are then stored low-bit (``quantized=True``, the default): in
 plain ops on initializers that onnxruntime constant-folds when it loads the file (small file,
 float speed, dense float32 in memory); ``decode="run"`` uses DequantizeLinear / MatMulNBits
 (low-bit in memory, decoded at every run). ``Int8DynamicLinear`` layers become MatMulInteger
-with per-token int8 activations - see :mod:`slimtorch.models.onnx_quant`.
+with per-token int8 activations - see :mod:`slimtorch.export.onnx.quant`.
 Pruning masks are not expressed: sparse weights stay dense float. The onnxruntime check and its
-tolerances live in :mod:`slimtorch.models.onnx_verify` (its public names are re-exported here).
+tolerances live in :mod:`slimtorch.export.onnx.verify` (its public names are re-exported here).
 Shapes are static: the file runs on inputs shaped like the example inputs.
 """
 
@@ -35,9 +35,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ArtifactError, UnsupportedModelError, UserInputError
-from slimtorch.formats.atomic import fsync_dir
-from slimtorch.formats.state import iter_states
-from slimtorch.models.onnx_verify import (  # ATOL ... tensor_leaves: public, re-exported
+from slimtorch.export.onnx.verify import (  # ATOL ... tensor_leaves: public, re-exported
     ATOL,
     RTOL,
     OnnxExportError,
@@ -47,6 +45,8 @@ from slimtorch.models.onnx_verify import (  # ATOL ... tensor_leaves: public, re
     compare_outputs,
     tensor_leaves,
 )
+from slimtorch.formats.atomic import fsync_dir
+from slimtorch.formats.state import iter_states
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,10 @@ def _place(tmp: Path, out: Path, overwrite: bool) -> list[str]:
 def _lowbit(
     path: Path, twin: nn.Module, dynamic: list[Any], opset: int | None, strict: bool, decode: str
 ) -> dict[str, Any]:
-    """Store the compressed weights of the file at ``path`` low-bit (slimtorch.models.onnx_quant)."""
+    """Store the compressed weights of the file at ``path`` low-bit (slimtorch.export.onnx.quant)."""
     onnx, _ = _onnx_modules()
-    from slimtorch.models.onnx_quant import quantize_onnx
-    from slimtorch.models.onnx_sources import collect_sources
+    from slimtorch.export.onnx.quant import quantize_onnx
+    from slimtorch.export.onnx.sources import collect_sources
 
     sources, dense = collect_sources(twin)
     for d in dense:
@@ -229,7 +229,7 @@ def export_onnx(
     ``atol + rtol * |value|``), onnxruntime and PyTorch latency (median ms, one thread).
     Raises :class:`OnnxExportError` when export or verification fails; nothing is left behind.
     """
-    from slimtorch.models.onnx_sources import float_twin
+    from slimtorch.export.onnx.sources import float_twin
 
     tensors = _check_inputs(inputs)
     out = Path(out_path)
@@ -287,11 +287,11 @@ def export_onnx(
 def export_hf_checked(
     model: nn.Module, inputs: Sequence[Any], out_dir: str | Path, overwrite: bool = False
 ) -> dict[str, Any]:
-    """:func:`slimtorch.models.hf_export.export_hf`, then reload the directory with
+    """:func:`slimtorch.export.hf.export_hf`, then reload the directory with
     transformers' ``from_pretrained`` and compare its outputs with ``model``'s on ``inputs``
     (``ATOL + RTOL * |value|``); a directory that does not reload the same is removed."""
+    from slimtorch.export.hf import export_hf
     from slimtorch.models import hf
-    from slimtorch.models.hf_export import export_hf
 
     tensors = _check_inputs(inputs)
     path = export_hf(model, out_dir, overwrite)

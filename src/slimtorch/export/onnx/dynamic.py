@@ -4,7 +4,7 @@ Per-token activation codes from standard ops (ReduceMax/ReduceMin, Div, Round or
 an exact int32 ``MatMulInteger`` against the layer's int8 weight codes, then ``Cast -> Mul/Sub
 (-> Add)`` back to float: the same float32 arithmetic as :mod:`slimtorch.runtime.int8`, so the
 codes are identical (see :func:`dynamic_int8_nodes`). The weight-only encodings are in
-:mod:`slimtorch.models.onnx_qops`.
+:mod:`slimtorch.export.onnx.qops`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from slimtorch.models.onnx_qops import float_tensor
+from slimtorch.export.onnx.qops import float_tensor
 
 _QMAX_S8 = 127
 

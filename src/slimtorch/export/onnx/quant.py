@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto, helper, numpy_helper
 
-from slimtorch.models.onnx_dynamic import dynamic_int8_nodes
-from slimtorch.models.onnx_qops import (
+from slimtorch.export.onnx.dynamic import dynamic_int8_nodes
+from slimtorch.export.onnx.qops import (
     MS_DOMAIN,
     Encoded,
     decode,
@@ -50,7 +50,7 @@ from slimtorch.models.onnx_qops import (
     load_decode_nodes,
     matmul_nbits_nodes,
 )
-from slimtorch.models.onnx_sources import Match, Matcher, Source
+from slimtorch.export.onnx.sources import Match, Matcher, Source
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +207,11 @@ def _fused(
 
 def _dense(rw: Rewrite, param: str, reason: str, strict: bool) -> None:
     if strict:
-        from slimtorch.models.export import OnnxExportError
+        from slimtorch.export.onnx.export import OnnxExportError
 
         raise OnnxExportError(
             f"{param} cannot be stored low-bit in ONNX: {reason}; export without strict to keep"
-            " it dense float, or change its quantization (see slimtorch.models.onnx_quant)"
+            " it dense float, or change its quantization (see slimtorch.export.onnx.quant)"
         )
     rw.dense.append({"param": param, "reason": reason})
 

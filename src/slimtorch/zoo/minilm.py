@@ -119,7 +119,7 @@ def embed(model: nn.Module, sentences: Sequence[str], batch_size: int = 32) -> t
 
 def example_inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` ``[batch, 128]`` from the Lee news documents."""
-    from slimtorch.models.data_text import load_lee
+    from slimtorch.zoo.data_text import load_lee
 
     docs, _ = load_lee()
     texts = [docs[i % len(docs)] for i in range(batch)]

@@ -9,7 +9,7 @@ Three encodings, all exact (the decoded values equal the model's effective float
   int32 and looked up with ``Gather(codebook, indices)``.
 * ``MatMulNBits`` (com.microsoft, 4-bit, block-wise), which replaces the matrix product that
   consumes the weight (see :func:`matmul_nbits_nodes`). The dynamic-int8 chain (int8
-  activations, ``MatMulInteger``) is in :mod:`slimtorch.models.onnx_dynamic`.
+  activations, ``MatMulInteger``) is in :mod:`slimtorch.export.onnx.dynamic`.
 """
 
 from __future__ import annotations

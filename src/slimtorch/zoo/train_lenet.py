@@ -1,7 +1,7 @@
 """Train the builtin LeNets on Fashion-MNIST and write their committed weights and record.
 
-    python -m slimtorch.models.train_lenet --model lenet5 --out src/slimtorch/models/weights/lenet5-fashion.safetensors
-    python -m slimtorch.models.train_lenet --write-fallback   # the bundled 2,000-image test subset
+    python -m slimtorch.zoo.train_lenet --model lenet5 --out src/slimtorch/zoo/weights/lenet5-fashion.safetensors
+    python -m slimtorch.zoo.train_lenet --write-fallback   # the bundled 2,000-image test subset
 
 Seeded (model init and data order), Adam with a cosine learning-rate decay, fp32 weights.
 The record (``weights/training.json``) keeps epochs, lr, seed, time, test accuracy and versions.
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from slimtorch.models.data_images import FALLBACK_TEST_FILE, load_fashion_mnist, to_model_input
-from slimtorch.models.lenet import ARCHITECTURES, WEIGHTS_DIR, weights_path
+from slimtorch.zoo.data_images import FALLBACK_TEST_FILE, load_fashion_mnist, to_model_input
+from slimtorch.zoo.lenet import ARCHITECTURES, WEIGHTS_DIR, weights_path
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from torch import nn
 
 from slimtorch.core.errors import ArtifactError
 from slimtorch.eval.accuracy import accuracy
-from slimtorch.models import lenet, resnet
-from slimtorch.models import train_resnet as tr
-from slimtorch.models.data_images import load_fashion_mnist
 from slimtorch.models.registry import MODELS, load_model
-from slimtorch.models.train_lenet import RECORD_FILE, top1_percent
+from slimtorch.zoo import lenet, resnet
+from slimtorch.zoo import train_resnet as tr
+from slimtorch.zoo.data_images import load_fashion_mnist
+from slimtorch.zoo.train_lenet import RECORD_FILE, top1_percent
 
 NAME = "resnet18-fashion"
 RECORD = json.loads(RECORD_FILE.read_text()) if RECORD_FILE.is_file() else {}

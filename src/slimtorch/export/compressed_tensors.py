@@ -43,11 +43,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from slimtorch.artifact.load import get_metadata
 from slimtorch.core.errors import UnsupportedModelError
+from slimtorch.export.hf import _fsync_tree, hf_config_for
 from slimtorch.formats.atomic import MODEL_FILE, check_target, swap_into_place
 from slimtorch.formats.state import QuantState, WeightState, iter_states, to_matrix
-from slimtorch.models.artifact import get_metadata
-from slimtorch.models.hf_export import _fsync_tree, hf_config_for
 
 log = logging.getLogger(__name__)
 
@@ -362,9 +362,9 @@ def verify_reload(
 ) -> dict[str, Any]:
     """Load ``path`` with transformers' ``from_pretrained`` (which needs the compressed-tensors
     package) and compare its outputs on ``inputs`` with ``model``'s (``ATOL + RTOL * |value|``
-    of :mod:`slimtorch.models.export`). Raises :class:`UnsupportedModelError` when they differ."""
+    of :mod:`slimtorch.export.onnx.export`). Raises :class:`UnsupportedModelError` when they differ."""
+    from slimtorch.export.onnx.export import ATOL, RTOL, compare_outputs, tensor_leaves
     from slimtorch.models import hf
-    from slimtorch.models.export import ATOL, RTOL, compare_outputs, tensor_leaves
 
     cls = getattr(hf._transformers(), type(model).__name__)
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)

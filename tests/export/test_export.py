@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import slimtorch as st
+from slimtorch.artifact.load import get_metadata
 from slimtorch.core.errors import ArtifactError, UserInputError
-from slimtorch.models import onnx_verify
-from slimtorch.models.artifact import get_metadata
-from slimtorch.models.export import OnnxExportError, compare_outputs, export_onnx
+from slimtorch.export.onnx import verify as onnx_verify
+from slimtorch.export.onnx.export import OnnxExportError, compare_outputs, export_onnx
 from slimtorch.testing.models import tiny_resnet
 
 ort = pytest.importorskip("onnxruntime")
@@ -116,7 +116,7 @@ def test_masked_weights_export_dense_with_a_warning(tmp_path, caplog) -> None:
     res = st.compress(model, {"stages": [{"method": "prune.magnitude", "sparsity": 0.5}]})
     x = torch.randn(3, 8)
     (tmp_path / "m.onnx").write_bytes(b"old")
-    with caplog.at_level(logging.WARNING, logger="slimtorch.models.export"):
+    with caplog.at_level(logging.WARNING, logger="slimtorch.export.onnx.export"):
         report = export_onnx(res.model, (x,), tmp_path / "m.onnx", overwrite=True)
     assert report["dense_weights_from_states"] == 2 and report["lowbit_layers"] == []
     assert "keeps 0.weight dense float: unstructured sparsity" in caplog.text

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import slimtorch as st
-from slimtorch.models.export import OnnxExportError, export_onnx
-from slimtorch.models.onnx_qops import Encoded, decode, pack_nibbles
+from slimtorch.export.onnx.export import OnnxExportError, export_onnx
+from slimtorch.export.onnx.qops import Encoded, decode, pack_nibbles
 from slimtorch.testing.models import example_input, tiny_cnn, tiny_llama, tiny_lstm, tiny_stack
 
 onnx = pytest.importorskip("onnx")

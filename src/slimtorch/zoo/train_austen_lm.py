@@ -1,6 +1,6 @@
 """Train ``builtin:austen-lm``: its byte-level BPE tokenizer, then the Llama model, seeded.
 
-    python -m slimtorch.models.train_austen_lm --out src/slimtorch/models/weights/austen_lm \\
+    python -m slimtorch.zoo.train_austen_lm --out src/slimtorch/zoo/weights/austen_lm \\
         [--steps 550 --threads 1 --vocab 2048 --seed 0]
 
 Text: the train split of Jane Austen's novels and the Wikipedia sample (the first 90% of each
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.models import austen_lm
-from slimtorch.models.train_lenet import _atomic_write
+from slimtorch.zoo import austen_lm
+from slimtorch.zoo.train_lenet import _atomic_write
 
 log = logging.getLogger(__name__)
 

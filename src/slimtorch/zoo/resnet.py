@@ -6,8 +6,8 @@ CIFAR: a 3x3 stride-1 stem with BatchNorm + ReLU and no max-pool, global average
 Linear classifier. Module names follow torchvision (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer2.0.downsample.0``, ``fc``), so recipes written for torchvision ResNets target it as is.
 
-Inputs are ``float [B, 1, 28, 28]`` made by :func:`slimtorch.models.data_images.to_model_input`.
-The committed weights come from ``python -m slimtorch.models.train_resnet``.
+Inputs are ``float [B, 1, 28, 28]`` made by :func:`slimtorch.zoo.data_images.to_model_input`.
+The committed weights come from ``python -m slimtorch.zoo.train_resnet``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimtorch.core.errors import ArtifactError
-from slimtorch.models.lenet import weights_path
 from slimtorch.models.registry import MODELS, BuiltinModel
+from slimtorch.zoo.lenet import weights_path
 
 NAME = "resnet18-fashion"
 # 24, not 8: at base width 8 (5-64 channels) a batch-32 forward pass on CPU is per-layer overhead
@@ -94,7 +94,7 @@ def build(pretrained: bool) -> nn.Module:
         if not path.is_file():
             raise ArtifactError(
                 f"weights of builtin:{NAME} missing at {path}; reinstall slimtorch or run"
-                f" `python -m slimtorch.models.train_resnet --out {path}`"
+                f" `python -m slimtorch.zoo.train_resnet --out {path}`"
             )
         model.load_state_dict(load_file(str(path)))
     return model.eval()

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ArtifactError, UnsupportedModelError
+from slimtorch.export.hf import export_hf, hf_config_for
 from slimtorch.graph.hf_attention import ATTENTION, find_attention
-from slimtorch.models.hf_export import export_hf, hf_config_for
 from slimtorch.testing import models as testing_models
 from slimtorch.testing.models import tiny_bert, tiny_stack
 

@@ -1,0 +1,2 @@
+"""Exporters: a slimtorch model to the files other runtimes load (ONNX, Hugging Face,
+compressed-tensors)."""

@@ -1,0 +1,1 @@
+"""ONNX export with low-bit weights kept as codes, verified in onnxruntime."""
