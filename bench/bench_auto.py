@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "auto.json"
+import harness
+
+RESULTS = harness.result_path("auto.json")
 WORK = Path(os.environ.get("AUTO_BENCH_DIR", "/var/tmp/auto-bench"))
 LENET = [
     "--model", "builtin:lenet5-fashion", "--data", "builtin:fashion-mnist",
@@ -35,7 +36,7 @@ MINILM = [
 
 def cli(argv: list[str]) -> int:
     """``slimtorch auto`` through its own parser (stands in until main.py registers it)."""
-    from slimtorch.cli import cmd_auto
+    from slimtorch.cli.commands import auto as cmd_auto
 
     parser = argparse.ArgumentParser(prog="slimtorch")
     cmd_auto.add_parser(parser.add_subparsers(dest="command", required=True))
@@ -58,27 +59,27 @@ def _command(args: list[str]) -> list[str]:
 def kill_and_resume(out: Path, args: list[str], after: int) -> dict:
     """Start the search, SIGTERM it once ``after`` trials are logged, rerun to the end."""
     cmd = _command([*args, "--out", str(out), "--force"])
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while len(_lines(out / "trials.jsonl")) < after and proc.poll() is None:
-        time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
-    first_out, _ = proc.communicate()
-    first_s = time.perf_counter() - start
+    with harness.stopwatch() as first_s:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        while len(_lines(out / "trials.jsonl")) < after and proc.poll() is None:
+            time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        first_out, _ = proc.communicate()
     first = [r["id"] for r in _lines(out / "trials.jsonl")]
     status_after_kill = json.loads((out / "auto.json").read_text())["status"]
     best_after_kill = (out / "best" / "manifest.json").is_file()
-    start = time.perf_counter()
-    second = subprocess.run(_command([*args, "--out", str(out)]), capture_output=True, text=True)
-    second_s = time.perf_counter() - start
+    with harness.stopwatch() as second_s:
+        second = subprocess.run(
+            _command([*args, "--out", str(out)]), capture_output=True, text=True
+        )
     ids = [r["id"] for r in _lines(out / "trials.jsonl")]
     return {
         "command": "slimtorch auto " + " ".join([*args, "--out", str(out)]),
-        "killed_after_s": round(first_s, 1),
+        "killed_after_s": round(first_s.seconds, 1),
         "trials_before_kill": len(first),
         "status_after_kill": status_after_kill,
         "best_exists_after_kill": best_after_kill,
-        "resumed_s": round(second_s, 1),
+        "resumed_s": round(second_s.seconds, 1),
         "trials_total": len(ids),
         "trials_run_after_resume": len(ids) - len(first),
         "repeated_ids": len(ids) - len(set(ids)),
@@ -91,13 +92,13 @@ def kill_and_resume(out: Path, args: list[str], after: int) -> dict:
 
 
 def run_once(out: Path, args: list[str]) -> dict:
-    start = time.perf_counter()
-    done = subprocess.run(
-        _command([*args, "--out", str(out), "--force"]), capture_output=True, text=True
-    )
+    with harness.stopwatch() as wall:
+        done = subprocess.run(
+            _command([*args, "--out", str(out), "--force"]), capture_output=True, text=True
+        )
     return {
         "command": "slimtorch auto " + " ".join([*args, "--out", str(out)]),
-        "wall_s": round(time.perf_counter() - start, 1),
+        "wall_s": round(wall.seconds, 1),
         "rc": done.returncode,
         "render": done.stdout,
         "stderr_tail": done.stderr[-1500:],
@@ -106,17 +107,27 @@ def run_once(out: Path, args: list[str]) -> dict:
 
 def save(key: str, run: dict) -> None:
     """Merge one run into bench/results/auto.json (re-read first: runs may go in parallel)."""
-    (WORK / f"{key}.json").write_text(json.dumps(run, indent=1, default=str))
-    results: dict = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    run = harness.with_environment(run)
+    harness.write_result(WORK / f"{key}.json", run, default=str)
+    results: dict = harness.read_result(RESULTS, {})
     results[key] = run
-    RESULTS.write_text(json.dumps(results, indent=1, default=str))
+    harness.write_result(RESULTS, results, default=str)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="`bench_auto.py cli ARGS...` runs `slimtorch auto ARGS...` (what the runs call)",
+    )
+    parser.add_argument("runs", nargs="*", help="lenet and/or minilm (default: both)")
+    args = parser.parse_args(argv)
+    unknown = set(args.runs) - {"lenet", "minilm"}
+    if unknown:
+        parser.error(f"unknown run {', '.join(sorted(unknown))}: choose lenet and/or minilm")
     from slimtorch.search.outdir import report
 
     WORK.mkdir(parents=True, exist_ok=True)
-    which = sys.argv[1:] or ["lenet", "minilm"]
+    which = args.runs or ["lenet", "minilm"]
     if "lenet" in which:
         run = kill_and_resume(WORK / "lenet5", LENET, after=3)
         run["report"] = report(WORK / "lenet5")

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import lzma
-import platform
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +29,17 @@ import zstandard
 from safetensors.torch import load_file
 from torch import nn
 
+import harness
 import slimtorch as st
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
-from slimtorch.eval.accuracy import evaluate_accuracy
 from slimtorch.formats.artifact import MODEL_FILE, read_manifest
 from slimtorch.formats.coded import meta_label
 from slimtorch.formats.sizes import dense_safetensors_bytes
 from slimtorch.models import load_model
 from slimtorch.recipe import Recipe, load_recipe
 from slimtorch.zoo.data_images import load_mnist5k
+from slimtorch.zoo.evaluators import evaluate_accuracy
 from slimtorch.zoo.lenet import ARCHITECTURES
 from slimtorch.zoo.train_lenet import TrainSpec, train_classifier
 
@@ -95,9 +93,8 @@ def _save_and_check(
     model: nn.Module, path: Path, entropy: str, data: str, ctx: Context
 ) -> dict[str, Any]:
     st.save(model, path, entropy=entropy)
-    start = time.perf_counter()
-    loaded = st.load(path)
-    load_s = time.perf_counter() - start
+    with harness.stopwatch() as load_s:
+        loaded = st.load(path)
     x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         exact = torch.equal(loaded(x), model.eval()(x))
@@ -105,7 +102,7 @@ def _save_and_check(
     return {
         "bytes": st.api.artifact_size(path),
         "accuracy": acc,
-        "load_seconds": round(load_s, 3),
+        "load_seconds": round(load_s.seconds, 3),
         "outputs_exact": exact,
         "layers": _layer_rows(path),
     }
@@ -136,10 +133,10 @@ def run_case(
     base_acc = evaluate_accuracy(model, ctx, data).value
     task = make_task("classification", data)
     head, tail = _split(load_recipe(recipe))
-    start = time.perf_counter()
-    pruned = st.compress(model, head, data=task, ctx=ctx).model
-    shared = st.compress(copy.deepcopy(pruned), tail, data=task, ctx=ctx).model
-    seconds = time.perf_counter() - start
+    with harness.stopwatch() as sw:
+        pruned = st.compress(model, head, data=task, ctx=ctx).model
+        shared = st.compress(copy.deepcopy(pruned), tail, data=task, ctx=ctx).model
+    seconds = sw.seconds
     st.api.get_metadata(shared)["recipe"] = load_recipe(recipe).to_dict()
     stages = {
         "P": _save_and_check(pruned, tmp / f"{arch}-p", "none", data, ctx),
@@ -172,41 +169,38 @@ def mnist5k_model(arch: str) -> nn.Module:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = [
-        "| Network (data) | fp32 bytes | acc fp32 | P: bytes, x, acc | P+Q: bytes, x, acc"
-        " | P+Q+H: bytes, x, acc | drop (pts) | paper | load s |",
-        "|---|---:|---:|---|---|---|---:|---:|---:|",
-    ]
+    header = ["Network (data)", "fp32 bytes", "acc fp32", "P: bytes, x, acc",
+              "P+Q: bytes, x, acc", "P+Q+H: bytes, x, acc", "drop (pts)", "paper", "load s"]  # fmt: skip
+    cells = []
     for r in rows:
-        cells = [
+        stages = [
             f"{s['bytes']:,} / {s['ratio']}x / {s['accuracy']:.2f}"
             for s in (r["stages"]["P"], r["stages"]["P+Q"], r["stages"]["P+Q+H"])
         ]
         h = r["stages"]["P+Q+H"]
-        out.append(
-            f"| {r['label']} | {r['dense_bytes']:,} | {r['baseline_accuracy']:.2f} | "
-            + " | ".join(cells)
-            + f" | {h['drop_points']:+.2f} | {r['paper_ratio']}x | {h['load_seconds']} |"
-        )
-    out.append("")
+        cells.append(
+            [r["label"], f"{r['dense_bytes']:,}", f"{r['baseline_accuracy']:.2f}", *stages,
+             f"{h['drop_points']:+.2f}", f"{r['paper_ratio']}x", h["load_seconds"]]
+        )  # fmt: skip
+    out = [harness.markdown_table(header, cells, "lrrlllrrr"), ""]
     for r in rows:
         out.append(f"**{r['label']}** per layer (bits per kept weight; rate = fp32 bytes / bytes)")
         out.append("")
-        out.append(
-            "| Layer | weights | kept % | weight bits P+Q | weight bits P+Q+H | entropy bound"
-            " | index bits P+Q | index bits P+Q+H | rate P+Q | rate P+Q+H |"
-        )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        header = ["Layer", "weights", "kept %", "weight bits P+Q", "weight bits P+Q+H",
+                  "entropy bound", "index bits P+Q", "index bits P+Q+H", "rate P+Q",
+                  "rate P+Q+H"]  # fmt: skip
+        layers = []
         pq, pqh = r["stages"]["P+Q"]["layers"], r["stages"]["P+Q+H"]["layers"]
         for name, a in pq.items():
             b = pqh[name]
             kept = max(int(a["numel"] * a["kept_percent"] / 100 + 0.5), 1)
             bound = (b["codes_entropy_bits"] or 0) / kept
-            out.append(
-                f"| {name} | {a['numel']:,} | {a['kept_percent']} | {a['weight_bits']} |"
-                f" {b['weight_bits']} | {bound:.2f} | {a['index_bits']} | {b['index_bits']} |"
-                f" {a['rate']}x | {b['rate']}x |"
-            )
+            layers.append(
+                [name, f"{a['numel']:,}", a["kept_percent"], a["weight_bits"], b["weight_bits"],
+                 f"{bound:.2f}", a["index_bits"], b["index_bits"], f"{a['rate']}x",
+                 f"{b['rate']}x"]
+            )  # fmt: skip
+        out.append(harness.markdown_table(header, layers, "l" + "r" * 9))
         g = r["generic_over_pq"]
         out.append("")
         out.append(
@@ -223,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["fashion", "mnist5k"])
     parser.add_argument("--recipe", default="deep-compression")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/deep_compression.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("deep_compression.json"))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -248,17 +242,18 @@ def main() -> None:
                 model = mnist5k_model(arch)
                 rows.append(run_case(label, arch, model, "builtin:mnist5k", args.recipe, Path(tmp)))
                 print(markdown(rows[-1:]), flush=True)
+    env = harness.environment(["zstandard"])
     record = {
         "command": "bench/bench_deep_compression.py"
         + (f" --only {args.only}" if args.only else "")
         + (f" --recipe {args.recipe}" if args.recipe != "deep-compression" else ""),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        "torch": env["torch"],
+        "machine": env["machine"],
+        "threads": env["threads"],
         "rows": rows,
+        "environment": env,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    harness.write_result(args.out, record)
     print(markdown(rows))
 
 

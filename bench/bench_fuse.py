@@ -31,21 +31,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+import harness
 import slimtorch.api as api
 from slimtorch.core.context import Context
 from slimtorch.core.methods import METHODS, Run
-from slimtorch.merge import fuse as _fuse  # noqa: F401  (registers the fuse.* stages)
 from slimtorch.runtime import RUNTIME_MODULES
 from slimtorch.runtime.fused import FusedIdentity, FusedLayer
 
@@ -126,13 +121,7 @@ def _plain_relu(model: nn.Module) -> nn.Module:
 def _saved_loaded(model: nn.Module, tmp: Path) -> nn.Module:
     api.set_architecture(model, {"kind": "factory", "ref": "bench_fuse:resnetish"})
     api.save(model, tmp / "fused")
-    return api.load(tmp / "fused")
-
-
-def _time(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000.0
+    return api.load(tmp / "fused", trust_factory=True)  # our own artifact of a factory
 
 
 def measure(
@@ -140,15 +129,10 @@ def measure(
 ) -> dict[str, tuple[float, float]]:
     """``{variant: (median ms, min ms)}``."""
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    with torch.inference_mode():
-        for m in variants.values():
-            for _ in range(10):
-                m(x)
-        for _ in range(runs):  # interleaved, so background load hits every variant alike
-            for name, m in variants.items():
-                times[name].append(_time(lambda m=m: m(x)))
-    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+    calls = {name: (lambda m=m: m(x)) for name, m in variants.items()}
+    with torch.inference_mode():  # interleaved, so background load hits every variant alike
+        times = harness.interleaved(calls, runs, warmup=10)
+    return {k: (t.median, t.fastest) for k, t in times.items()}
 
 
 def _params(model: nn.Module) -> int:
@@ -159,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fuse.json")
+    parser.add_argument("--out", type=Path, default=harness.result_path("fuse.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from torch.fx.experimental.optimization import fuse as fx_fuse
@@ -195,28 +179,37 @@ def main() -> None:
         }
         for k, m in variants.items()
     ]
+    env = harness.environment()
     result = {
         "model": "resnetish (15 conv + 15 BatchNorm2d, 32x32 input)",
         "threads": args.threads,
         "runs_b1": args.runs,
         "runs_b32": max(args.runs // 10, 10),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "torch": env["torch"],
+        "machine": env["machine"],
         "rows": rows,
+        "environment": env,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        "| variant | params | ms b1 (median / min) | ms b32 (median / min) | speed-up b1"
-        " | speed-up b32 | max abs diff |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['variant']} | {r['params']} | {r['latency_ms_b1']:.3f} / {r['min_ms_b1']:.3f}"
-            f" | {r['latency_ms_b32']:.2f} / {r['min_ms_b32']:.2f} | {r['speedup_b1']:.2f}x"
-            f" | {r['speedup_b32']:.2f}x | {r['max_abs_diff']:.1e} |"
-        )
+    harness.write_result(args.out, result, indent=2)
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    header = ["variant", "params", "ms b1 (median / min)", "ms b32 (median / min)"]
+    header += ["speed-up b1", "speed-up b32", "max abs diff"]
+    cells = [
+        [
+            r["variant"],
+            r["params"],
+            f"{r['latency_ms_b1']:.3f} / {r['min_ms_b1']:.3f}",
+            f"{r['latency_ms_b32']:.2f} / {r['min_ms_b32']:.2f}",
+            f"{r['speedup_b1']:.2f}x",
+            f"{r['speedup_b32']:.2f}x",
+            f"{r['max_abs_diff']:.1e}",
+        ]
+        for r in rows
+    ]
+    return harness.markdown_table(header, cells, "lrrrrrr")
 
 
 if __name__ == "__main__":

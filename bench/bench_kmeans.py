@@ -28,12 +28,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
-import importlib.metadata
-import json
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,10 +37,11 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+import harness
 from slimtorch.models.registry import load_model
 from slimtorch.share.kmeans import INITS, assign, kmeans_1d
 
-OUT_DEFAULT = Path(__file__).resolve().parent / "results" / "kmeans.json"
+OUT_DEFAULT = harness.result_path("kmeans.json")
 BIG = 20_000_000  # n * k above which sklearn is timed once and n_init=10 is skipped
 SPARSITY = 0.92
 
@@ -87,12 +83,9 @@ def inertia(x: torch.Tensor, centroids: torch.Tensor) -> float:
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return out, statistics.median(times)
+    """The last call's result and the median seconds of ``repeats`` calls."""
+    out, timing = harness.timed(fn, repeats)
+    return out, timing.median / 1000.0
 
 
 def measure(label: str, x: torch.Tensor, k: int) -> dict[str, Any]:
@@ -117,26 +110,24 @@ def measure(label: str, x: torch.Tensor, k: int) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     keys = [f"{i}{s}" for i in INITS for s in ("", " lloyd")]
-    head = "| weights | n | k | sklearn s | " + " | ".join(keys) + " | best ours vs n_init=10 |"
-    lines = [head, "|" + "---|" * (len(keys) + 5)]
+    header = ["weights", "n", "k", "sklearn s", *keys, "best ours vs n_init=10"]
+    lines = []
     for r in rows:
         cells = [f"{r[key]['inertia_ratio']:.3f} / {r[key]['speedup']:.0f}x" for key in keys]
         best = min(r[key]["inertia"] for key in INITS)
         ten = r.get("sklearn_n_init10")
         vs10 = f"{best / ten['inertia']:.3f}" if ten else "n/a"
-        lines.append(f"| {r['case']} | {r['n']:,} | {r['k']} | {r['sklearn']['seconds']:.3f} | "
-                     + " | ".join(cells) + f" | {vs10} |")  # fmt: skip
-    return "\n".join(lines)
+        lines.append([r["case"], f"{r['n']:,}", r["k"], f"{r['sklearn']['seconds']:.3f}",
+                      *cells, vs10])  # fmt: skip
+    return harness.markdown_table(header, lines)
+
+
+PEERS = ("scikit-learn", "threadpoolctl")
 
 
 def versions() -> dict[str, str]:
-    out = {"torch": str(torch.__version__), "numpy": np.__version__}
-    for dist in ("slimtorch", "scikit-learn", "threadpoolctl"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+    names = ("slimtorch", *PEERS)
+    return {"torch": str(torch.__version__), "numpy": np.__version__, **harness.versions(names)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,12 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     print("\ncells: inertia ours / sklearn (n_init=1, k-means++), speed-up vs sklearn\n")
     print(table(rows))
+    env = harness.environment(PEERS)
     meta = {"command": "python bench/bench_kmeans.py", "argv": sys.argv[1:] if argv is None else argv,
-            "threads": 1, "versions": versions(), "machine": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "sparsity": SPARSITY}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+            "threads": 1, "versions": versions(), "machine": env["platform"],
+            "processor": env["machine"], "cpus": env["cpus"], "sparsity": SPARSITY}  # fmt: skip
+    harness.write_result(args.out, {"meta": meta, "results": rows, "environment": env})
     return 0
 
 

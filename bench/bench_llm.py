@@ -22,25 +22,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+import harness
 import slimtorch as st
-from slimtorch.api import artifact_size
-from slimtorch.artifact.load import get_metadata, set_architecture
+from slimtorch.api import artifact_size, get_metadata, set_architecture
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.formats.sizes import dense_safetensors_bytes
 from slimtorch.models.registry import load_model
 
-RESULTS = Path("bench/results/llm.json")
+RESULTS = harness.result_path("llm.json")
 BLOCKS = "re:model\\.layers\\..*"
 
 
@@ -94,9 +91,9 @@ def table(samples: int, group: int, ctx: Context) -> dict[str, Any]:
     print(json.dumps(results[0]), flush=True)
     with tempfile.TemporaryDirectory(prefix="slimtorch-bench-llm-") as tmp:
         for label, recipe in rows(samples, group).items():
-            start = time.perf_counter()
-            compressed = st.compress(model, recipe, data=task, ctx=ctx).model
-            seconds = time.perf_counter() - start
+            with harness.stopwatch() as sw:
+                compressed = st.compress(model, recipe, data=task, ctx=ctx).model
+            seconds = sw.seconds
             path = Path(tmp) / label.replace(" ", "_").replace(":", "of").replace("%", "")
             st.save(compressed, path)
             loaded = st.load(path)
@@ -116,9 +113,9 @@ def _decode_tps(model: nn.Module, tokens: int) -> float:
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    return tokens / (time.perf_counter() - start)
+        with harness.stopwatch() as sw:
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return tokens / sw.seconds
 
 
 def _resident(model: nn.Module) -> int:
@@ -161,19 +158,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ctx = Context(progress=False)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = harness.read_result(RESULTS, {})
+    env = harness.environment()
     meta = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": platform.processor() or platform.machine(),
+        "command": env["command"],
+        "machine": env["machine"],
         "threads": args.threads,
-        "torch": torch.__version__,
+        "torch": env["torch"],
+        "environment": env,
     }
     if args.only in (None, "table"):
         results["table"] = {**table(args.samples, args.group, ctx), **meta}
     if args.only in (None, "decode"):
         results["decode"] = {**decode(args.samples, args.group, args.tokens, ctx), **meta}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    harness.write_result(RESULTS, results, indent=2)
 
 
 if __name__ == "__main__":

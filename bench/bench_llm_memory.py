@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -32,7 +31,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-RESULTS = Path("bench/results/llm_memory.json")
+import harness
+
+RESULTS = harness.result_path("llm_memory.json")
 PYTHON = sys.executable
 
 
@@ -67,11 +68,11 @@ def _command(ckpt: Path, out: Path, args: argparse.Namespace, offload: bool) -> 
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
-    start = time.perf_counter()
-    proc = subprocess.run(
-        ["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, check=False
-    )
-    wall = time.perf_counter() - start
+    with harness.stopwatch() as sw:
+        proc = subprocess.run(
+            ["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, check=False
+        )
+    wall = sw.seconds
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{proc.stderr[-3000:]}")
@@ -149,17 +150,14 @@ def main() -> None:
             args.workdir / "offloaded", args.workdir / "in_memory"
         )
     elif RESULTS.is_file():  # keep the earlier in-memory comparison, marked as such
-        earlier = json.loads(RESULTS.read_text())
+        earlier = harness.read_result(RESULTS, {})
         for key in ("in_memory", "in_memory_vs_offloaded"):
             if key in earlier:
                 result[f"earlier_{key}"] = {**earlier[key], "command": earlier.get("command")}
-    result.update(
-        command="python " + " ".join(sys.argv),
-        machine=platform.processor() or platform.machine(),
-        torch=torch.__version__,
-    )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    env = harness.environment()
+    result.update(command=env["command"], machine=env["machine"], torch=env["torch"])
+    result["environment"] = env
+    harness.write_result(RESULTS, result, indent=2)
     print(json.dumps(result, indent=2))
 
 

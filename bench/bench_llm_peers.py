@@ -32,16 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import harness
 from peer_common import (
     METHODS,
     heldout_ids,
@@ -52,7 +51,7 @@ from peer_common import (
     save_ids,
 )
 
-RESULTS = Path("bench/results/llm_peers.json")
+RESULTS = harness.result_path("llm_peers.json")
 HERE = Path(__file__).parent
 RUNNERS = {
     "ours": ("peer_ours.py", False),
@@ -83,13 +82,13 @@ def command(impl: str, method: str, args: argparse.Namespace, files: dict[str, P
 def run(cmd: list[str], threads: int, log: Path) -> dict[str, Any]:
     """One runner process; its ``RESULT`` row, or an ``error`` with the output's last lines."""
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    with harness.stopwatch() as sw:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             row: dict[str, Any] = json.loads(line[len("RESULT ") :])
-            row["process_seconds"] = round(time.perf_counter() - start, 1)
+            row["process_seconds"] = round(sw.seconds, 1)
             return row
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
     return {"error": f"exit {proc.returncode}", "output_tail": tail}
@@ -104,22 +103,19 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Path], float]:
 
 
 def table(rows: list[dict[str, Any]], fp32: float) -> str:
-    lines = [
-        f"fp32: perplexity {fp32:.2f}",
-        "",
-        "| method | implementation | perplexity | ppl / ours | compression s | s / ours |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    header = ["method", "implementation", "perplexity", "ppl / ours", "compression s", "s / ours"]
+    cells = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['implementation']} | failed: {r['error']} | | | |")
+            cells.append([r["method"], r["implementation"], f"failed: {r['error']}"])
             continue
-        lines.append(
-            f"| {r['method']} | {r['implementation']} | {r['perplexity']:.2f} |"
-            f" {r.get('ppl_ratio', float('nan')):.4f} | {r['seconds']:.1f} |"
-            f" {r.get('time_ratio', float('nan')):.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+        cells.append(
+            [r["method"], r["implementation"], f"{r['perplexity']:.2f}",
+             f"{r.get('ppl_ratio', float('nan')):.4f}", f"{r['seconds']:.1f}",
+             f"{r.get('time_ratio', float('nan')):.2f}"]
+        )  # fmt: skip
+    table = harness.markdown_table(header, cells, "llrrrr")
+    return f"fp32: perplexity {fp32:.2f}\n\n{table}\n"
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
@@ -177,10 +173,11 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     commands = ["python " + " ".join(sys.argv)]
     if args.merge and args.out.exists():
-        previous = json.loads(args.out.read_text())
+        previous = harness.read_result(args.out, {})
         commands = previous.get("commands", [previous["command"]]) + commands
         wanted = {(k, i) for k in args.methods for i in args.impls}
         rows = [r for r in previous["rows"] if (r["key"], _impl(r)) not in wanted]
+    env = harness.environment()
     result: dict[str, Any] = {
         "command": commands[-1],
         "commands": commands,  # every run merged into this file, in order
@@ -189,13 +186,13 @@ def main() -> None:
         "seed": args.seed,
         "threads": args.threads,
         "batch_size": args.batch_size,
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
+        "machine": env["machine"],
+        "torch": env["torch"],
         "paper_commits": PAPER_COMMITS,
         "versions": versions(args.peers_python) if args.peers_python.exists() else {},
         "rows": rows,
+        "environment": env,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for key in args.methods:
         for impl in args.impls:
             if METHODS[key].kind not in SUPPORTS.get(impl, {METHODS[key].kind}):
@@ -211,7 +208,7 @@ def main() -> None:
             rows.sort(key=lambda r: (list(METHODS).index(r["key"]), list(RUNNERS).index(_impl(r))))
             print(json.dumps({k: v for k, v in row.items() if k != "settings"}), flush=True)
             _ratios(rows)
-            args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every row
+            harness.write_result(args.out, result, indent=2)  # after every row
             if args.markdown is not None:
                 args.markdown.write_text(table(rows, fp32))
 

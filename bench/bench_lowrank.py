@@ -25,16 +25,14 @@ Each recipe runs through `slimtorch.compress`, is saved, loaded back with `slimt
 the loaded artifact is measured: Lee Pearson (the evaluator of builtin:minilm) and the mean cosine
 between its document embeddings and the fp32 model's, parameters (and nonzeros), bytes on disk,
 and median latency of a batch of 32 x 128 tokens. These are the steps of
-`slimtorch.workflow.compress_to_dir`, with the fp32 baseline measured once instead of per case.
+`slimtorch.workflows.compress.compress_to_dir`, with the fp32 baseline measured once instead of per case.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +40,12 @@ from typing import Any
 import torch
 import yaml
 
+import harness
 import slimtorch as st
 from slimtorch import api
-from slimtorch.artifact.load import get_architecture
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
+from slimtorch.core.info import model_info
 from slimtorch.eval.latency import measure_latency_ms
 from slimtorch.eval.quality import get_evaluator
 from slimtorch.eval.size import count_params
@@ -102,7 +101,7 @@ def recipe_with_steps(path: Path, steps: int | None) -> dict[str, Any]:
 def measure(model: torch.nn.Module, ctx: Context, repeats: int) -> dict[str, Any]:
     """Parameters, Lee quality and batch-32 latency of ``model`` (what api.evaluate measures)."""
     params, nonzero = count_params(model)
-    inputs = api.example_inputs_for(model, get_architecture(model) or {}, LATENCY_BATCH)
+    inputs = api.example_inputs_for(model, model_info(model).architecture or {}, LATENCY_BATCH)
     assert inputs is not None, "MiniLM's example inputs are known"
     quality = get_evaluator("lee")(model, ctx, "builtin:lee")
     return {
@@ -136,9 +135,9 @@ def run_case(case: Case, steps: int | None, ctx: Context, repeats: int) -> dict[
     task = make_task("sentences", SENTENCES)
     with tempfile.TemporaryDirectory(prefix="slimtorch-lowrank-") as tmp:
         out = Path(tmp) / "out"
-        start = time.perf_counter()
-        result = st.compress(fresh_model(), recipe, task, ctx)
-        compress_s = time.perf_counter() - start
+        with harness.stopwatch() as sw:
+            result = st.compress(fresh_model(), recipe, task, ctx)
+        compress_s = sw.seconds
         st.save(result.model, out)
         reloaded = st.load(out)
         row = measure(reloaded, ctx, repeats)
@@ -157,23 +156,22 @@ def run_case(case: Case, steps: int | None, ctx: Context, repeats: int) -> dict[
 
 
 def markdown(base: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    lines = [
-        f"| method | fine-tuned | Lee Pearson (fp32 {base['lee_pearson']:.4f}) | Δ | embedding"
-        " cosine | params (nonzero) | bytes on disk | latency b32 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-        f"| fp32 MiniLM | - | {base['lee_pearson']:.4f} | 0 | 1.0000 |"
-        f" {base['params'] / 1e6:.2f}M ({base['nonzero_params'] / 1e6:.2f}M) |"
-        f" {base['bytes_on_disk']:,} | {base['latency_ms']:.0f} |",
-    ]
+    header = ["method", "fine-tuned", f"Lee Pearson (fp32 {base['lee_pearson']:.4f})", "Δ",
+              "embedding cosine", "params (nonzero)", "bytes on disk", "latency b32 ms"]  # fmt: skip
+    cells = [
+        ["fp32 MiniLM", "-", f"{base['lee_pearson']:.4f}", 0, "1.0000",
+         f"{base['params'] / 1e6:.2f}M ({base['nonzero_params'] / 1e6:.2f}M)",
+         f"{base['bytes_on_disk']:,}", f"{base['latency_ms']:.0f}"]
+    ]  # fmt: skip
     for r in rows:
         ft = f"{r['finetune']['steps']} steps" if r["finetune"] else "no"
-        lines.append(
-            f"| {r['method']} | {ft} | {r['lee_pearson']:.4f} |"
-            f" {r['lee_pearson'] - base['lee_pearson']:+.4f} | {r['embedding_cosine']:.4f} |"
-            f" {r['params'] / 1e6:.2f}M ({r['nonzero_params'] / 1e6:.2f}M) |"
-            f" {r['bytes_on_disk']:,} | {r['latency_ms']:.0f} |"
-        )
-    return "\n".join(lines)
+        cells.append(
+            [r["method"], ft, f"{r['lee_pearson']:.4f}",
+             f"{r['lee_pearson'] - base['lee_pearson']:+.4f}", f"{r['embedding_cosine']:.4f}",
+             f"{r['params'] / 1e6:.2f}M ({r['nonzero_params'] / 1e6:.2f}M)",
+             f"{r['bytes_on_disk']:,}", f"{r['latency_ms']:.0f}"]
+        )  # fmt: skip
+    return harness.markdown_table(header, cells, "llrrrrrr")
 
 
 def baseline(ctx: Context, repeats: int) -> dict[str, Any]:
@@ -197,17 +195,20 @@ def merge_rows(
     for row in rows:
         row["command"] = command
         row["baseline_same_run"] = {**base, "latency_ms_at_end": base_end}
-    record: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    env = harness.environment()
+    for row in rows:
+        row["environment"] = env
+    record: dict[str, Any] = harness.read_result(args.out, {})
     record.setdefault("baseline", base)
     new = {r["recipe"] for r in rows}
     record["rows"] = [r for r in record.get("rows", []) if r["recipe"] not in new] + rows
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    harness.write_result(args.out, record)
     print(markdown(record["baseline"], record["rows"]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/lowrank.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("lowrank.json"))
     parser.add_argument("--steps", type=int, default=None, help="distill steps (default: recipe)")
     parser.add_argument("--repeats", type=int, default=7, help="latency runs per model")
     parser.add_argument("--threads", type=int, default=2)
@@ -222,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ctx = Context(progress=False)
-    start = time.perf_counter()
+    wall = harness.stopwatch()
     base = baseline(ctx, args.repeats)
     print(json.dumps({"method": "fp32", **base}), flush=True)
     rows = []
@@ -238,19 +239,21 @@ def main() -> None:
     if args.only:
         merge_rows(args, command, base, base_end, rows)
         return
+    env = harness.environment()
     record = {
         "command": command,
-        "torch": torch.__version__,
+        "torch": env["torch"],
         "slimtorch": st.__version__,
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "threads": torch.get_num_threads(),
+        "machine": env["machine"],
+        "threads": env["threads"],
         "latency": f"median of {args.repeats} runs, batch {LATENCY_BATCH} x 128 tokens",
         "baseline": base,
         "baseline_latency_ms_at_end": base_end,
         "rows": rows,
-        "wall_seconds": round(time.perf_counter() - start),
+        "wall_seconds": round(wall.seconds),
+        "environment": env,
     }
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    harness.write_result(args.out, record)
     print(markdown(base, rows))
 
 

@@ -45,12 +45,10 @@ import importlib.metadata
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +59,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import harness
 from slimtorch.cli.main import main as slimtorch_main
 from slimtorch.merge import methods as M
 from slimtorch.models.registry import load_model
@@ -131,12 +130,12 @@ def finetune(base: SdDict, data: Data, classes: tuple[int, ...], epochs: int, se
     torch.manual_seed(seed)
     model = make_model(base)
     x, y = _subset(data.train_x, data.train_y, classes)
-    start = time.perf_counter()
+    wall = harness.stopwatch()
     losses = train_classifier(model, x, y, TrainSpec("lenet300", epochs=epochs, seed=seed))
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     steps = epochs * -(-len(y) // 128)
     info = {"classes": list(classes), "train_images": len(y), "steps": steps, "seed": seed}
-    info |= {"final_loss": round(losses[-1], 4), "seconds": round(time.perf_counter() - start, 1)}
+    info |= {"final_loss": round(losses[-1], 4), "seconds": round(wall.seconds, 1)}
     return sd, info
 
 
@@ -223,13 +222,11 @@ def read_dir(out: Path) -> SdDict:
 
 def run_slimtorch(cfg: Path, out: Path, seed: int) -> tuple[SdDict, float]:
     argv = ["merge", str(cfg), "--out", str(out), "--force", "--seed", str(seed), "--json"]
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
+    with harness.stopwatch() as sw, contextlib.redirect_stdout(io.StringIO()):
         rc = slimtorch_main(argv)
-    seconds = time.perf_counter() - start
     if rc != 0:
         raise SystemExit(f"slimtorch merge {cfg} failed with exit code {rc}")
-    return read_dir(out), seconds
+    return read_dir(out), sw.seconds
 
 
 def mergekit_runner() -> tuple[Runner | None, str]:
@@ -243,10 +240,9 @@ def mergekit_runner() -> tuple[Runner | None, str]:
 
     def run(cfg: Path, out: Path, seed: int) -> tuple[SdDict, float]:
         args = [str(cfg), str(out), "--no-cuda", "--quiet", "--random-seed", str(seed)]
-        start = time.perf_counter()
-        with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bars ignore --quiet
-            mk_main.main(args, standalone_mode=False)
-        return read_dir(out), time.perf_counter() - start
+        with harness.stopwatch() as sw, contextlib.redirect_stderr(io.StringIO()):
+            mk_main.main(args, standalone_mode=False)  # its tqdm bars ignore --quiet
+        return read_dir(out), sw.seconds
 
     return run, version
 
@@ -274,9 +270,9 @@ def _cli(tool: str, cfg: Path, out: Path, hash_seed: str) -> float:
         cmd = [str(exe), str(cfg), str(out), "--no-cuda", "--random-seed", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["PYTHONHASHSEED"] = hash_seed
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
-    return round(time.perf_counter() - start, 2)
+    with harness.stopwatch() as sw:
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
+    return round(sw.seconds, 2)
 
 
 def command_lines(linear: Path, dare: Path, tmp: Path, mergekit: bool) -> dict[str, Any]:
@@ -300,15 +296,6 @@ def command_lines(linear: Path, dare: Path, tmp: Path, mergekit: bool) -> dict[s
         out["dare_same_across_processes"][tool] = same[0]
         out["dare_same_with_same_hash_seed"][tool] = same[1]
     return out
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _slug(name: str) -> str:
@@ -372,17 +359,16 @@ def _retained(acc: dict[str, float], ref: dict[str, dict[str, float]]) -> float:
     return round(50 * (acc["low"] / ref["A"]["low"] + acc["high"] / ref["B"]["high"]), 1)
 
 
-def _acc_cells(res: dict[str, Any] | None, ref: dict[str, dict[str, float]]) -> str:
+def _acc_cells(res: dict[str, Any] | None, ref: dict[str, dict[str, float]]) -> list[str]:
     if res is None:
-        return "- | - | - | -"
+        return ["-"] * 4
     acc, per = res["accuracy"], res["per_seed"]
     spread = ""
     if len(per) > 1:
         lo, hi = min(p["all"] for p in per), max(p["all"] for p in per)
         spread = f" ({lo:.1f}-{hi:.1f})"
-    return (
-        f"{acc['all']:.2f}{spread} | {acc['low']:.2f} | {acc['high']:.2f} | {_retained(acc, ref)}"
-    )
+    return [f"{acc['all']:.2f}{spread}", f"{acc['low']:.2f}", f"{acc['high']:.2f}",
+            str(_retained(acc, ref))]  # fmt: skip
 
 
 def _tensor_cell(row: dict[str, Any]) -> str:
@@ -400,23 +386,25 @@ def _tensor_cell(row: dict[str, Any]) -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     ref = result["inputs"]
-    print(
-        "| model / merge | slimtorch: all | 0-4 | 5-9 | retained % | mergekit: all | 0-4 | 5-9"
-        " | retained % | tensors slimtorch vs mergekit | ms slimtorch / mergekit |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    header = ["model / merge", "slimtorch: all", "0-4", "5-9", "retained %", "mergekit: all",
+              "0-4", "5-9", "retained %", "tensors slimtorch vs mergekit",
+              "ms slimtorch / mergekit"]  # fmt: skip
+    cells = []
     for name in ("base", "A", "B"):
         acc = ref[name]
-        row = f"{acc['all']:.2f} | {acc['low']:.2f} | {acc['high']:.2f} | {_retained(acc, ref)}"
-        print(f"| {name} ({result['models'][name]}) | {row} | | | | | | |")
+        cells.append(
+            [f"{name} ({result['models'][name]})", f"{acc['all']:.2f}", f"{acc['low']:.2f}",
+             f"{acc['high']:.2f}", _retained(acc, ref)]
+        )  # fmt: skip
     for row in result["merges"]:
         mk = row.get("mergekit")
         ms = f"{1000 * row['slimtorch']['median_seconds']:.0f}"
         ms += f" / {1000 * mk['median_seconds']:.0f}" if mk else " / -"
-        print(
-            f"| {row['method']} | {_acc_cells(row['slimtorch'], ref)} | {_acc_cells(mk, ref)}"
-            f" | {_tensor_cell(row)} | {ms} |"
-        )
+        cells.append(
+            [row["method"], *_acc_cells(row["slimtorch"], ref), *_acc_cells(mk, ref),
+             _tensor_cell(row), ms]
+        )  # fmt: skip
+    print(harness.markdown_table(header, cells, "lrrrrrrrrlr"))
 
 
 def summarize(merges: list[dict[str, Any]]) -> dict[str, Any]:
@@ -476,12 +464,10 @@ def main() -> None:
     parser.add_argument("--dare-seeds", type=int, default=3, help="seeds per DARE merge")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per merge and seed")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "merge.json"
-    )
+    parser.add_argument("--out", type=Path, default=harness.result_path("merge.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bench_start = time.perf_counter()
+    bench_wall = harness.stopwatch()
     mergekit, mk_info = mergekit_runner()
     if mergekit is None:
         print(f"SKIPPED the mergekit comparison: {mk_info}. Install it with:\n  {MERGEKIT_INSTALL}")
@@ -513,6 +499,7 @@ def main() -> None:
         n: accuracies(sd, data.test_x, data.test_y)
         for n, sd in (("base", base), ("A", sd_a), ("B", sd_b))
     }
+    env = harness.environment(["mergekit"])
     result = {
         "command": " ".join([".venv/bin/python", "bench/bench_merge.py", *sys.argv[1:]]),
         "models": {
@@ -539,16 +526,16 @@ def main() -> None:
         "mergekit": mk_info
         if mergekit is not None
         else {"skipped": mk_info, "install": MERGEKIT_INSTALL},
-        "torch": torch.__version__,
-        "slimtorch": importlib.metadata.version("slimtorch"),
+        "torch": env["torch"],
+        "slimtorch": env["slimtorch"],
         "threads": args.threads,
-        "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs (shared)",
-        "python": platform.python_version(),
-        "bench_seconds": round(time.perf_counter() - bench_start, 1),
+        "machine": f"{env['cpu']}, {env['cpus']} CPUs (shared)",
+        "python": env["python"],
+        "bench_seconds": round(bench_wall.seconds, 1),
+        "environment": env,
     }
     result["summary"] = summarize(result["merges"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    harness.write_result(args.out, result, indent=2, ensure_ascii=False)
     print_table(result)
     print_summary(result)
 

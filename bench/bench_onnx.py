@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,13 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
+import harness
 import slimtorch as st
 from slimtorch.api import set_architecture
 from slimtorch.export.onnx.export import export_onnx
 from slimtorch.export.onnx.verify import _median_ms
 from slimtorch.models.registry import builtin_info, load_model
 
-RESULTS = Path(__file__).parent / "results" / "onnx.json"
+RESULTS = harness.result_path("onnx.json")
 MODELS = {
     "lenet": ("lenet5-fashion", 256),
     "charlstm": ("char-lstm", 128),
@@ -189,7 +188,7 @@ def bench_model(
                 quantize_dynamic(path, ort_files[b])
             rows.append(_row("ort-dynamic (quantize_dynamic)", key, ort_files, inputs, ref, batch))
         for preset in presets:
-            start = time.perf_counter()
+            wall = harness.stopwatch()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -231,7 +230,7 @@ def bench_model(
                 ),
                 tolerance=[report["atol"], report["rtol"]],
                 dense_float_bytes=report["dense_float_bytes"],
-                seconds=round(time.perf_counter() - start, 1),
+                seconds=round(wall.seconds, 1),
             )
             rows.append(row)
             logging.getLogger("bench").info("%s %s: %s", key, preset, row)
@@ -256,15 +255,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("torch", "onnxscript", "slimtorch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    import onnxruntime
-
-    results["environment"] = {
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": 1,
-    }
+    results = harness.read_result(RESULTS, {})
+    env = harness.environment(["onnxruntime", "onnx", "onnxscript"])
+    results["environment"] = {**env, "onnxruntime": env["packages"]["onnxruntime"]}
     for key in args.only or list(MODELS):
         presets = args.presets.split(",") if args.presets else PRESETS[key].split()
         fresh = bench_model(key, presets, not args.no_baselines, args.decode)
@@ -272,8 +265,7 @@ def main() -> None:
         names = {r["variant"] for r in fresh["rows"]}
         fresh["rows"] = [r for r in old if r["variant"] not in names] + fresh["rows"]
         results[key] = fresh  # rows merged by variant: a partial run replaces only its rows
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        harness.write_result(RESULTS, results, indent=2)
         for row in results[key]["rows"]:
             print(json.dumps(row))
 

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+import harness
 from slimtorch.models.registry import load_model
 from slimtorch.prune.permutation import channel_matrix, find_permutation
 
@@ -127,23 +126,24 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2)
     parser.add_argument("--m", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/permutation.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("permutation.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    start = time.perf_counter()
+    wall = harness.stopwatch()
+    env = harness.environment()
     record = {
         "command": " ".join(["bench/bench_permutation.py", *sys.argv[1:]]),
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "torch": env["torch"],
+        "machine": env["machine"],
         "threads": 1,
         "pattern": f"{args.n}:{args.m}",
         "metric": "fraction of the weights' total |w| kept by N:M magnitude pruning",
         "lenet5-fashion": lenet5(args.n, args.m, args.seed),
         "minilm": minilm(args.n, args.m, args.seed),
     }
-    record["total_seconds"] = round(time.perf_counter() - start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    record["total_seconds"] = round(wall.seconds, 1)
+    record["environment"] = env
+    harness.write_result(args.out, record)
     for model in ("lenet5-fashion", "minilm"):
         for key, value in record[model].items():
             if key.endswith("summary"):

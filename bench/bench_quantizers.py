@@ -49,12 +49,9 @@ What each library call is:
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
-import json
 import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +60,12 @@ from typing import Any
 import torch
 from torch import nn
 
+import harness
 import slimtorch as st
 from slimtorch.core.context import Context
 
 Quantizer = Callable[[torch.Tensor, str], tuple[torch.Tensor, float]]
-OUT_DEFAULT = Path(__file__).resolve().parent / "results" / "quantizers.json"
+OUT_DEFAULT = harness.result_path("quantizers.json")
 INPUT_ROWS = 256
 
 
@@ -134,9 +132,10 @@ def _weight(model: nn.Sequential) -> Any:
 
 
 def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    """Seconds of one call of ``fn``."""
+    with harness.stopwatch() as sw:
+        fn()
+    return sw.seconds
 
 
 def slimtorch_rtn(**options: Any) -> Quantizer:
@@ -313,30 +312,26 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = (
-        "| config | library | variant | mean rel MSE (36 Linear) | min SQNR dB | "
-        "mean output rel MSE | embedding SQNR dB | Linear s | embedding s |"
-    )
-    lines = [head, "|" + "---|" * 9]
+    header = ["config", "library", "variant", "mean rel MSE (36 Linear)", "min SQNR dB",
+              "mean output rel MSE", "embedding SQNR dB", "Linear s", "embedding s"]  # fmt: skip
+    rows = []
     for r in results:
         s = r["summary"]
-        lines.append(
-            f"| {r['config']} | {r['library']} | {r['variant']} | {_fmt(s['mean_rel_mse'], '.3e')} "
-            f"| {_fmt(s['min_sqnr_db'], '.2f')} | {_fmt(s['mean_out_rel_mse'], '.3e')} "
-            f"| {_fmt(s['embedding_sqnr_db'], '.2f')} | {s['linear_seconds']:.3f} "
-            f"| {s['embedding_seconds']:.3f} |"
-        )
-    return "\n".join(lines)
+        rows.append(
+            [r["config"], r["library"], r["variant"], _fmt(s["mean_rel_mse"], ".3e"),
+             _fmt(s["min_sqnr_db"], ".2f"), _fmt(s["mean_out_rel_mse"], ".3e"),
+             _fmt(s["embedding_sqnr_db"], ".2f"), f"{s['linear_seconds']:.3f}",
+             f"{s['embedding_seconds']:.3f}"]
+        )  # fmt: skip
+    return harness.markdown_table(header, rows)
+
+
+PEERS = ("torchao", "optimum-quanto")
 
 
 def versions() -> dict[str, str]:
-    out = {"torch": str(torch.__version__)}
-    for dist in ("slimtorch", "torchao", "optimum-quanto", "transformers"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+    names = ("slimtorch", *PEERS, "transformers")
+    return {"torch": str(torch.__version__), **harness.versions(names)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,10 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python bench/bench_quantizers.py", "argv": sys.argv[1:] if argv is None else argv, "threads": 1,
             "versions": versions(), "input_rows": INPUT_ROWS}  # fmt: skip
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    harness.save_result(args.out, {"meta": meta, "results": results}, packages=PEERS)
     return 0
 
 

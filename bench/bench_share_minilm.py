@@ -6,7 +6,7 @@ For 8, 6 and 4 bits per weight: the `kmeans8/6/4` presets (one k-means codebook 
 per layer, linear init, every Linear and the word embeddings) against round-to-nearest uniform
 quantization with one scale per output channel (`int8` preset, examples/recipes/uniform6.yaml,
 uniform4.yaml), and the `kmeans-huffman` preset. Each artifact is written by
-`slimtorch.workflow.compress_to_dir`, loaded back, and measured: Lee Pearson (the evaluator of
+`slimtorch.workflows.compress.compress_to_dir`, loaded back, and measured: Lee Pearson (the evaluator of
 builtin:minilm) and the mean cosine between its document embeddings and the fp32 model's, bytes
 on disk, and the time `slimtorch.load` takes.
 """
@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import harness
 import slimtorch as st
 from slimtorch.core.context import Context
-from slimtorch.workflow import CompressOptions, compress_to_dir
+from slimtorch.workflows.compress import CompressOptions, compress_to_dir
 
 CASES = [
     ("8", "uniform per-channel", "int8"),
@@ -45,16 +44,16 @@ def run(only: str | None = None) -> list[dict[str, Any]]:
             continue
         with tempfile.TemporaryDirectory(prefix="slimtorch-share-") as tmp:
             out = Path(tmp) / "out"
-            start = time.perf_counter()
-            report = compress_to_dir(
-                "builtin:minilm",
-                recipe,
-                out,
-                CompressOptions(latency_batch=32),
-                Context(progress=False),
-            )
-            wall = time.perf_counter() - start
-            load_s = min(_timed_load(out) for _ in range(3))
+            with harness.stopwatch() as sw:
+                report = compress_to_dir(
+                    "builtin:minilm",
+                    recipe,
+                    out,
+                    CompressOptions(latency_batch=32),
+                    Context(progress=False),
+                )
+            wall = sw.seconds
+            load_s = harness.timed(lambda out=out: st.load(out), 3)[1].fastest / 1000.0
         row = {
             "bits": bits,
             "method": method,
@@ -73,44 +72,37 @@ def run(only: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _timed_load(path: Path) -> float:
-    start = time.perf_counter()
-    st.load(path)
-    return time.perf_counter() - start
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| bits | method | recipe | Lee Pearson (fp32 {:.4f}) | Δ | embedding cosine | bytes on disk"
-        " | ratio | load s |".format(rows[0]["baseline"]),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['bits']} | {r['method']} | `{r['recipe']}` | {r['lee_pearson']:.4f} |"
-            f" {r['lee_pearson'] - r['baseline']:+.4f} | {r['embedding_cosine']:.4f} |"
-            f" {r['bytes_on_disk']:,} | {r['ratio']:.2f}x | {r['load_seconds']} |"
-        )
-    return "\n".join(lines)
+    header = ["bits", "method", "recipe", f"Lee Pearson (fp32 {rows[0]['baseline']:.4f})", "Δ",
+              "embedding cosine", "bytes on disk", "ratio", "load s"]  # fmt: skip
+    cells = [
+        [r["bits"], r["method"], f"`{r['recipe']}`", f"{r['lee_pearson']:.4f}",
+         f"{r['lee_pearson'] - r['baseline']:+.4f}", f"{r['embedding_cosine']:.4f}",
+         f"{r['bytes_on_disk']:,}", f"{r['ratio']:.2f}x", r["load_seconds"]]
+        for r in rows
+    ]  # fmt: skip
+    return harness.markdown_table(header, cells, "lllrrrrrr")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/share_minilm.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("share_minilm.json"))
     parser.add_argument("--only", help="run one recipe of the table (e.g. kmeans-huffman)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = run(args.only)
     if args.only:
         args.out = args.out.with_name(f"{args.out.stem}-{Path(args.only).stem}.json")
+    env = harness.environment()
     record = {
         "command": "bench/bench_share_minilm.py" + (f" --only {args.only}" if args.only else ""),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        "torch": env["torch"],
+        "machine": env["machine"],
+        "threads": env["threads"],
         "rows": rows,
+        "environment": env,
     }
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    harness.write_result(args.out, record)
     print(markdown(rows))
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -44,9 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
+import harness
 import slimtorch as st
-from slimtorch.api import artifact_size
-from slimtorch.artifact.load import get_metadata, set_architecture
+from slimtorch.api import artifact_size, get_metadata, set_architecture
 from slimtorch.calibrate.inputs import count_flops
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
@@ -54,7 +53,7 @@ from slimtorch.eval.latency import measure_latency_ms
 from slimtorch.formats.state import iter_states
 from slimtorch.models.registry import builtin_info, load_model
 
-RESULTS = Path("bench/results/structured.json")
+RESULTS = harness.result_path("structured.json")
 
 
 def _loaded(name: str) -> nn.Module:
@@ -282,16 +281,17 @@ def main() -> None:
         section = scaling(args.repeats)
     else:
         section = widths(args.model, args.finetune_steps, args.slimmable_steps, ctx)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = harness.read_result(RESULTS, {})
+    env = harness.environment(["torch-pruning"])
     results[args.only] = {
         **section,
-        "command": "python " + " ".join(sys.argv),
-        "machine": platform.processor() or platform.machine(),
+        "command": env["command"],
+        "machine": env["machine"],
         "threads": args.threads,
-        "torch": torch.__version__,
+        "torch": env["torch"],
+        "environment": env,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    harness.write_result(RESULTS, results, indent=2)
 
 
 if __name__ == "__main__":

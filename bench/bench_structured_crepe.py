@@ -34,10 +34,7 @@ import functools
 import importlib.util
 import json
 import math
-import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import harness
 import slimtorch as st
 from slimtorch import api
 from slimtorch.calibrate.inputs import count_flops
@@ -189,7 +187,7 @@ def distill(
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     student.eval()  # frozen BatchNorm statistics; gradients still reach every parameter
-    start, losses = time.perf_counter(), []
+    wall, losses = harness.stopwatch(), []
     for _ in range(steps):
         x = random_tones(gen, batch)
         with torch.no_grad():
@@ -205,7 +203,7 @@ def distill(
         "steps": steps,
         "batch": batch,
         "lr": lr,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(wall.seconds, 1),
         "final_loss": round(sum(tail) / len(tail), 5),
     }
 
@@ -216,7 +214,7 @@ def measure(
     """slimtorch.save -> slimtorch.load, then quality, size, FLOPs and latency of the loaded model."""
     path = tmp / tag
     st.save(model, path)
-    loaded = st.load(path)
+    loaded = st.load(path, trust_factory=True)  # our own artifact of a factory
     x = sets["sine"][0][:1]
     with torch.no_grad():
         diff = float((loaded(sets["sine"][0]) - model(sets["sine"][0])).abs().max())
@@ -239,12 +237,11 @@ def measure(
 def interleaved_latency(tmp: Path, tags: list[str], batch: torch.Tensor, rounds: int) -> dict:
     """Batch-32 latency of every artifact, measured round-robin (``rounds`` x median of 3) so
     that load from other jobs on the machine hits every model alike; median over rounds."""
-    models = {tag: st.load(tmp / tag) for tag in tags}
-    times: dict[str, list[float]] = {tag: [] for tag in tags}
-    for _ in range(rounds):
-        for tag, model in models.items():
-            times[tag].append(measure_latency_ms(model, (batch,), 1, 3))
-    return {tag: round(statistics.median(t), 2) for tag, t in times.items()}
+    models = {tag: st.load(tmp / tag, trust_factory=True).eval() for tag in tags}
+    calls = {tag: (lambda m=model: m(batch)) for tag, model in models.items()}
+    with torch.inference_mode():
+        times = harness.interleaved(calls, rounds, warmup=0, round_warmup=1, repeat=3)
+    return {tag: round(t.median, 2) for tag, t in times.items()}
 
 
 def channels(model: nn.Module) -> list[int]:
@@ -264,11 +261,11 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print(json.dumps({name: out}), flush=True)
     steps = args.steps if name == "tiny" else args.full_steps
     for stage in CASES:
-        start = time.perf_counter()
-        pruned = st.compress(base, {"stages": [stage]}).model
+        with harness.stopwatch() as sw:
+            pruned = st.compress(base, {"stages": [stage]}).model
         row: dict[str, Any] = {
             "stage": stage,
-            "prune_seconds": round(time.perf_counter() - start, 2),
+            "prune_seconds": round(sw.seconds, 2),
             "channels": channels(pruned),
         }
         tag = f"{name}-{stage.get('ratio', stage.get('flops'))}-{'r' if 'ratio' in stage else 'f'}"
@@ -296,7 +293,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/structured_crepe.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("structured_crepe.json"))
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=sorted(SIZES))
     parser.add_argument("--steps", type=int, default=300, help="distillation steps (tiny)")
     parser.add_argument("--full-steps", type=int, default=0, help="distillation steps (full)")
@@ -305,7 +302,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    start = time.perf_counter()
+    wall = harness.stopwatch()
     results = {}
     with tempfile.TemporaryDirectory(prefix="slimtorch-crepe-") as tmp:
         for name in args.models:
@@ -317,20 +314,22 @@ def main() -> None:
         command += f" --steps {args.steps}"
     if args.full_steps:
         command += f" --full-steps {args.full_steps}"
+    env = harness.environment(["torchcrepe"])
     record = {
         "command": command,
-        "torch": torch.__version__,
+        "torch": env["torch"],
         "slimtorch": st.__version__,
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "threads": torch.get_num_threads(),
+        "machine": env["machine"],
+        "threads": env["threads"],
         "latency": f"latency_ms_b32: median of {args.repeats} runs right after each model is"
         f" built; latency_ms_b32_interleaved: all artifacts loaded, {args.rounds} round-robin"
         " rounds of median-of-3, median over rounds; batch 32 frames, 1 thread",
         "eval": "40 frequencies log-spaced 60-1000 Hz x 4 random phases; sine and harmonic+noise",
         "models": results,
-        "wall_seconds": round(time.perf_counter() - start),
+        "wall_seconds": round(wall.seconds),
+        "environment": env,
     }
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    harness.write_result(args.out, record)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import harness
 import slimtorch as st
 from slimtorch import api
 from slimtorch.calibrate.inputs import count_flops
@@ -106,7 +104,7 @@ def train_lm(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model.train()
-    start, losses = time.perf_counter(), []
+    wall, losses = harness.stopwatch(), []
     for _ in range(steps):
         pos = torch.randint(0, ids.numel() - SEQ, (batch,), generator=gen)
         x = torch.stack([ids[p : p + SEQ] for p in pos.tolist()])
@@ -124,7 +122,7 @@ def train_lm(
         "lr": lr,
         "batch": batch,
         "seq": SEQ,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(wall.seconds, 1),
         "final_train_loss": round(sum(tail) / len(tail), 4),
     }
 
@@ -147,16 +145,16 @@ def perplexity(model: nn.Module, ids: torch.Tensor, batch: int = 64) -> float:
 @torch.no_grad()
 def decode_ms_per_token(model: nn.Module, prompt: torch.Tensor, repeats: int) -> float:
     """Median ms per generated character: greedy, ``NEW`` characters, key/value cache."""
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
+
+    def generate() -> torch.Tensor:
         out = model.generate(
             prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, use_cache=True
         )
-        if i:  # the first run is warm-up
-            times.append((time.perf_counter() - start) * 1000 / NEW)
         assert out.shape[1] == prompt.shape[1] + NEW
-    return float(statistics.median(times))
+        return out
+
+    timing = harness.interleaved({"decode": generate}, repeats, warmup=1)["decode"]
+    return timing.median / NEW
 
 
 def measure(
@@ -249,7 +247,7 @@ def base_model(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/structured_llama.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("structured_llama.json"))
     parser.add_argument("--steps", type=int, default=1000, help="training steps of the base LM")
     parser.add_argument("--finetune", type=int, default=300, help="fine-tuning steps after pruning")
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -268,7 +266,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     load_methods()  # import every recipe method now, not after minutes of training
-    wall = time.perf_counter()
+    wall = harness.stopwatch()
     train_text, held_text = austen_split("train"), austen_split("heldout")
     vocab = vocabulary(train_text + held_text)
     train_ids, heldout = encode(train_text, vocab), encode(held_text, vocab)
@@ -282,9 +280,9 @@ def main() -> None:
         base = measure(model, heldout, args.repeats, tmp / "base")
         print(json.dumps({"base": base}), flush=True)
         recipe = {"stages": [{"method": "prune.structured", "ratio": args.ratio}]}
-        start = time.perf_counter()
-        pruned = st.compress(model, recipe).model
-        prune_s = time.perf_counter() - start
+        with harness.stopwatch() as sw:
+            pruned = st.compress(model, recipe).model
+        prune_s = sw.seconds
         st.save(pruned, tmp / "pruned")
         row_pruned = measure(pruned, heldout, args.repeats, tmp / "pruned")
         row_pruned["prune_seconds"] = round(prune_s, 2)
@@ -303,14 +301,15 @@ def main() -> None:
         "forward_ms_b1x128": round(measure_latency_ms(model, (x,), 3, args.repeats), 2),
         "decode_ms_per_token": round(decode_ms_per_token(model, x[:, :PROMPT], args.repeats), 3),
     }
+    env = harness.environment()
     record = {
         "command": "bench/bench_structured_llama.py"
         + (f" --steps {args.steps}" if args.steps != 1000 else "")
         + (f" --finetune {args.finetune}" if args.finetune != 300 else ""),
-        "torch": torch.__version__,
+        "torch": env["torch"],
         "slimtorch": st.__version__,
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "threads": torch.get_num_threads(),
+        "machine": env["machine"],
+        "threads": env["threads"],
         "vocab_size": len(vocab),
         "heldout_chars": int(heldout.numel()),
         "recipe": recipe,
@@ -324,9 +323,10 @@ def main() -> None:
         "slimtorch_roundtrip": roundtrip,
         "latency": f"median of {args.repeats} runs, batch 1, 1 thread; decode: greedy {NEW}"
         f" characters after a {PROMPT}-character prompt with the KV cache",
-        "wall_seconds": round(time.perf_counter() - wall),
+        "wall_seconds": round(wall.seconds),
+        "environment": env,
     }
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    harness.write_result(args.out, record)
 
 
 if __name__ == "__main__":

@@ -33,31 +33,27 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+import harness
 import slimtorch as st
 from slimtorch import api
-from slimtorch.artifact.load import get_architecture
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
-from slimtorch.eval.latency import measure_latency_ms
+from slimtorch.core.info import model_info
 from slimtorch.eval.quality import get_evaluator
 from slimtorch.eval.size import count_params
 from slimtorch.models.registry import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "examples" / "recipes"
-OUT_DEFAULT = ROOT / "bench" / "results" / "structured_models.json"
+OUT_DEFAULT = harness.result_path("structured_models.json")
 ROUNDS = 3
 
 
@@ -84,21 +80,24 @@ def shapes(model: torch.nn.Module) -> dict[str, list[int]]:
 def latencies(models: dict[str, torch.nn.Module], batch: int, repeats: int) -> dict[str, float]:
     """Median ms per model at ``batch``, in ``ROUNDS`` rounds alternating between the models."""
     inputs = {
-        k: api.example_inputs_for(m, get_architecture(m) or {}, batch) for k, m in models.items()
+        k: api.example_inputs_for(m, model_info(m).architecture or {}, batch)
+        for k, m in models.items()
     }
-    times: dict[str, list[float]] = {k: [] for k in models}
-    per = max(1, repeats // ROUNDS)
-    for _ in range(ROUNDS):
-        for k, m in models.items():
-            times[k].append(measure_latency_ms(m, inputs[k], warmup=1, repeats=per))  # type: ignore[arg-type]
-    return {k: statistics.median(v) for k, v in times.items()}
+    calls = {k: (lambda m=m, x=inputs[k]: m(*x)) for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+    with torch.inference_mode():  # a round: 1 warm-up run, then the median of repeats // ROUNDS
+        times = harness.interleaved(
+            calls, ROUNDS, warmup=0, round_warmup=1, repeat=max(1, repeats // ROUNDS)
+        )
+    return {k: t.median for k, t in times.items()}
 
 
 def artifact(model: torch.nn.Module, tmp: Path, label: str) -> tuple[torch.nn.Module, int]:
     """Save ``model`` under ``tmp``, load it back: (loaded model, bytes on disk)."""
     path = tmp / label
     st.save(model, path)
-    return st.load(path), api.artifact_size(path)
+    return st.load(path, trust_factory=True), api.artifact_size(path)  # ours, maybe a factory
 
 
 def quality(model: torch.nn.Module, evaluator: str, ctx: Context) -> dict[str, Any]:
@@ -120,9 +119,9 @@ def case(
     tmp: Path,
     label: str,
 ) -> tuple[dict[str, Any], torch.nn.Module]:
-    start = time.perf_counter()
-    result = st.compress(fresh(name, evaluator), copy.deepcopy(recipe), task, ctx)
-    seconds = time.perf_counter() - start
+    with harness.stopwatch() as sw:
+        result = st.compress(fresh(name, evaluator), copy.deepcopy(recipe), task, ctx)
+    seconds = sw.seconds
     loaded, size = artifact(result.model, tmp, label)
     row = {"case": label, **quality(loaded, evaluator, ctx), "bytes_on_disk": size}
     row |= {"compress_seconds": round(seconds, 1), "recipe": recipe, "shapes": shapes(loaded)}
@@ -216,19 +215,16 @@ def minilm_recipes(steps: int) -> dict[str, dict[str, Any]]:
 def markdown(section: dict[str, Any]) -> str:
     base = section["baseline"]
     metric = section["evaluator"]
-    lines = [
-        f"| model | {metric} | Δ | params | bytes on disk | latency b1 ms | latency b32 ms |"
-        " speed-up b1 / b32 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in [base, *section["rows"]]:
-        lines.append(
-            f"| {r['case']} | {r['value']:.4f} | {r['value'] - base['value']:+.4f} |"
-            f" {r['params']:,} | {r['bytes_on_disk']:,} | {r['latency_ms_b1']:.2f} |"
-            f" {r['latency_ms_b32']:.1f} | {base['latency_ms_b1'] / r['latency_ms_b1']:.2f}x /"
-            f" {base['latency_ms_b32'] / r['latency_ms_b32']:.2f}x |"
-        )
-    return "\n".join(lines)
+    header = ["model", metric, "Δ", "params", "bytes on disk", "latency b1 ms", "latency b32 ms",
+              "speed-up b1 / b32"]  # fmt: skip
+    cells = [
+        [r["case"], f"{r['value']:.4f}", f"{r['value'] - base['value']:+.4f}", f"{r['params']:,}",
+         f"{r['bytes_on_disk']:,}", f"{r['latency_ms_b1']:.2f}", f"{r['latency_ms_b32']:.1f}",
+         f"{base['latency_ms_b1'] / r['latency_ms_b1']:.2f}x /"
+         f" {base['latency_ms_b32'] / r['latency_ms_b32']:.2f}x"]
+        for r in [base, *section["rows"]]
+    ]  # fmt: skip
+    return harness.markdown_table(header, cells, "l" + "r" * 7)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,16 +244,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=OUT_DEFAULT)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    env = harness.environment()
     meta = {
         "command": "python bench/bench_structured_models.py " + " ".join(argv),
-        "torch": torch.__version__,
+        "torch": env["torch"],
         "slimtorch": st.__version__,
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "threads": torch.get_num_threads(),
+        "machine": env["machine"],
+        "threads": env["threads"],
+        "environment": env,
     }
     new: dict[str, Any] = {}
     if args.only in (None, "charlm"):
-        start = time.perf_counter()
+        wall = harness.stopwatch()
         recipes = charlm_recipes(args.charlm_steps)
         if args.no_distill:
             recipes = {k: v for k, v in recipes.items() if not k.endswith("distill")}
@@ -270,17 +268,16 @@ def main(argv: list[str] | None = None) -> None:
         new[key] = run_section(
             "builtin:char-lstm", "bpc", recipes, make_task("charlm", None), args.repeats
         )
-        new[key] |= {"meta": meta, "seconds": round(time.perf_counter() - start)}
+        new[key] |= {"meta": meta, "seconds": round(wall.seconds)}
     if args.only in (None, "minilm"):
-        start = time.perf_counter()
+        wall = harness.stopwatch()
         recipes = minilm_recipes(args.minilm_steps)
         new["minilm"] = run_section("builtin:minilm", "lee", recipes, None, args.repeats)
-        new["minilm"] |= {"meta": meta, "seconds": round(time.perf_counter() - start)}
+        new["minilm"] |= {"meta": meta, "seconds": round(wall.seconds)}
     # Sections not run now keep their earlier results (each records its own command).
-    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results: dict[str, Any] = harness.read_result(args.out, {})
     results.update(new)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    harness.write_result(args.out, results)
     for key, section in results.items():
         print(f"\n{key}: `{section['meta']['command']}`\n\n{markdown(section)}")
 

@@ -15,9 +15,7 @@ import argparse
 import json
 import math
 import os
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+import harness
 
 WINDOW = 256
 HELDOUT = "builtin:austen"
@@ -77,8 +77,10 @@ def weights_dir() -> Path:
 def make_calibration(samples: int, seed: int, batch_size: int = 8) -> torch.Tensor:
     """``[samples, 256]`` int64: exactly the windows ``quantize.gptq`` draws in bench_llm.py
     (``CausalLMTask.train_batches`` with ``Context(seed)``, batches of ``batch_size``)."""
-    from slimtorch.calibrate.lm import DEFAULT_DATA, CausalLMTask, train_ids
+    from slimtorch.calibrate.lm import CausalLMTask
     from slimtorch.core.context import Context
+    from slimtorch.zoo.tasks import LM_DATA as DEFAULT_DATA
+    from slimtorch.zoo.tasks import lm_train_ids as train_ids
 
     task = CausalLMTask(train_ids(DEFAULT_DATA), window=WINDOW)
     steps = -(-samples // batch_size)
@@ -99,10 +101,9 @@ def load_ids(path: Path, dim: int) -> torch.Tensor:
 
 def heldout_ids() -> torch.Tensor:
     """The held-out Austen ids ``evaluate_perplexity`` scores (builtin tokenizer)."""
-    from slimtorch.eval.perplexity import heldout_ids as _heldout
-    from slimtorch.zoo.austen_lm import builtin_tokenizer_path
+    from slimtorch.zoo.austen_lm import builtin_tokenizer_path, encoded_split
 
-    return _heldout(HELDOUT, builtin_tokenizer_path())
+    return encoded_split(HELDOUT, "heldout", str(builtin_tokenizer_path()))
 
 
 def perplexity(model: nn.Module, ids: torch.Tensor) -> float:
@@ -129,16 +130,6 @@ def sparsity_of_blocks(model: nn.Module) -> float:
 def _lm_head(model: nn.Module) -> torch.Tensor:
     weight: Any = model.get_output_embeddings().weight  # type: ignore[operator]
     return weight.detach().clone()
-
-
-@contextmanager
-def timer() -> Iterator[dict[str, float]]:
-    out: dict[str, float] = {}
-    start = time.perf_counter()
-    try:
-        yield out
-    finally:
-        out["seconds"] = time.perf_counter() - start
 
 
 def runner_args(description: str) -> argparse.Namespace:
@@ -178,7 +169,7 @@ def run_one(
 
         profiler = cProfile.Profile()
         profiler.enable()
-    with timer() as t:
+    with harness.stopwatch() as t:
         compressed = compress(model, calib, method, args)
     if profiler is not None:
         profiler.disable()
@@ -190,7 +181,7 @@ def run_one(
         "method": method.label,
         "key": method.key,
         "perplexity": perplexity(compressed, heldout),
-        "seconds": round(t["seconds"], 2),
+        "seconds": round(t.seconds, 2),
         "block_sparsity": round(sparsity_of_blocks(compressed), 4),
         "lm_head_unchanged": bool(torch.equal(head, _lm_head(compressed))),
         "threads": torch.get_num_threads(),

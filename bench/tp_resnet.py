@@ -24,11 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import statistics
 import tempfile
-import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +33,13 @@ import torch_pruning as tp
 from safetensors.torch import save_file
 from torch import nn
 
+import harness
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.calibrate.train import TrainOptions, train
 from slimtorch.core.context import Context
-from slimtorch.eval.accuracy import accuracy
 from slimtorch.models.registry import load_model
 from slimtorch.zoo.data_images import load_fashion_mnist
+from slimtorch.zoo.evaluators import image_accuracy as accuracy
 
 MODEL = "builtin:resnet18-fashion"
 DATA = "builtin:fashion-mnist"
@@ -128,24 +125,15 @@ def paired_latency(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    times: dict[str, list[float]] = {name: [] for name in models}
+    calls = {name: (lambda m=model: m(x)) for name, model in models.items()}
     try:
         with torch.inference_mode():
             for model in models.values():
                 model.eval()
-                for _ in range(3):
-                    model(x)
-            for _ in range(rounds):
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    model(x)
-                    times[name].append((time.perf_counter() - start) * 1000.0)
+            times = harness.interleaved(calls, rounds, warmup=3)
     finally:
         torch.set_num_threads(threads)
-    return {
-        name: {"median": round(statistics.median(t), 3), "min": round(min(t), 3)}
-        for name, t in times.items()
-    }
+    return {name: t.summary(3) for name, t in times.items()}
 
 
 def paired_latency_ms(models: dict[str, nn.Module], batch: int, rounds: int) -> dict[str, float]:
@@ -175,14 +163,12 @@ def run(model_spec: str, steps: int, repeats: int, test_images: int | None) -> d
     model = load_model(model_spec).model
     dense = copy.deepcopy(model)
     base = measure(model, test)
-    start = time.perf_counter()
-    ratio = search_ratio(model)
-    tp_prune(model, ratio)
-    prune_s = time.perf_counter() - start
+    with harness.stopwatch() as prune_s:
+        ratio = search_ratio(model)
+        tp_prune(model, ratio)
     pruned = measure(model, test)
-    start = time.perf_counter()
-    losses = finetune(model, steps) if steps else []
-    finetune_s = time.perf_counter() - start
+    with harness.stopwatch() as finetune_s:
+        losses = finetune(model, steps) if steps else []
     tuned = measure(model, test)
     for batch, rounds in ((32, repeats), (1, repeats * 5)):
         ms = paired_latency_ms({"dense": dense, "pruned": model}, batch, rounds)
@@ -196,8 +182,8 @@ def run(model_spec: str, steps: int, repeats: int, test_images: int | None) -> d
         "finetuned": tuned,
         "finetune": {"steps": steps, **FINETUNE},
         "finetune_loss_first_last": [losses[0], losses[-1]] if losses else None,
-        "prune_seconds": round(prune_s, 1),
-        "finetune_seconds": round(finetune_s, 1),
+        "prune_seconds": round(prune_s.seconds, 1),
+        "finetune_seconds": round(finetune_s.seconds, 1),
         "widths": channel_widths(model),
         "test_images": len(test[1]),
     }
@@ -210,31 +196,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="latency runs (batch 1: x5)")
     parser.add_argument("--threads", type=int, default=2, help="threads for fine-tuning")
     parser.add_argument("--test-images", type=int, default=None, help="first N test images")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/tp_resnet.json"))
+    parser.add_argument("--out", type=Path, default=harness.result_path("tp_resnet.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    result = run(args.model, args.steps, args.repeats, args.test_images)
+    with harness.stopwatch() as wall:
+        result = run(args.model, args.steps, args.repeats, args.test_images)
     command = f"bench/tp_resnet.py --steps {args.steps}"
     if args.model != MODEL:
         command += f" --model {args.model}"
     if args.test_images:
         command += f" --test-images {args.test_images}"
+    env = harness.environment(["torch-pruning"])
     record = {
         "command": command,
         "model": args.model,
         "method": "torch-pruning MetaPruner, GroupMagnitudeImportance(p=1), local, fc ignored",
-        "torch": torch.__version__,
-        "torch_pruning": version("torch-pruning"),
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "torch": env["torch"],
+        "torch_pruning": env["packages"]["torch-pruning"],
+        "machine": env["machine"],
         "threads_finetune": args.threads,
         "latency": f"median of {args.repeats} runs at batch 32 ({args.repeats * 5} at batch 1),"
         " 1 thread, dense and pruned models taking turns (finetuned: the pruned model's)",
         **result,
-        "wall_seconds": round(time.perf_counter() - start),
+        "wall_seconds": round(wall.seconds),
+        "environment": env,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    harness.write_result(args.out, record)
     print(json.dumps({k: record[k] for k in ("pruning_ratio", "mac_ratio", "param_ratio")}))
     for key in ("baseline", "pruned", "finetuned"):
         print(key, json.dumps(record[key]))

@@ -50,7 +50,7 @@ def test_round_trip_is_bit_exact(tmp_path, family: str, recipe: str) -> None:
         expected = result.model(x)
     manifest = st.save(result.model, tmp_path / "a")
     assert manifest["architecture"]["kind"] == "factory"
-    loaded = st.load(tmp_path / "a")
+    loaded = st.load(tmp_path / "a", trust_factory=True)
     with torch.no_grad():
         assert torch.equal(loaded(x), expected)
     # the original model is untouched (compress works on a copy)
@@ -70,7 +70,7 @@ def test_dynamic_int8_round_trip(tmp_path, family: str) -> None:
         expected = result.model(x)
         reference = model(x)
     st.save(result.model, tmp_path / "a")
-    loaded = st.load(tmp_path / "a")
+    loaded = st.load(tmp_path / "a", trust_factory=True)
     with torch.no_grad():
         got = loaded(x)
     assert torch.equal(got, expected)
@@ -84,7 +84,7 @@ def test_existing_dir_refused_and_force_replaces(tmp_path) -> None:
     with pytest.raises(ArtifactError, match="force"):
         st.save(model, tmp_path / "a")
     st.save(st.compress(model, "int8").model, tmp_path / "a", force=True)
-    assert st.load(tmp_path / "a") is not None
+    assert st.load(tmp_path / "a", trust_factory=True) is not None
 
 
 def test_corrupted_artifact_is_a_checksum_error(tmp_path) -> None:
@@ -94,10 +94,10 @@ def test_corrupted_artifact_is_a_checksum_error(tmp_path) -> None:
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(ChecksumError):
-        st.load(tmp_path / "a")
+        st.load(tmp_path / "a", trust_factory=True)
     f.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(ChecksumError):
-        st.load(tmp_path / "a")
+        st.load(tmp_path / "a", trust_factory=True)
 
 
 def test_corrupted_huffman_stream_with_rewritten_checksum_is_still_caught(tmp_path) -> None:
@@ -128,7 +128,7 @@ def test_corrupted_huffman_stream_with_rewritten_checksum_is_still_caught(tmp_pa
     }
     (tmp_path / "a" / "manifest.json").write_text(json.dumps(man))
     with pytest.raises((ChecksumError, ArtifactError)) as err:
-        st.load(tmp_path / "a")
+        st.load(tmp_path / "a", trust_factory=True)
     assert "CRC-32" in str(err.value) or "stream" in str(err.value)
 
 
@@ -155,4 +155,54 @@ def test_nm24_preset_skips_incompatible_layers_with_warning(tmp_path) -> None:
     st.save(result.model, tmp_path / "a")
     x = example_input(model)
     with torch.no_grad():
-        assert torch.equal(st.load(tmp_path / "a")(x), result.model(x))
+        assert torch.equal(st.load(tmp_path / "a", trust_factory=True)(x), result.model(x))
+
+
+def test_recipe_as_configs_a_path_or_a_mixed_list(tmp_path) -> None:
+    from slimtorch.core.methods import METHODS, load_methods
+    from slimtorch.quantize import RTNConfig
+
+    load_methods()
+    MagnitudeConfig = METHODS.get("prune.magnitude").config  # the class, wherever it lives
+
+    model = tiny_cnn()
+    x = example_input(model)
+    want = st.compress(model, {"stages": [{"method": "quantize.rtn", "bits": 4}]})
+    for recipe in (
+        [RTNConfig(bits=4)],
+        RTNConfig(bits=4),
+        ({"method": "quantize.rtn", "bits": 4},),
+    ):
+        got = st.compress(model, recipe)
+        assert got.recipe.to_dict() == want.recipe.to_dict()
+        with torch.no_grad():
+            assert torch.equal(got.model(x), want.model(x))
+    (tmp_path / "r.yaml").write_text(want.recipe.to_yaml())
+    assert st.compress(model, tmp_path / "r.yaml").recipe.to_dict() == want.recipe.to_dict()
+    mixed = st.compress(model, [MagnitudeConfig(sparsity=0.75), {"method": "quantize.rtn"}])
+    assert [s["method"] for s in mixed.stages] == ["prune.magnitude", "quantize.rtn"]
+    assert mixed.recipe.to_dict()["stages"][0] == {"method": "prune.magnitude", "sparsity": 0.75}
+    config = RTNConfig(bits=4)
+    result = st.compress(model, [config])
+    assert result.recipe.stages[0].config is not config  # the recipe keeps its own copy
+
+
+def test_recipe_config_errors_name_the_fix() -> None:
+    from slimtorch.core.methods import METHODS, load_methods
+    from slimtorch.quantize import RTNConfig
+
+    load_methods()
+    FuseConfig = METHODS.get("fuse.batchnorm").config  # shared by two methods
+    assert METHODS.get("fuse.conv_bn_relu").config is FuseConfig
+
+    class MyRTN(RTNConfig):
+        pass
+
+    with pytest.raises(ConfigError, match=r"several methods.*'method': 'fuse\."):
+        st.compress(tiny_cnn(), [FuseConfig()])
+    with pytest.raises(ConfigError, match=r"stage 2: MyRTN is not the config of a registered"):
+        st.compress(tiny_cnn(), [RTNConfig(), MyRTN()])
+    with pytest.raises(ConfigError, match="a recipe is a preset name"):
+        st.compress(tiny_cnn(), 42)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="stage 1: each stage must be"):
+        st.compress(tiny_cnn(), ["quantize.rtn"])

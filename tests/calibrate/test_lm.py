@@ -1,19 +1,16 @@
-"""Task causal-lm: random token windows of the training split, next-token cross-entropy."""
+"""calibrate.lm: random token windows of a stream, next-token cross-entropy."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from slimtorch.calibrate import lm
-from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UnsupportedModelError, UserInputError
-from slimtorch.zoo import austen_lm, data_text
 from slimtorch.zoo.austen_lm import from_config, llama_config
 
 VOCAB = 64
@@ -86,30 +83,10 @@ def test_calibration_windows_seeded() -> None:
     assert task.calibration_windows(2).shape == (2, 32)
 
 
-def test_calibration_windows_from_austen_train_split() -> None:
-    wins = lm.calibration_windows(3, 64, seed=0, data="builtin:austen")
-    assert wins.shape == (3, 64)
-    tok = austen_lm.load_tokenizer(austen_lm.builtin_tokenizer_path())
-    heldout = data_text.austen_split("heldout")
-    train = data_text.austen_split("train")
-    for row in wins:
-        text = tok.decode(row.tolist())
-        assert text[10:90] in train and text[10:90] not in heldout
-
-
-def test_make_task_registered() -> None:
-    task = make_task("causal-lm", "builtin:austen")
-    assert task.name == "causal-lm" and task.ids.numel() > 500_000
-    (batch,) = next(task.train_batches(Context(), 1, 2))
-    assert batch.shape == (2, lm.WINDOW)
-
-
-def test_bad_inputs(tmp_path: Path) -> None:
+def test_bad_inputs() -> None:
     with pytest.raises(UserInputError, match="fewer than one window"):
         lm.CausalLMTask(torch.arange(10), window=16)
     with pytest.raises(UserInputError, match="1-D int64"):
         lm.CausalLMTask(torch.zeros(2, 40, dtype=torch.int64))
     with pytest.raises(UserInputError, match="length >= 2"):
         lm.CausalLMTask(torch.arange(100), window=16).calibration_windows(3, 1)
-    with pytest.raises(UserInputError, match=r"\.txt"):
-        make_task("causal-lm", str(tmp_path / "missing.txt"))

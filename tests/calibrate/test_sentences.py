@@ -1,4 +1,4 @@
-"""calibrate.sentences: sentence splitting, the `sentences` task, and MiniLM naming it."""
+"""calibrate.sentences: sentence splitting, the sentence task, mean pooling."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from slimtorch.calibrate.sentences import (
-    DEFAULT_SENTENCES,
     SentenceTask,
+    last_hidden,
     load_sentences,
+    mean_pool,
     pad_ids,
     split_sentences,
 )
-from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
-from slimtorch.models.registry import builtin_info
 from slimtorch.testing import models as testing_models
 
 transformers = pytest.importorskip("transformers")
@@ -91,10 +90,16 @@ def test_bad_sentence_inputs(tmp_path: Path) -> None:
         SentenceTask(["A b c d."], tokenizer=str(tmp_path / "missing.json"))
 
 
-def test_make_task_and_minilm_name_the_sentences_task(tmp_path: Path) -> None:
-    path = tmp_path / "t.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    task = make_task("sentences", str(path))
-    assert isinstance(task, SentenceTask) and len(task.sentences) == 2
-    assert builtin_info("minilm").task == "sentences"
-    assert DEFAULT_SENTENCES == "builtin:austen+builtin:wikipedia"
+def test_mean_pool_ignores_padding() -> None:
+    hidden = torch.tensor([[[3.0, 4.0], [100.0, 100.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    mask = torch.tensor([[1, 0], [1, 1]])
+    pooled = mean_pool(hidden, mask)
+    assert torch.allclose(pooled[0], torch.tensor([0.6, 0.8]))
+    assert torch.allclose(pooled[1], torch.tensor([2**-0.5, 2**-0.5]))
+
+
+def test_last_hidden_reads_encoder_outputs() -> None:
+    hidden = torch.zeros(2, 3, 4)
+    assert last_hidden((hidden,)) is hidden and last_hidden(hidden) is hidden
+    with pytest.raises(UserInputError, match="hidden states"):
+        last_hidden(torch.zeros(2, 4))

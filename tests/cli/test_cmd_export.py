@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import slimtorch as st
-from slimtorch.artifact.load import get_metadata
 from slimtorch.cli.main import main
+from slimtorch.core.info import update_info
 from slimtorch.testing.models import TinyLSTM, tiny_cnn, tiny_llama, tiny_resnet
 
 ort = pytest.importorskip("onnxruntime")
@@ -26,7 +26,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def _saved(model: nn.Module, shape: list[int], dtype: str, path: Path) -> nn.Module:
-    get_metadata(model)["input"] = {"shape": shape, "dtype": dtype}
+    update_info(model, input={"shape": shape, "dtype": dtype})
     pruned = st.compress(model, STRUCTURED).model
     st.save(pruned, path)
     return pruned
@@ -34,8 +34,9 @@ def _saved(model: nn.Module, shape: list[int], dtype: str, path: Path) -> nn.Mod
 
 def _check_onnx(capsys, artifact: Path, onnx_file: Path, x: torch.Tensor) -> dict:
     code, out, err = _run(
-        capsys, "export", str(artifact), "--to", "onnx", "--out", str(onnx_file), "--json"
-    )
+        capsys, "export", str(artifact), "--to", "onnx", "--out", str(onnx_file), "--json",
+        "--trust-factory",  # a testing model: saved as its Python class
+    )  # fmt: skip
     assert code == 0, err
     report = json.loads(out)
     assert report["out"] == str(onnx_file) and report["bytes"] == onnx_file.stat().st_size
@@ -43,7 +44,7 @@ def _check_onnx(capsys, artifact: Path, onnx_file: Path, x: torch.Tensor) -> dic
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     (name,) = [i.name for i in session.get_inputs()]
     with torch.no_grad():
-        expected = st.load(artifact)(x).numpy()
+        expected = st.load(artifact, trust_factory=True)(x).numpy()
     np.testing.assert_allclose(
         session.run(None, {name: x.numpy()})[0], expected, atol=1e-4, rtol=1e-3
     )
@@ -58,8 +59,9 @@ def test_pruned_resnet_to_onnx(capsys, tmp_path) -> None:
     assert report["inputs"] == [{"shape": [2, 1, 8, 8], "dtype": "float32"}]
     assert report["op_types"]["Conv"] >= 6
     code, _, err = _run(
-        capsys, "export", str(tmp_path / "a"), "--to", "onnx", "--out", str(tmp_path / "m.onnx")
-    )
+        capsys, "export", str(tmp_path / "a"), "--to", "onnx", "--out", str(tmp_path / "m.onnx"),
+        "--trust-factory",
+    )  # fmt: skip
     assert code == 2 and "exists" in err  # no --force: the file is kept
 
 
@@ -98,13 +100,19 @@ def test_errors(capsys, tmp_path) -> None:
     )
     assert code == 2 and "is not a directory" in err
     st.save(tiny_cnn(), tmp_path / "cnn")  # no recorded input shape
-    code, _, err = _run(
-        capsys, "export", str(tmp_path / "cnn"), "--to", "onnx", "--out", str(tmp_path / "m.onnx")
-    )
+    cnn = ["export", str(tmp_path / "cnn"), "--out", str(tmp_path / "m.onnx")]
+    code, _, err = _run(capsys, *cnn, "--to", "onnx")  # saved as its Python class
+    assert code == 2 and "--trust-factory" in err and "--model" in err
+    code, _, err = _run(capsys, *cnn, "--to", "onnx", "--trust-factory")
     assert code == 2 and "records no example inputs" in err and "--input-shape" in err
     code, _, err = _run(
-        capsys, "export", str(tmp_path / "cnn"), "--to", "hf", "--out", str(tmp_path / "hf")
+        capsys, *cnn, "--to", "onnx", "--model", "slimtorch.testing.models:tiny_cnn"
     )
+    assert code == 2 and "records no example inputs" in err
+    code, _, err = _run(
+        capsys, "export", str(tmp_path / "cnn"), "--to", "hf", "--out", str(tmp_path / "hf"),
+        "--trust-factory",
+    )  # fmt: skip
     assert code == 2 and "transformers models only" in err
     code, _, err = _run(
         capsys,

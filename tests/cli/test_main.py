@@ -58,7 +58,7 @@ def test_compress_eval_inspect(capsys, tmp_path) -> None:
     assert report["compression_ratio"] > 1.5  # tiny model: manifest overhead dominates
     assert report["latency_ms"] > 0 and report["baseline_latency_ms"] > 0
     assert report["baseline_params"] == report["params"]  # int8 keeps every parameter
-    code, out, err = _run(capsys, "eval", out_dir, "--json")
+    code, out, err = _run(capsys, "eval", out_dir, "--model", FACTORY, "--json")
     assert code == 0, err
     assert set(json.loads(out)) >= KEYS and json.loads(out)["baseline_params"] > 0
     code, out, err = _run(capsys, "inspect", out_dir)
@@ -138,3 +138,15 @@ def test_before_after_table_shows_the_original_parameters(capsys, tmp_path) -> N
     row = next(line for line in out.splitlines() if line.startswith("params "))
     before, after = (int(v.replace(",", "")) for v in row.split()[1:3])
     assert after < 0.8 * before
+
+
+def test_artifact_of_a_factory_runs_no_code_unless_asked(capsys, tmp_path) -> None:
+    out_dir = str(tmp_path / "a")
+    args = ["compress", "--model", FACTORY, "--recipe", "int8", "--out", out_dir]
+    code, _, err = _run(capsys, *args, "--input-shape", "2,1,8,8")
+    assert code == 0, err
+    code, _, err = _run(capsys, "eval", out_dir)
+    assert code == 2 and "--trust-factory" in err and "Traceback" not in err
+    code, out, err = _run(capsys, "eval", out_dir, "--trust-factory", "--json")
+    assert code == 0, err
+    assert json.loads(out)["baseline_params"] == json.loads(out)["params"]

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 from slimtorch import api
-from slimtorch.calibrate.train import FinetuneConfig, TrainOptions
-from slimtorch.calibrate.train import finetune as train_finetune
+from slimtorch.calibrate.stages import FinetuneConfig
+from slimtorch.calibrate.stages import finetune as train_finetune
+from slimtorch.calibrate.train import TrainOptions
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
 from slimtorch.core.methods import Run
-from slimtorch.distill.stage import (
+from slimtorch.distill.stages import (
     DistillFinetuneConfig,
     DistillTeacherConfig,
     finetune,
@@ -29,6 +28,7 @@ from slimtorch.distill.trainer import DistillTask
 from slimtorch.formats.state import WeightState, apply_state
 from slimtorch.recipe import load_recipe
 from slimtorch.testing.models import tiny_bert, tiny_cnn
+from slimtorch.testing.tasks import TensorTask, tensor_task
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,25 +87,11 @@ def test_bad_stage_options_fail_at_parse_time(stage: dict[str, Any], match: str)
         load_recipe({"stages": [stage]})
 
 
-class LabelTask:
-    name = "labels"
-
-    def __init__(self, labeller: nn.Module) -> None:
-        self.labeller = labeller
-
-    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
-        gen = ctx.generator(4)
-        for _ in range(steps):
-            x = torch.randn(batch_size, 1, 8, 8, generator=gen)
-            with torch.no_grad():
-                y = self.labeller(x).argmax(1)
-            yield x, y
-
-    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return model(batch[0])  # type: ignore[no-any-return]
-
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(self.forward(model, batch), batch[1])
+def _labels(labeller: nn.Module) -> TensorTask:
+    """Random 8x8 images labelled by ``labeller``'s argmax."""
+    x = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        return tensor_task(x, labeller(x).argmax(1), name="labels")
 
 
 def _noisy(model: nn.Module) -> nn.Module:
@@ -121,7 +107,7 @@ def test_finetune_uses_run_original_and_targets() -> None:
     teacher = tiny_cnn()
     student = _noisy(teacher)
     frozen_before = student.fc1.weight.detach().clone()
-    run = Run(Context(progress=False), LabelTask(teacher))
+    run = Run(Context(progress=False), _labels(teacher))
     config = DistillFinetuneConfig(targets=["fc2"], train=TrainOptions(steps=5, lr=1e-3))
     with pytest.raises(ConfigError, match="needs a teacher"):
         finetune(student, config, run)
@@ -139,9 +125,11 @@ def test_teacher_stage_makes_train_finetune_distil_and_keep_masks(tmp_path: Path
     student = _noisy(teacher)
     mask = torch.rand(student.fc1.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
     apply_state(student.fc1, "weight", WeightState(mask=mask))
-    base = LabelTask(teacher)
+    base = _labels(teacher)
     run = Run(Context(progress=False), base)
-    teacher_stage(student, DistillTeacherConfig(teacher=str(tmp_path / "teacher")), run)
+    teacher_stage(
+        student, DistillTeacherConfig(teacher=str(tmp_path / "teacher"), trust_factory=True), run
+    )
     assert isinstance(run.task, DistillTask) and run.task.base is base
     loaded_teacher = run.task.teacher
     x = torch.randn(3, 1, 8, 8)
@@ -198,7 +186,7 @@ def test_text_encoder_without_data_distils_on_default_sentences(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from slimtorch.calibrate.sentences import SentenceTask
-    from slimtorch.distill import stage
+    from slimtorch.distill import stages as stage
 
     text = tmp_path / "s.txt"
     text.write_text("The cat sat on the mat today. A dog ran far away from home. ", "utf-8")

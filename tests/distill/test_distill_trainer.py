@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,32 +22,14 @@ from slimtorch.distill.trainer import (
 )
 from slimtorch.formats.state import WeightState, apply_state, get_state
 from slimtorch.testing.models import TinyCNN, tiny_cnn, tiny_transformer
+from slimtorch.testing.tasks import TensorTask, tensor_task
 
 
-class ImageTask:
-    """Random 8x8 images labelled by a fixed rule (the labels are not the teacher's)."""
-
-    name = "images"
-
-    def __init__(self, labeller: nn.Module) -> None:
-        self.labeller = labeller
-
-    def _batch(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(n, 1, 8, 8, generator=gen)
-        with torch.no_grad():
-            y = self.labeller(x).argmax(1)
-        return x, y
-
-    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
-        gen = ctx.generator(3)
-        for _ in range(steps):
-            yield self._batch(gen, batch_size)
-
-    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return model(batch[0])  # type: ignore[no-any-return]
-
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(self.forward(model, batch), batch[1])
+def _images(labeller: nn.Module) -> TensorTask:
+    """Random 8x8 images labelled by ``labeller``'s argmax."""
+    x = torch.randn(2048, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return tensor_task(x, labeller(x).argmax(1), name="images")
 
 
 def _kl_to_teacher(student: nn.Module, teacher: nn.Module) -> float:
@@ -80,7 +61,7 @@ def test_distill_moves_student_to_teacher_and_keeps_masks() -> None:
             p.add_(0.3 * torch.randn_like(p))
     mask = _prune_half(student)
     before = _kl_to_teacher(student, teacher)
-    task = DistillTask(teacher, ImageTask(teacher), DistillOptions(alpha=0.9, temperature=2.0))
+    task = DistillTask(teacher, _images(teacher), DistillOptions(alpha=0.9, temperature=2.0))
     opts = TrainOptions(steps=60, lr=3e-3, batch_size=32)
     losses = train(student, task, Context(progress=False), opts)
     after = _kl_to_teacher(student, teacher)
@@ -112,7 +93,7 @@ def test_hidden_pair_learns_projection_for_narrow_student() -> None:
     opts = DistillOptions(
         alpha=1.0, output_loss="none", hidden=[HiddenPair(student="fc1", teacher="fc1")]
     )
-    task = DistillTask(teacher, ImageTask(teacher), opts)
+    task = DistillTask(teacher, _images(teacher), opts)
     losses = train(student, task, Context(progress=False), TrainOptions(steps=80, lr=3e-3))
     assert list(task.projections.keys()) == ["0"]
     proj = task.projections["0"]
@@ -136,20 +117,8 @@ def test_attention_pair_on_multihead_attention() -> None:
             h = h + a
             return m.head((h + m.ff(h)).mean(1))  # type: ignore[no-any-return]
 
-    class Tokens:
-        name = "tokens"
-
-        def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
-            gen = ctx.generator()
-            for _ in range(steps):
-                x = torch.randint(0, 32, (batch_size, 6), generator=gen)
-                yield x, x[:, 0]
-
-        def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
-            return model(batch[0])  # type: ignore[no-any-return]
-
-        def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-            return F.cross_entropy(self.forward(model, batch), batch[1])
+    x = torch.randint(0, 32, (4096, 6), generator=torch.Generator().manual_seed(0))
+    tokens = tensor_task(x, x[:, 0], name="tokens")
 
     teacher = NeedWeights()
     torch.manual_seed(3)
@@ -158,7 +127,7 @@ def test_attention_pair_on_multihead_attention() -> None:
         nn.init.normal_(p, std=0.3)
     pair = AttentionPair(student="inner.attn", teacher="inner.attn", heads="match", weight=10.0)
     opts = DistillOptions(alpha=1.0, output_loss="none", attention=[pair])
-    task = DistillTask(teacher, Tokens(), opts)
+    task = DistillTask(teacher, tokens, opts)
     losses = train(student, task, Context(progress=False), TrainOptions(steps=60, lr=1e-2))
     assert sum(losses[-10:]) < 0.65 * sum(losses[:10])
 
@@ -167,14 +136,8 @@ def test_attention_pair_without_probabilities_is_explained() -> None:
     teacher, student = tiny_transformer(), tiny_transformer()
     opts = DistillOptions(attention=[AttentionPair(student="attn", teacher="attn")])
 
-    class Tokens:
-        name = "tokens"
-        has_labels = False
-
-        def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
-            return model(batch)  # type: ignore[no-any-return]
-
-    task = DistillTask(teacher, Tokens(), opts)  # type: ignore[arg-type]
+    tokens = tensor_task(torch.randint(0, 32, (8, 5)), name="tokens")  # no labels
+    task = DistillTask(teacher, tokens, opts)
     with pytest.raises(ConfigError, match="need_weights=True"):
         task.loss(student, torch.randint(0, 32, (2, 5)))
 
@@ -182,15 +145,15 @@ def test_attention_pair_without_probabilities_is_explained() -> None:
 def test_bad_module_names_and_nothing_to_learn() -> None:
     teacher, student = tiny_cnn(), tiny_cnn()
     opts = DistillOptions(hidden=[HiddenPair(student="fc1x", teacher="fc1")])
-    task = DistillTask(teacher, ImageTask(teacher), opts)
-    batch = next(iter(ImageTask(teacher).train_batches(Context(), 1, 4)))
+    task = DistillTask(teacher, _images(teacher), opts)
+    batch = next(iter(_images(teacher).train_batches(Context(), 1, 4)))
     with pytest.raises(ConfigError, match="did you mean 'fc1'"):
         task.loss(student, batch)
     assert not student.fc1._forward_hooks
     with pytest.raises(ConfigError, match="nothing to learn"):
-        DistillTask(teacher, ImageTask(teacher), DistillOptions(alpha=1.0, output_loss="none"))
+        DistillTask(teacher, _images(teacher), DistillOptions(alpha=1.0, output_loss="none"))
     with pytest.raises(ConfigError, match="student itself"):
-        DistillTask(teacher, ImageTask(teacher), DistillOptions()).loss(teacher, batch)
+        DistillTask(teacher, _images(teacher), DistillOptions()).loss(teacher, batch)
 
 
 def test_capture_records_outputs_and_removes_hooks() -> None:
@@ -215,8 +178,7 @@ def _count_calls(model: nn.Module) -> list[int]:
 
 @pytest.mark.parametrize("kind", ["classification", "charlm"])
 def test_labelled_tasks_give_their_loss_from_one_student_forward(kind: str) -> None:
-    from slimtorch.calibrate.charlm import CharLMTask
-    from slimtorch.calibrate.classification import ClassificationTask
+    from slimtorch.zoo.tasks import CharLMTask, ClassificationTask
 
     gen = torch.Generator().manual_seed(0)
     base: Any

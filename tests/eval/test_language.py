@@ -1,24 +1,15 @@
-"""Evaluator bpc: bits per character on held-out text."""
+"""eval.language: bits per character of a next-character model over windows."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
 from slimtorch.eval import language
-from slimtorch.eval.quality import EVALUATORS
-from slimtorch.zoo import char_lstm
-
-
-@pytest.fixture(scope="module")
-def model() -> nn.Module:
-    return char_lstm.build(True)
 
 
 def test_sample_positions_even_and_deterministic() -> None:
@@ -33,29 +24,33 @@ def test_nll_bits_uniform() -> None:
     assert float(bits) == pytest.approx(4 * math.log2(465))
 
 
-def test_evaluator_on_austen(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(language, "SAMPLE", 2_000)
-    q = EVALUATORS.get("bpc")(model, Context(progress=False), None)
-    assert q.metric == "bits_per_char" and q.higher_is_better is False
-    assert q.extra["positions"] == 2_000
-    assert 2.2 < q.value < 3.2
-    random = language.evaluate_bpc(
-        char_lstm.build(False), Context(progress=False), "builtin:austen"
-    )
-    assert random.value == pytest.approx(math.log2(465), abs=0.3)
+class NextIsPrevious(nn.Module):
+    """Puts probability 1/2 on the id before the target (the last of its window), the rest
+    spread evenly over the other 3 of a 4-id vocabulary."""
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        assert not self.training
+        probs = torch.full((len(windows), 4), 1 / 6)
+        probs[torch.arange(len(windows)), windows[:, -1]] = 0.5
+        return probs.log()
 
 
-@pytest.mark.slow
-def test_evaluator_full_sample(model: nn.Module) -> None:
-    q = language.evaluate_bpc(model, Context(progress=False), None)
-    assert q.extra["positions"] == language.SAMPLE
-    assert 2.3 < q.value < 2.7
+def _previous(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return ids[positions - 1].unsqueeze(1)
 
 
-def test_text_file_and_empty_targets(model: nn.Module, tmp_path: Path) -> None:
-    path = tmp_path / "t.txt"
-    path.write_text("It is a truth universally acknowledged. " * 50, encoding="utf-8")
-    q = language.evaluate_bpc(model, Context(progress=False), str(path))
-    assert 0.0 < q.value < 3.2  # repetitive English is easy
+def test_bits_per_char_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    positions = torch.arange(1, 7)  # repeats at 1, 3, 5 (1 bit); changes at 2, 4, 6
+    monkeypatch.setattr(language, "BATCH", 4)  # batches of 4 and 2 give the same sum
+    model = NextIsPrevious().train()
+    bpc = language.bits_per_char(model, ids, positions, _previous)
+    assert bpc == pytest.approx((3 * 1.0 + 3 * math.log2(6)) / 6)
+    assert model.training  # mode restored
+
+
+def test_bits_per_char_without_positions() -> None:
     with pytest.raises(UserInputError, match="no characters"):
-        language.bits_per_char(model, torch.tensor([1, 2]), torch.tensor([], dtype=torch.int64))
+        language.bits_per_char(
+            NextIsPrevious(), torch.tensor([1, 2]), torch.tensor([], dtype=torch.int64), _previous
+        )

@@ -1,21 +1,17 @@
-"""Evaluator perplexity: GPTQ's non-overlapping-window protocol on any HF causal LM."""
+"""eval.perplexity: GPTQ's non-overlapping-window protocol on any HF causal LM."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.core.context import Context
 from slimtorch.core.errors import UnsupportedModelError, UserInputError
 from slimtorch.eval import perplexity
-from slimtorch.eval.quality import get_evaluator
 from slimtorch.zoo.austen_lm import from_config, llama_config
-from slimtorch.zoo.train_austen_lm import train_tokenizer
 
 VOCAB = 300
 CONTEXT = 32
@@ -86,56 +82,6 @@ def test_model_context_reads_config_and_caps() -> None:
     assert perplexity.model_context(model) == CONTEXT
     assert perplexity.model_context(model, cap=16) == 16
     assert perplexity.model_context(nn.Linear(2, 2)) == perplexity.MAX_CONTEXT
-
-
-@pytest.fixture
-def hf_dir(tmp_path: Path) -> Path:
-    words = [
-        "the",
-        "of",
-        "and",
-        "to",
-        "a",
-        "in",
-        "was",
-        "her",
-        "it",
-        "she",
-        "he",
-        "that",
-        "not",
-        "be",
-        "as",
-        "had",
-        "for",
-        "with",
-        "his",
-        "you",
-    ]
-    gen = torch.Generator().manual_seed(0)
-    text = " ".join(words[int(i)] for i in torch.randint(0, len(words), (3000,), generator=gen))
-    tok = train_tokenizer([text], VOCAB)
-    (tmp_path / "tokenizer.json").write_text(tok.to_str())
-    (tmp_path / "text.txt").write_text(text)
-    return tmp_path
-
-
-def test_evaluator_uses_the_models_tokenizer(hf_dir: Path) -> None:
-    model = tiny_llama()
-    model.config._name_or_path = str(hf_dir)
-    q = get_evaluator("perplexity")(model, Context(progress=False), str(hf_dir / "text.txt"))
-    assert q.metric == "perplexity" and q.higher_is_better is False
-    assert q.value == pytest.approx(VOCAB, rel=0.1)  # untrained: about uniform
-    assert q.extra["context"] == CONTEXT and q.extra["tokens"] % (CONTEXT - 1) == 0
-    # bits per character = bits per token x tokens per character (words here: ~4 chars/token)
-    assert 0.5 * math.log2(VOCAB) / 5 < q.extra["bits_per_char"] < math.log2(VOCAB)
-
-
-def test_evaluator_without_tokenizer_says_what_to_do(tmp_path: Path) -> None:
-    model = tiny_llama()
-    model.config._name_or_path = str(tmp_path)
-    with pytest.raises(UserInputError, match=r"tokenizer\.json"):
-        perplexity.evaluate_perplexity(model, Context(progress=False), None)
 
 
 def test_bad_inputs() -> None:

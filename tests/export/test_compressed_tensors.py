@@ -17,6 +17,7 @@ from slimtorch.export.compressed_tensors import (
     unpack_int32,
 )
 from slimtorch.formats.state import get_state
+from slimtorch.testing.tasks import TensorTask, tensor_task
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-5  # max |logits difference|; float32 reloads with bit-identical weights (measured 0.0)
@@ -243,14 +244,14 @@ def test_existing_directory_needs_overwrite(tmp_path) -> None:
 
 def test_cli_exports_and_checks_the_reload(tmp_path, capsys) -> None:
     pytest.importorskip("compressed_tensors")
-    from slimtorch.artifact.load import set_architecture
     from slimtorch.cli.main import main
+    from slimtorch.core.info import update_info
     from slimtorch.models import hf
 
     model = _llama()
     model.save_pretrained(tmp_path / "src")
     loaded = hf.load_directory(tmp_path / "src")
-    set_architecture(loaded.model, loaded.architecture)
+    update_info(loaded.model, architecture=loaded.architecture)
     st.save(st.compress(loaded.model, {"stages": [ASYM4]}).model, tmp_path / "art")
     argv = ["export", str(tmp_path / "art"), "--to", "compressed-tensors"]
     assert main([*argv, "--out", str(tmp_path / "ct"), "--json"]) == 0
@@ -260,23 +261,11 @@ def test_cli_exports_and_checks_the_reload(tmp_path, capsys) -> None:
     assert "reloaded by transformers: outputs match" in capsys.readouterr().out
 
 
-class _Tokens:
+def _tokens() -> TensorTask:
     """Calibration windows of random tokens with repeated bigrams (vocabulary 128)."""
-
-    name = "tokens"
-
-    def train_batches(self, ctx, steps: int, batch_size: int):
-        gen = torch.Generator().manual_seed(ctx.seed)
-        for _ in range(steps):
-            base = torch.randint(0, 64, (batch_size, 16), generator=gen)
-            yield torch.stack([base, base + 64], dim=2).reshape(batch_size, 32)
-
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        logits = model(batch).logits[:, :-1]
-        return nn.functional.cross_entropy(logits.reshape(-1, 128), batch[:, 1:].reshape(-1))
-
-    def forward(self, model: nn.Module, batch):
-        return model(batch)
+    base = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.stack([base, base + 64], dim=2).reshape(16, 32)
+    return tensor_task(ids, loss="next_token", name="tokens")
 
 
 @pytest.mark.parametrize(
@@ -287,13 +276,13 @@ class _Tokens:
     ],
 )
 def test_calibrated_methods_reload_exactly(tmp_path, stage) -> None:
-    from slimtorch.artifact.load import set_architecture
+    from slimtorch.core.info import update_info
 
     model = _llama()
     arch = {"kind": "hf", "class": "LlamaForCausalLM", "config": model.config.to_dict()}
-    set_architecture(model, {**arch, "attn_implementation": "sdpa", "dtype": "float32"})
+    update_info(model, architecture={**arch, "attn_implementation": "sdpa", "dtype": "float32"})
     recipe = {"stages": [{**stage, "calibration": {"samples": 16, "batch_size": 8}}]}
-    quantized = st.compress(model, recipe, data=_Tokens()).model
+    quantized = st.compress(model, recipe, data=_tokens()).model
     report = export_compressed_tensors(quantized, tmp_path / "ct")
     (group,) = report["config_groups"].values()
     assert (group["num_bits"], group["strategy"], group["group_size"]) == (4, "group", 32)

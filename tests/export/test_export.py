@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import slimtorch as st
-from slimtorch.artifact.load import get_metadata
 from slimtorch.core.errors import ArtifactError, UserInputError
+from slimtorch.core.info import update_info
 from slimtorch.export.onnx import verify as onnx_verify
 from slimtorch.export.onnx.export import OnnxExportError, compare_outputs, export_onnx
 from slimtorch.testing.models import tiny_resnet
@@ -23,7 +23,7 @@ pytest.importorskip("onnx.numpy_helper")
 
 def _pruned_resnet() -> nn.Module:
     model = tiny_resnet()
-    get_metadata(model)["input"] = {"shape": [2, 1, 8, 8], "dtype": "float32"}
+    update_info(model, input={"shape": [2, 1, 8, 8], "dtype": "float32"})
     return st.compress(model, {"stages": [{"method": "prune.structured", "ratio": 0.5}]}).model
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from slimtorch.core.methods import METHODS, Run
 from slimtorch.formats.state import QuantState, WeightState, get_state, iter_states, set_state
 from slimtorch.graph.weights import select_weights
 from slimtorch.prune.nm import is_nm_sparse
+from slimtorch.testing.tasks import tensor_task
 
 
 class _Attn(nn.Module):
@@ -217,22 +218,10 @@ def test_logs_achieved_sparsity(caplog: pytest.LogCaptureFixture) -> None:
     assert "prune.magnitude: sparsity 0.3000 over 100 weights in 1 tensors" in caplog.text
 
 
-class _ClassifyTask:
-    name = "tiny-classification"
-
-    def train_batches(
-        self, ctx: Context, steps: int, batch_size: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = ctx.generator(7)
-        for _ in range(steps):
-            x = torch.randn(batch_size, 8, generator=g)
-            yield x, (x[:, 0] + x[:, 1] > 0).long()
-
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-    def forward(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return model(batch[0])
+def _classify(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Is x0 + x1 > 0?"""
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
+    return x, (x[:, 0] + x[:, 1] > 0).long()
 
 
 def test_gradual_method_reaches_final_sparsity_with_zeros() -> None:
@@ -246,13 +235,18 @@ def test_gradual_method_reaches_final_sparsity_with_zeros() -> None:
         "scope": "global",
         "train": {"steps": 40, "lr": 0.01, "batch_size": 32, "lr_schedule": "constant"},
     }
-    _run(model, "prune.gradual", task=_ClassifyTask(), **options)
+    _run(
+        model,
+        "prune.gradual",
+        task=tensor_task(*_classify(2048, 7), name="tiny-classification"),
+        **options,
+    )
     refs = select_weights(model)
     masks = [get_state(r.module, r.param).mask for r in refs]
     assert sum(int((~m).sum()) for m in masks) == round(0.8 * sum(m.numel() for m in masks))
     for r, m in zip(refs, masks):
         assert (r.weight[~m] == 0).all()
-    x, y = next(iter(_ClassifyTask().train_batches(Context(seed=1), 1, 256)))
+    x, y = _classify(256, 1)
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).float().mean())
     assert acc > 0.8  # still learns the task at 80% sparsity

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -14,28 +12,14 @@ from slimtorch.core.errors import ConfigError
 from slimtorch.formats.state import get_state
 from slimtorch.prune.masking import reapply_masks
 from slimtorch.prune.schedules import CubicSchedule, GradualPruning, cubic_sparsity
+from slimtorch.testing.tasks import TensorTask, tensor_task
 
 
-class RegressionTask:
+def _regression_task(d_in: int = 8, d_out: int = 2) -> TensorTask:
     """Random inputs, targets from a fixed random linear teacher; MSE loss."""
-
-    name = "tiny-regression"
-
-    def __init__(self, d_in: int = 8, d_out: int = 2) -> None:
-        g = torch.Generator().manual_seed(123)
-        self.teacher = torch.randn(d_in, d_out, generator=g)
-        self.d_in = d_in
-
-    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
-        g = ctx.generator(1)
-        for _ in range(steps):
-            yield torch.randn(batch_size, self.d_in, generator=g)
-
-    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return nn.functional.mse_loss(model(batch), batch @ self.teacher)
-
-    def forward(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return model(batch)
+    teacher = torch.randn(d_in, d_out, generator=torch.Generator().manual_seed(123))
+    x = torch.randn(2048, d_in, generator=torch.Generator().manual_seed(1))
+    return tensor_task(x, x @ teacher, loss="mse", name="tiny-regression")
 
 
 def _mlp() -> nn.Sequential:
@@ -91,7 +75,7 @@ def test_gradual_pruning_in_trainer(scope: str) -> None:
     pruner = GradualPruning(sched, targets=["Linear"], scope=scope)  # type: ignore[arg-type]
     losses = train(
         model,
-        RegressionTask(),
+        _regression_task(),
         Context(progress=False),
         TrainOptions(steps=60, lr=1e-2, batch_size=32),
         callbacks=[pruner],
@@ -123,10 +107,10 @@ def test_gradual_pruning_in_a_hand_written_loop() -> None:
     )
     keep = KeepMasks()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    task = RegressionTask()
-    for step, x in enumerate(task.train_batches(Context(), 20, 16)):
+    task = _regression_task()
+    for step, batch in enumerate(task.train_batches(Context(), 20, 16)):
         opt.zero_grad()
-        task.loss(model, x).backward()
+        task.loss(model, batch).backward()
         keep.on_after_backward(model, step)
         opt.step()
         pruner.on_step_end(model, step)

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import slimtorch as st
-from slimtorch.artifact.load import WIDTHS_KEY, get_metadata, narrow
+from slimtorch.artifact.widths import narrow
 from slimtorch.core.errors import UserInputError
+from slimtorch.core.info import model_info, update_info
 from slimtorch.prune.permutation import channel_matrix, nm_kept_magnitude
 from slimtorch.prune.reorder import importance_order
 from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet, with_example_input
@@ -36,7 +37,7 @@ def test_importance_order_within_blocks() -> None:
 
 def test_permute_keeps_outputs_and_raises_kept_magnitude() -> None:
     model = _MLP()
-    get_metadata(model)["input"] = {"shape": [4, 16], "dtype": "float32"}
+    update_info(model, input={"shape": [4, 16], "dtype": "float32"})
     x = torch.randn(4, 16)
     before = nm_kept_magnitude(channel_matrix(model.b.weight.detach()), 2, 4)
     before += nm_kept_magnitude(channel_matrix(model.c.weight.detach()), 2, 4)
@@ -56,15 +57,15 @@ def test_reorder_then_serve_at_several_widths(tmp_path: Path) -> None:
     ordered = st.compress(model, {"stages": [{"method": "prune.reorder"}]}).model
     with torch.no_grad():
         torch.testing.assert_close(ordered(x), model(x), atol=1e-5, rtol=1e-5)
-    groups = get_metadata(ordered)[WIDTHS_KEY]
+    groups = model_info(ordered).widths
     assert len(groups) == 5
     norms = ordered.block1.conv1.weight.detach().abs().sum((1, 2, 3))
     norms = norms + ordered.block1.conv2.weight.detach().abs().sum((0, 2, 3))
     norms = norms + ordered.block1.bn1.weight.detach().abs() + ordered.block1.bn1.bias.abs()
     assert int(norms.argmax()) == 0  # most important channel first
     st.save(ordered, tmp_path / "a")
-    full = st.load(tmp_path / "a")
-    half = st.load(tmp_path / "a", width=0.5)
+    full = st.load(tmp_path / "a", trust_factory=True)
+    half = st.load(tmp_path / "a", width=0.5, trust_factory=True)
     assert half.block1.conv1.out_channels == 4 and half.gn.num_channels == 8
     assert half.fc.in_features == (8 + 4) * 4
     assert sum(p.numel() for p in half.parameters()) < 0.4 * sum(
@@ -72,7 +73,7 @@ def test_reorder_then_serve_at_several_widths(tmp_path: Path) -> None:
     )
     with torch.no_grad():
         torch.testing.assert_close(half(x), narrow(full, 0.5)(x))
-        assert torch.equal(st.load(tmp_path / "a", width=1.0)(x), full(x))
+        assert torch.equal(st.load(tmp_path / "a", width=1.0, trust_factory=True)(x), full(x))
 
 
 def test_lstm_widths() -> None:
@@ -87,7 +88,7 @@ def test_width_errors(tmp_path: Path) -> None:
     model = with_example_input(tiny_resnet())
     st.save(model, tmp_path / "plain")
     with pytest.raises(UserInputError, match=r"prune\.reorder"):
-        st.load(tmp_path / "plain", width=0.5)
+        st.load(tmp_path / "plain", width=0.5, trust_factory=True)
     ordered = st.compress(model, {"stages": [{"method": "prune.reorder"}]}).model
     with pytest.raises(UserInputError, match="width"):
         narrow(ordered, 1.5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,34 +11,19 @@ import torch
 from torch import nn
 
 import slimtorch as st
-from slimtorch.artifact.load import WIDTH_STATS_KEY, get_metadata, narrow
-from slimtorch.core.context import Context
+from slimtorch.artifact.widths import narrow
 from slimtorch.core.errors import ConfigError
+from slimtorch.core.info import model_info
 from slimtorch.prune.slimmable import SharedWidth, position_maps
 from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet, with_example_input
+from slimtorch.testing.tasks import TensorTask, tensor_task
 
 
-class MatchTeacher:
+def _match_teacher(teacher: nn.Module) -> TensorTask:
     """Regress the outputs of a fixed teacher on random images."""
-
-    name = "match-teacher"
-
-    def __init__(self, teacher: nn.Module) -> None:
-        self.teacher = copy.deepcopy(teacher).eval()
-
-    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
-        gen = ctx.generator()
-        for _ in range(steps):
-            x = torch.randn(batch_size, 1, 8, 8, generator=gen)
-            with torch.no_grad():
-                y = self.teacher(x)
-            yield x, y
-
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return nn.functional.mse_loss(model(batch[0]), batch[1])
-
-    def forward(self, model: nn.Module, batch: Any) -> Any:
-        return model(batch[0])
+    x = torch.randn(2048, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return tensor_task(x, teacher.eval()(x), loss="mse", name="match-teacher")
 
 
 def _reordered(model: nn.Module) -> nn.Module:
@@ -66,38 +50,39 @@ def test_position_maps_and_shared_forward(make: Any) -> None:
 
 def test_slimmable_training_makes_narrow_widths_work(tmp_path: Path) -> None:
     model = _reordered(tiny_resnet())
-    task = MatchTeacher(model)
+    teacher = copy.deepcopy(model).eval()
+    task = _match_teacher(teacher)
     x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(9))
 
     def error(m: nn.Module) -> float:
         with torch.no_grad():
-            return float(nn.functional.mse_loss(m.eval()(x), task.teacher(x)))
+            return float(nn.functional.mse_loss(m.eval()(x), teacher(x)))
 
     before = error(narrow(model, 0.5))
     recipe = {"stages": [{"method": "train.slimmable", "widths": [0.5],
                           "train": {"steps": 60, "lr": 0.01, "batch_size": 32}}]}  # fmt: skip
-    trained = st.compress(model, recipe, data=task).model  # type: ignore[arg-type]
-    stats = get_metadata(trained)[WIDTH_STATS_KEY]
+    trained = st.compress(model, recipe, data=task).model
+    stats = model_info(trained).width_stats
     assert set(stats) == {"0.5"} and "block1.bn1.running_mean" in stats["0.5"]
     after = error(narrow(trained, 0.5))
     assert after < 0.5 * before
     assert error(trained) < 0.05  # the full width still matches the teacher
     st.save(trained, tmp_path / "a")
-    half = st.load(tmp_path / "a", width=0.5)
+    half = st.load(tmp_path / "a", width=0.5, trust_factory=True)
     recorded = torch.tensor(stats["0.5"]["block1.bn1.running_var"])
     assert torch.equal(half.block1.bn1.running_var, recorded)
     assert not torch.equal(
         half.block1.bn1.running_var, trained.block1.bn1.running_var[: recorded.numel()]
     )
     assert error(half) == pytest.approx(after, rel=1e-5)
-    assert WIDTH_STATS_KEY not in get_metadata(st.load(tmp_path / "a", width=0.75))
+    assert model_info(st.load(tmp_path / "a", width=0.75, trust_factory=True)).width_stats is None
 
 
 def test_needs_a_reordered_model() -> None:
     model = with_example_input(tiny_resnet())
     recipe = {"stages": [{"method": "train.slimmable", "train": {"steps": 1}}]}
     with pytest.raises(ConfigError, match=r"prune\.reorder"):
-        st.compress(model, recipe, data=MatchTeacher(model))  # type: ignore[arg-type]
+        st.compress(model, recipe, data=_match_teacher(copy.deepcopy(model)))
     with pytest.raises(ConfigError, match=r"\(0, 1\]"):
         st.compress(model, {"stages": [{"method": "train.slimmable", "widths": [1.5]}]})
 
@@ -119,6 +104,6 @@ def test_cli_slimmable_recipe_on_lenet(tmp_path: Path, capsys: pytest.CaptureFix
     capsys.readouterr()
     assert main(["eval", str(out), "--width", "0.5", "--no-baseline", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["width"] == 0.5
-    assert get_metadata(st.load(out)).get("recipe", {}).get("stages", [{}])[1]["method"] == (
+    assert (model_info(st.load(out)).recipe or {}).get("stages", [{}])[1]["method"] == (
         "train.slimmable"
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,33 +12,22 @@ from torch import nn
 
 import slimtorch as st
 from slimtorch.api import artifact_size
-from slimtorch.artifact.load import get_metadata
 from slimtorch.calibrate.inputs import count_flops
 from slimtorch.cli.main import main
-from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, TargetError
+from slimtorch.core.info import model_info, update_info
 from slimtorch.graph.surgery import apply_channels
 from slimtorch.prune.structured import keep_count, top_channels
 from slimtorch.recipe import load_recipe
 from slimtorch.testing.models import example_input, tiny_lstm, tiny_resnet, with_example_input
+from slimtorch.testing.tasks import TensorTask, tensor_task
 
 
-class _Task:
-    """Random images with labels from a fixed teacher: enough for gradients and activations."""
-
-    name = "toy"
-
-    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
-        gen = torch.Generator().manual_seed(ctx.seed)
-        for _ in range(steps):
-            x = torch.randn(batch_size, 1, 8, 8, generator=gen)
-            yield x, torch.randint(0, 4, (batch_size,), generator=gen)
-
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-    def forward(self, model: nn.Module, batch: Any) -> Any:
-        return model(batch[0])
+def _task() -> TensorTask:
+    """Random images with random labels: enough for gradients and activations."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 8, 8, generator=gen)
+    return tensor_task(x, torch.randint(0, 4, (256,), generator=gen), name="toy")
 
 
 def _stage(**options: Any) -> dict[str, Any]:
@@ -65,11 +53,11 @@ def test_ratio_halves_every_group_and_reloads_exactly(tmp_path: Path) -> None:
     assert pruned.block1.conv1.out_channels == 4 and pruned.block2.conv2.out_channels == 8
     assert pruned.gn.num_channels == 8 and pruned.gn.num_groups == 4
     assert pruned.fc.in_features == (8 + 4) * 4 and pruned.fc.out_features == 4
-    meta = get_metadata(pruned)["structured"]
+    meta = model_info(pruned).structured
     assert meta["params_after"] < 0.4 * meta["params_before"]
     x = example_input(model)
     st.save(pruned, tmp_path / "art")
-    loaded = st.load(tmp_path / "art")
+    loaded = st.load(tmp_path / "art", trust_factory=True)
     assert loaded.block2.shortcut[0].weight.shape == (8, 4, 1, 1)
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
@@ -146,7 +134,7 @@ def test_l1_keeps_the_largest_filters() -> None:
 @pytest.mark.parametrize("importance", ["taylor", "activation"])
 def test_data_criteria_use_the_task(importance: str) -> None:
     model = with_example_input(tiny_resnet())
-    pruned = st.compress(model, _stage(ratio=0.5, importance=importance), data=_Task()).model
+    pruned = st.compress(model, _stage(ratio=0.5, importance=importance), data=_task()).model
     assert pruned.block1.conv1.out_channels == 4
     assert all(p.grad is None for p in pruned.parameters())
     with pytest.raises(ConfigError, match="--data"):
@@ -172,7 +160,7 @@ def test_global_scope_varies_per_group_within_max_ratio() -> None:
 def test_iterative_steps_with_finetuning() -> None:
     model = with_example_input(tiny_resnet())
     recipe = _stage(ratio=0.5, steps=2, finetune_steps=3, train={"steps": 1, "batch_size": 8})
-    pruned = st.compress(model, recipe, data=_Task()).model
+    pruned = st.compress(model, recipe, data=_task()).model
     assert pruned.block1.conv1.out_channels == 4
 
 
@@ -184,7 +172,7 @@ def test_lstm_hidden_units_are_removed(tmp_path: Path) -> None:
     st.save(pruned, tmp_path / "a")
     x = example_input(model)
     with torch.no_grad():
-        assert torch.equal(st.load(tmp_path / "a")(x), pruned(x))
+        assert torch.equal(st.load(tmp_path / "a", trust_factory=True)(x), pruned(x))
 
 
 def test_bad_configs_and_models() -> None:
@@ -231,7 +219,7 @@ def test_sensitivity_weights_favour_robust_groups() -> None:
 def test_sensitivity_scope_scans_groups_on_data() -> None:
     model = with_example_input(tiny_resnet())
     recipe = _stage(ratio=0.5, scope="sensitivity", calibration_batches=2)
-    pruned = st.compress(model, recipe, data=_Task()).model
+    pruned = st.compress(model, recipe, data=_task()).model
     sizes = [pruned.block1.conv1.out_channels, pruned.stem.out_channels, pruned.side.out_channels]
     assert all(1 <= s <= 8 for s in sizes)
     with pytest.raises(ConfigError, match="--data"):
@@ -252,6 +240,6 @@ def test_forward_with_written_sizes_is_a_clear_error() -> None:
     from slimtorch.core.errors import UnsupportedModelError
 
     model = _FixedReshape()
-    get_metadata(model)["input"] = {"shape": [2, 1, 4], "dtype": "float32"}
+    update_info(model, input={"shape": [2, 1, 4], "dtype": "float32"})
     with pytest.raises(UnsupportedModelError, match="reshape"):
         st.compress(model, _stage(ratio=0.5))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,38 +10,29 @@ import torch
 from torch import nn
 
 import slimtorch as st
-from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
 from slimtorch.formats.state import get_state, iter_states
 from slimtorch.recipe import load_recipe
 from slimtorch.testing import models as testing_models
+from slimtorch.testing.tasks import TensorTask, tensor_task
 
 
 def tiny_llama() -> nn.Module:
     return testing_models.tiny_llama(vocab=96, heads=4)
 
 
-class _Tokens:
+def _tokens(n: int, seed: int) -> torch.Tensor:
     """Random token windows with a little structure (repeated bigrams)."""
+    base = torch.randint(0, 48, (n, 16), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([base, base + 48], dim=2).reshape(n, 32)
 
-    name = "tokens"
 
-    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
-        gen = torch.Generator().manual_seed(ctx.seed)
-        for _ in range(steps):
-            base = torch.randint(0, 48, (batch_size, 16), generator=gen)
-            yield torch.stack([base, base + 48], dim=2).reshape(batch_size, 32)
-
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        logits = model(batch).logits[:, :-1]
-        return nn.functional.cross_entropy(logits.reshape(-1, 96), batch[:, 1:].reshape(-1))
-
-    def forward(self, model: nn.Module, batch: Any) -> Any:
-        return model(batch)
+def _token_task() -> TensorTask:
+    return tensor_task(_tokens(16, 0), loss="next_token", name="tokens")
 
 
 def _error(model: nn.Module, reference: nn.Module) -> float:
-    ids = next(_Tokens().train_batches(Context(seed=7), 1, 8))
+    ids = _tokens(8, 7)
     with torch.no_grad():
         return float((model(ids).logits - reference(ids).logits).pow(2).mean())
 
@@ -55,7 +45,7 @@ def _stage(method: str, **options: Any) -> dict[str, Any]:
 def test_gptq_beats_rtn_and_reloads(tmp_path: Path) -> None:
     model = tiny_llama()
     grid = {"bits": 3, "symmetric": False, "granularity": "per_group", "group_size": 32}
-    gptq = st.compress(model, _stage("quantize.gptq", **grid), data=_Tokens()).model
+    gptq = st.compress(model, _stage("quantize.gptq", **grid), data=_token_task()).model
     rtn_grid = {**grid, "signed": False, "targets": ["re:model\\.layers\\..*"]}
     rtn = st.compress(model, {"stages": [{"method": "quantize.rtn", **rtn_grid}]}).model
     names = {f"{m}.{p}" for m, _, p, _ in iter_states(gptq)}
@@ -73,11 +63,11 @@ def test_sparsegpt_and_wanda_sparsity_and_quality() -> None:
     model = tiny_llama()
     errors = {}
     for method in ("prune.sparsegpt", "prune.wanda"):
-        pruned = st.compress(model, _stage(method, sparsity=0.5), data=_Tokens()).model
+        pruned = st.compress(model, _stage(method, sparsity=0.5), data=_token_task()).model
         layer = pruned.model.layers[1].self_attn.o_proj
         assert float((layer.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
         errors[method] = _error(pruned, model)
-        nm = st.compress(model, _stage(method, n=2, m=4), data=_Tokens()).model
+        nm = st.compress(model, _stage(method, n=2, m=4), data=_token_task()).model
         w = nm.model.layers[0].mlp.up_proj.weight.reshape(-1, 4)
         assert bool(((w != 0).sum(1) <= 2).all())
     magnitude = st.compress(
@@ -98,7 +88,7 @@ def test_sparsegpt_and_wanda_sparsity_and_quality() -> None:
 def test_owl_and_composition() -> None:
     model = tiny_llama()
     owl = st.compress(
-        model, _stage("prune.wanda", sparsity=0.5, owl=True, owl_lambda=0.05), data=_Tokens()
+        model, _stage("prune.wanda", sparsity=0.5, owl=True, owl_lambda=0.05), data=_token_task()
     )
     per_block = [
         float((owl.model.model.layers[i].mlp.up_proj.weight == 0).float().mean()) for i in range(2)
@@ -111,7 +101,7 @@ def test_owl_and_composition() -> None:
             {"method": "quantize.gptq", "bits": 4, "group_size": 32, "calibration": cal},
         ]
     }
-    result = st.compress(model, both, data=_Tokens()).model
+    result = st.compress(model, both, data=_token_task()).model
     state = get_state(result.model.layers[0].self_attn.q_proj, "weight")
     assert state is not None and state.mask is not None and state.quant is not None
     w = result.model.layers[0].self_attn.q_proj.weight.reshape(-1, 4)
@@ -151,7 +141,9 @@ def test_awq_beats_rtn_and_smoothquant_keeps_outputs() -> None:
     model = tiny_llama()
     with torch.no_grad():  # activation outliers in a few hidden channels
         model.model.embed_tokens.weight[:, :4] *= 25.0
-    awq = st.compress(model, _stage("quantize.awq", bits=3, group_size=32), data=_Tokens()).model
+    awq = st.compress(
+        model, _stage("quantize.awq", bits=3, group_size=32), data=_token_task()
+    ).model
     grid = {"bits": 3, "signed": False, "symmetric": False, "granularity": "per_group"}
     rtn = {
         "method": "quantize.rtn",
@@ -161,7 +153,7 @@ def test_awq_beats_rtn_and_smoothquant_keeps_outputs() -> None:
     }
     plain = st.compress(model, {"stages": [rtn]}).model
     assert _error(awq, model) < _error(plain, model)
-    smooth = st.compress(model, _stage("quantize.smoothquant", alpha=0.5), data=_Tokens()).model
+    smooth = st.compress(model, _stage("quantize.smoothquant", alpha=0.5), data=_token_task()).model
     assert _error(smooth, model) < 1e-8  # folding alone changes nothing
     norm = smooth.model.layers[0].input_layernorm.weight
     assert not torch.allclose(norm, model.model.layers[0].input_layernorm.weight)
@@ -171,7 +163,7 @@ def test_int4_artifact_runs_on_the_int4_kernel(tmp_path: Path) -> None:
     from slimtorch.runtime.int4 import Int4WeightOnlyLinear
 
     model = tiny_llama()
-    q = st.compress(model, _stage("quantize.gptq", bits=4, group_size=32), data=_Tokens()).model
+    q = st.compress(model, _stage("quantize.gptq", bits=4, group_size=32), data=_token_task()).model
     st.save(q, tmp_path / "q")
     fast = st.load(tmp_path / "q", kernels=True)
     kinds = {type(m).__name__ for m in fast.model.layers.modules()}
@@ -183,22 +175,10 @@ def test_int4_artifact_runs_on_the_int4_kernel(tmp_path: Path) -> None:
     assert float((got - want).norm() / want.norm()) < 2e-2
 
 
-class _Labels:
-    name = "labels"
-
-    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
-        gen = torch.Generator().manual_seed(ctx.seed)
-        for _ in range(steps):
-            yield (
-                torch.randint(0, 32, (batch_size, 10), generator=gen),
-                torch.randint(0, 32, (batch_size,), generator=gen),
-            )
-
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-    def forward(self, model: nn.Module, batch: Any) -> Any:
-        return model(batch[0])
+def _label_task() -> TensorTask:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 32, (16, 10), generator=gen)
+    return tensor_task(x, torch.randint(0, 32, (16,), generator=gen), name="labels")
 
 
 def test_rnn_gates_are_quantized_and_pruned_layerwise(caplog: pytest.LogCaptureFixture) -> None:
@@ -209,7 +189,7 @@ def test_rnn_gates_are_quantized_and_pruned_layerwise(caplog: pytest.LogCaptureF
     q = st.compress(
         model,
         {"stages": [{"method": "quantize.gptq", "bits": 4, "group_size": 16, "calibration": cal}]},
-        data=_Labels(),
+        data=_label_task(),
     ).model
     names = {f"{m}.{p}" for m, _, p, _ in iter_states(q)}
     assert {"gru.weight_ih_l0", "gru.weight_hh_l0", "head.weight"} <= names
@@ -218,6 +198,6 @@ def test_rnn_gates_are_quantized_and_pruned_layerwise(caplog: pytest.LogCaptureF
     pruned = st.compress(
         model,
         {"stages": [{"method": "prune.wanda", "sparsity": 0.5, "calibration": cal}]},
-        data=_Labels(),
+        data=_label_task(),
     ).model
     assert float((pruned.gru.weight_hh_l0 == 0).float().mean()) == pytest.approx(0.5, abs=0.01)

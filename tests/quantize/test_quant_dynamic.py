@@ -10,7 +10,7 @@ from slimtorch.core.context import Context
 from slimtorch.core.errors import TargetError, UnsupportedModelError
 from slimtorch.core.methods import Run
 from slimtorch.formats.state import WeightState, apply_state
-from slimtorch.quantize.dynamic import DynamicInt8Config, dynamic_int8
+from slimtorch.quantize.stages.dynamic import DynamicInt8Config, dynamic_int8
 from slimtorch.runtime import Int8DynamicLinear
 
 RUN = Run(Context(progress=False))

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +16,9 @@ from slimtorch.formats.state import WeightState, apply_state, get_state, iter_st
 from slimtorch.graph.weights import select_weights
 from slimtorch.quantize.affine import fake_quantize
 from slimtorch.quantize.primitives import QuantSpec
-from slimtorch.quantize.qat import FakeQuantize, QATConfig, attach_fake_quant, qat
+from slimtorch.quantize.qat import FakeQuantize, attach_fake_quant
+from slimtorch.quantize.stages.qat import QATConfig, qat
+from slimtorch.testing.tasks import tensor_task
 
 
 class TinyRNN(nn.Module):
@@ -34,30 +33,16 @@ class TinyRNN(nn.Module):
         return self.head(out[:, -1])  # type: ignore[no-any-return]
 
 
-class CountTask:
+def _count(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Is token 3 more frequent than token 5 in a sequence of 10?"""
+    x = torch.randint(0, 8, (n, 10), generator=torch.Generator().manual_seed(seed))
+    return x, ((x == 3).sum(1) > (x == 5).sum(1)).long()
 
-    name = "count"
 
-    def _batch(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randint(0, 8, (n, 10), generator=gen)
-        y = ((x == 3).sum(1) > (x == 5).sum(1)).long()
-        return x, y
-
-    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Any]:
-        gen = ctx.generator(1)
-        for _ in range(steps):
-            yield self._batch(gen, batch_size)
-
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return F.cross_entropy(model(batch[0]), batch[1])
-
-    def forward(self, model: nn.Module, batch: Any) -> Any:
-        return model(batch[0])
-
-    def eval_loss(self, model: nn.Module) -> float:
-        with torch.no_grad():
-            return float(self.loss(model, self._batch(torch.Generator().manual_seed(99), 512)))
+def _eval_loss(model: nn.Module) -> float:
+    x, y = _count(512, 99)
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x), y))
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
@@ -109,12 +94,12 @@ def test_mask_blocks_gradient() -> None:
 def test_qat_lstm_reduces_loss_and_keeps_masks() -> None:
     torch.manual_seed(0)
     model = TinyRNN(nn.LSTM)
-    task = CountTask()
+    task = tensor_task(*_count(2048, 1))
     mask = (
         torch.rand(model.rnn.weight_hh_l0.shape, generator=torch.Generator().manual_seed(1)) > 0.5
     )
     apply_state(model.rnn, "weight_hh_l0", WeightState(mask=mask))
-    before = task.eval_loss(model)
+    before = _eval_loss(model)
     cfg = QATConfig(
         bits=4,
         granularity="per_group",
@@ -122,7 +107,7 @@ def test_qat_lstm_reduces_loss_and_keeps_masks() -> None:
         train=TrainOptions(steps=150, lr=1e-2, batch_size=32),
     )
     qat(model, cfg, Run(Context(progress=False), task))
-    after = task.eval_loss(model)
+    after = _eval_loss(model)
     assert after < 0.8 * before
     assert not parametrize.is_parametrized(model.rnn)
     assert {f"{n}.{p}" for n, _, p, s in iter_states(model) if s.quant is not None} == {
@@ -143,14 +128,17 @@ def test_qat_needs_data_and_restores_on_error() -> None:
     with pytest.raises(ConfigError, match="pass --data"):
         qat(model, QATConfig(), Run(Context(progress=False)))
 
-    class Diverge(CountTask):
-        def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-            return super().loss(model, batch) * float("nan")
+    def diverge(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output, targets) * float("nan")
 
     mask = torch.ones_like(model.head.weight, dtype=torch.bool)
     apply_state(model.head, "weight", WeightState(mask=mask))
     with pytest.raises(ConfigError, match="diverged"):
-        qat(model, QATConfig(train=TrainOptions(steps=2)), Run(Context(progress=False), Diverge()))
+        qat(
+            model,
+            QATConfig(train=TrainOptions(steps=2)),
+            Run(Context(progress=False), tensor_task(*_count(64, 1), loss=diverge)),
+        )
     assert not parametrize.is_parametrized(model.head)
     state = get_state(model.head, "weight")
     assert state is not None and state.mask is mask

@@ -17,7 +17,14 @@ from slimtorch.formats.state import (
     get_state,
     iter_states,
 )
-from slimtorch.quantize.rtn import BinaryConfig, RTNConfig, TernaryConfig, binary, rtn, ternary
+from slimtorch.quantize.stages.rtn import (
+    BinaryConfig,
+    RTNConfig,
+    TernaryConfig,
+    binary,
+    rtn,
+    ternary,
+)
 
 
 class Zoo(nn.Module):

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import slimtorch as st
-from slimtorch.artifact.load import get_metadata
-from slimtorch.cli import cmd_report
+from slimtorch.cli.commands import report as cmd_report
 from slimtorch.core.errors import UserInputError
+from slimtorch.core.info import update_info
 from slimtorch.report import write_report
 from slimtorch.report.collect import module_latency_ms
 from slimtorch.report.markdown import escape_md
@@ -75,7 +75,7 @@ def _parse(html: str) -> _Page:
 
 def _artifact(path: Path) -> Path:
     model = tiny_cnn()
-    get_metadata(model)["input"] = {"shape": [1, 1, 8, 8], "dtype": "float32"}
+    update_info(model, input={"shape": [1, 1, 8, 8], "dtype": "float32"})
     st.save(st.compress(model, RECIPE).model, path)
     return path
 
@@ -144,7 +144,7 @@ def test_artifact_report_has_tables_charts_latency(tmp_path: Path) -> None:
     art = _artifact(tmp_path / "art")
     (art / "eval.json").write_text(json.dumps({"metric": "accuracy", "value": 0.875}))
     threads = torch.get_num_threads()
-    result = write_report(art, latency=True, repeats=3, threads=2)
+    result = write_report(art, latency=True, repeats=3, threads=2, trust_factory=True)
     assert torch.get_num_threads() == threads  # restored
     out = tmp_path / "art-report"  # beside the artifact: its byte count stays honest
     assert result["out"] == str(out) and result["contains"] == ["artifact"]
@@ -273,3 +273,18 @@ def test_cli_parser_run_render(tmp_path: Path) -> None:
 def test_escape_md_keeps_table_cells_literal() -> None:
     assert escape_md("a|b <i>") == "a\\|b &lt;i&gt;"
     assert escape_md("x_y\nz") == "x\\_y z"
+
+
+def test_cli_latency_report_of_a_factory_artifact_needs_model_or_trust(tmp_path: Path) -> None:
+    from slimtorch.cli.main import main
+
+    art = _artifact(tmp_path / "art")
+    assert (
+        main(["report", str(art), "--latency", "--repeats", "1", "--out", str(tmp_path / "a")]) == 2
+    )
+    assert not (tmp_path / "a").exists()  # nothing half-written
+    model = "slimtorch.testing.models:tiny_cnn"
+    args = ["--latency", "--repeats", "1", "--json"]
+    assert main(["report", str(art), *args, "--out", str(tmp_path / "b"), "--model", model]) == 0
+    assert main(["report", str(art), *args, "--out", str(tmp_path / "c"), "--trust-factory"]) == 0
+    assert (tmp_path / "b" / "report.html").is_file() and (tmp_path / "c" / "report.html").is_file()

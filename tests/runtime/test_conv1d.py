@@ -12,9 +12,9 @@ import slimtorch as st
 from slimtorch import api
 from slimtorch.core.context import Context
 from slimtorch.export.hf import export_hf
-from slimtorch.large import compress_large
 from slimtorch.recipe import load_recipe
 from slimtorch.runtime.conv1d import Conv1DLinear, is_hf_conv1d, linearize_conv1d
+from slimtorch.workflows.offloaded import compress_large
 
 GPTQ = {
     "stages": [

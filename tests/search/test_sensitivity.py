@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import slimtorch as st
-from slimtorch.cli import cmd_sensitivity
+from slimtorch.cli.commands import sensitivity as cmd_sensitivity
 from slimtorch.core.errors import ArtifactError, ConfigError, TargetError, UserInputError
 from slimtorch.formats.state import iter_states
 from slimtorch.recipe import parse_recipe
@@ -348,16 +348,3 @@ def test_task_evaluator_other_evaluators_and_bad_input(monkeypatch) -> None:
         task_evaluator(loaded, split="test")  # type: ignore[arg-type]
     with pytest.raises(UserInputError, match="your own evaluate"):
         task_evaluator(LoadedModel(model, "x:y", {"kind": "factory"}))
-
-
-def test_token_windows_cut_from_spaced_places() -> None:
-    from slimtorch.search.sensitivity_eval import token_windows
-    from slimtorch.zoo.austen_lm import builtin_tokenizer_path, load_tokenizer
-
-    tok = load_tokenizer(builtin_tokenizer_path())
-    text = " ".join(f"word{i} and some more text." for i in range(400))
-    windows = token_windows(text, tok, 3, 16)
-    assert windows.shape == (3, 16) and windows.dtype == torch.int64
-    assert not torch.equal(windows[0], windows[2])
-    with pytest.raises(UserInputError, match="fewer than 16 tokens"):
-        token_windows("short", tok, 2, 16)

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import slimtorch as st
-from slimtorch.artifact.load import get_metadata
 from slimtorch.core.errors import UserInputError
+from slimtorch.core.info import update_info
 from slimtorch.search.width import choose_width
 from slimtorch.testing.models import example_input, tiny_resnet
 
 
 def _ordered() -> torch.nn.Module:
     model = tiny_resnet()
-    get_metadata(model)["input"] = {"shape": [4, 1, 8, 8], "dtype": "float32"}
+    update_info(model, input={"shape": [4, 1, 8, 8], "dtype": "float32"})
     return st.compress(model, {"stages": [{"method": "prune.reorder"}]}).model
 
 

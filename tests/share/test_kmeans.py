@@ -130,9 +130,12 @@ def test_zero_weight_outlier_is_ignored_but_labelled() -> None:
     assert r.inertia == pytest.approx(4 * 0.05**2, rel=1e-5)
 
 
+@pytest.mark.slow  # scikit-learn is a peer library: CI runs this in the bench env (make test-slow)
 @pytest.mark.parametrize("dist", ["gaussian", "laplace"])
 def test_inertia_close_to_sklearn(dist: str) -> None:
-    cluster = pytest.importorskip("sklearn.cluster")
+    cluster = pytest.importorskip(
+        "sklearn.cluster", reason="needs scikit-learn, a peer library: `make bench-env`"
+    )
     g = torch.Generator().manual_seed(7)
     if dist == "gaussian":
         x = torch.randn(10_000, generator=g)

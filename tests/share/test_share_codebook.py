@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ from slimtorch.core.errors import ConfigError
 from slimtorch.core.methods import Run
 from slimtorch.formats.state import get_state, iter_states
 from slimtorch.recipe import load_recipe
-from slimtorch.share.codebook import KMeansConfig, kmeans
+from slimtorch.share.codebook import KMeansConfig
+from slimtorch.share.stages import kmeans
 from slimtorch.testing.models import example_input, tiny_cnn, tiny_lstm, tiny_transformer
+from slimtorch.testing.tasks import TensorTask, tensor_task
 
 RUN = Run(Context(progress=False))
 
@@ -88,7 +91,7 @@ def test_cross_layer_codebook_is_stored_once(tmp_path: Path) -> None:
     assert (
         refs.count("a.weight") == 1 and "codebook" not in manifest["tensors"]["b.weight"]["parts"]
     )
-    loaded = st.load(tmp_path / "art")
+    loaded = st.load(tmp_path / "art", trust_factory=True)
     x = torch.randn(5, 32)
     assert torch.equal(loaded(x), model(x))
     la, lb = get_state(loaded.a, "weight"), get_state(loaded.b, "weight")
@@ -112,30 +115,23 @@ def test_kmeans_beats_uniform_grid_at_equal_bits() -> None:
     assert err_s < 0.5 * err_u
 
 
-class Regress:
-    """Fit y = W* x on random inputs (a task for share.finetune)."""
+def _regress() -> tuple[TensorTask, Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
+    """Fit y = W* x on random inputs (a task for share.finetune), and its loss on inputs x."""
+    target = TwinMLP()
+    x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        task = tensor_task(x, target(x), loss="mse", name="regress")
 
-    name = "regress"
-
-    def __init__(self) -> None:
-        self.target = TwinMLP()
-
-    def train_batches(self, ctx, steps, batch_size):  # type: ignore[no-untyped-def]
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(steps):
-            yield torch.randn(batch_size, 32, generator=gen)
-
-    def loss(self, model, batch):  # type: ignore[no-untyped-def]
+    def loss(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            y = self.target(batch)
-        return (model(batch) - y).pow(2).mean()
+            y = target(inputs)
+        return (model(inputs) - y).pow(2).mean()
 
-    def forward(self, model, batch):  # type: ignore[no-untyped-def]
-        return model(batch)
+    return task, loss
 
 
 def test_share_finetune_trains_centroids_keeps_indices_and_masks() -> None:
-    task = Regress()
+    task, regress_loss = _regress()
     model = TwinMLP()
     with torch.no_grad():
         for p in model.parameters():
@@ -152,10 +148,10 @@ def test_share_finetune_trains_centroids_keeps_indices_and_masks() -> None:
         for n, _, _, s in iter_states(shared)
     }  # type: ignore[union-attr]
     x = torch.randn(256, 32, generator=torch.Generator().manual_seed(5))
-    loss0 = float(task.loss(shared, x))
+    loss0 = float(regress_loss(shared, x))
     stage = {"method": "share.finetune", "train": {"steps": 150, "lr": 0.01, "batch_size": 64}}
     tuned = st.compress(shared, {"stages": [stage]}, data=task).model
-    assert float(task.loss(tuned, x)) < 0.8 * loss0
+    assert float(regress_loss(tuned, x)) < 0.8 * loss0
     for name, module, param, state in iter_states(tuned):
         codes, codebook, mask = before[name]
         q = state.quant
@@ -174,7 +170,7 @@ def parametrize_left(module: nn.Module) -> bool:
 
 def test_share_finetune_needs_a_shared_layer_and_data() -> None:
     with pytest.raises(ConfigError, match=r"share\.kmeans"):
-        st.compress(TwinMLP(), {"stages": [{"method": "share.finetune"}]}, data=Regress())
+        st.compress(TwinMLP(), {"stages": [{"method": "share.finetune"}]}, data=_regress()[0])
     with pytest.raises(ConfigError, match="data"):
         st.compress(TwinMLP(), {"stages": [{"method": "share.finetune"}]})
 
@@ -193,4 +189,4 @@ def test_lstm_with_huffman_round_trips(tmp_path: Path) -> None:
     out = st.compress(model, "deep-compression").model
     st.save(out, tmp_path / "a")
     x = example_input(out)
-    assert torch.equal(st.load(tmp_path / "a")(x), out(x))
+    assert torch.equal(st.load(tmp_path / "a", trust_factory=True)(x), out(x))

@@ -27,7 +27,7 @@ def test_tied_blocks_share_one_parameter_and_the_artifact_stores_it_once(tmp_pat
     manifest = st.save(tied, tmp_path / "tied")
     assert plain["aliases"] == {} and len(manifest["aliases"]) == 2 * len(params[0])
     assert st.api.artifact_size(tmp_path / "tied") < 0.6 * st.api.artifact_size(tmp_path / "plain")
-    loaded = st.load(tmp_path / "tied")
+    loaded = st.load(tmp_path / "tied", trust_factory=True)
     back = [dict(b.named_parameters()) for b in loaded.blocks]  # type: ignore[union-attr]
     assert all(back[0][k] is back[2][k] for k in back[0])
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in tied.parameters())
@@ -49,7 +49,7 @@ def test_tie_then_share_and_huffman(tmp_path: Path) -> None:
     manifest = st.save(out, tmp_path / "a")
     assert set(manifest["aliases"]) == {"blocks.1.up.weight", "blocks.2.up.weight"}
     x = example_input(out)
-    assert torch.equal(st.load(tmp_path / "a")(x), out(x))
+    assert torch.equal(st.load(tmp_path / "a", trust_factory=True)(x), out(x))
 
 
 def test_bad_tie_configs() -> None:

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import UserInputError
-from slimtorch.eval.language import bits_per_char, heldout_ids, sample_positions
+from slimtorch.eval.language import sample_positions
 from slimtorch.models.registry import MODELS
 from slimtorch.zoo import char_lstm
+from slimtorch.zoo.evaluators import char_lstm_bpc
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +70,9 @@ def test_cudnn_conversion_inverts_the_layout() -> None:
 
 
 def test_pretrained_bits_per_char_on_heldout_austen(model: nn.Module) -> None:
-    ids = heldout_ids("builtin:austen")
+    ids = char_lstm.encoded_split("builtin:austen", "heldout")
     positions = sample_positions(char_lstm.target_positions(ids), 2_000)
-    bpc = bits_per_char(model, ids, positions)
+    bpc = char_lstm_bpc(model, ids, positions)
     assert 2.2 < bpc < 3.2  # uniform would be log2(465) = 8.86; a wrong layout gives ~69
 
 

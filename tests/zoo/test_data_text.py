@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slimtorch.calibrate.text import load_text
 from slimtorch.core.errors import UserInputError
 from slimtorch.zoo import data_text
 
@@ -81,28 +82,7 @@ def test_lee_documents_and_matrix() -> None:
     assert docs[0].startswith("The national executive of the strife-torn Democrats")
 
 
-def test_load_text_specs(tmp_path: Path) -> None:
-    assert len(data_text.load_text("builtin:austen")) == 4_025_022 + 2 * 5
-    path = tmp_path / "t.txt"
-    path.write_text("héllo\nworld", encoding="utf-8")
-    assert data_text.load_text(str(path)) == "héllo\nworld"
-
-
-@pytest.mark.parametrize("name", ["builtin:ptb", "missing.txt", "data.csv"])
-def test_load_text_rejects_unknown(name: str, tmp_path: Path) -> None:
-    if name.endswith(".csv"):
-        (tmp_path / name).write_text("a,b")
-        name = str(tmp_path / name)
-    with pytest.raises(UserInputError, match="builtin:austen"):
-        data_text.load_text(name)
-
-
-def test_load_text_rejects_bad_files(tmp_path: Path) -> None:
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    with pytest.raises(UserInputError, match="empty"):
-        data_text.load_text(str(empty))
-    latin = tmp_path / "latin.txt"
-    latin.write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(UserInputError, match="UTF-8"):
-        data_text.load_text(str(latin))
+def test_registers_builtin_texts() -> None:
+    assert len(load_text("builtin:austen")) == 4_025_022 + 2 * 5
+    assert load_text("builtin:austen") == data_text.austen_text()
+    assert load_text("builtin:wikipedia") == "\n\n".join(data_text.load_wikipedia())

@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 from slimtorch.core.errors import ArtifactError
-from slimtorch.eval.accuracy import accuracy
 from slimtorch.models.registry import MODELS
 from slimtorch.zoo import lenet
 from slimtorch.zoo import train_lenet as tl
 from slimtorch.zoo.data_images import load_fashion_mnist
+from slimtorch.zoo.evaluators import image_accuracy
 
 RECORD = json.loads(tl.RECORD_FILE.read_text()) if tl.RECORD_FILE.is_file() else {}
 
@@ -44,7 +44,7 @@ def test_pretrained_accuracy_on_2000_test_images(name, floor):
     assert not model.training
     assert info.example_inputs(2)[0].shape == (2, 1, 28, 28)
     images, labels = load_fashion_mnist("test")
-    acc = accuracy(model, images[:2000], labels[:2000])
+    acc = image_accuracy(model, images[:2000], labels[:2000])
     assert acc > floor
     assert acc == pytest.approx(RECORD[name]["test_accuracy_first2000"], abs=0.1)
 
@@ -106,5 +106,5 @@ def test_train_and_save_writes_weights_and_record(tmp_path, monkeypatch):
     )
     model = lenet.LeNet300()
     model.load_state_dict(load_file(str(out)))
-    assert accuracy(model, *small) == pytest.approx(entry["test_accuracy"], abs=0.01)
+    assert image_accuracy(model, *small) == pytest.approx(entry["test_accuracy"], abs=0.01)
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name, "training.json"]

@@ -58,14 +58,6 @@ def test_tokenize_truncates_and_pads() -> None:
         minilm.tokenize([])
 
 
-def test_mean_pool_ignores_padding() -> None:
-    hidden = torch.tensor([[[3.0, 4.0], [100.0, 100.0]], [[1.0, 0.0], [0.0, 1.0]]])
-    mask = torch.tensor([[1, 0], [1, 1]])
-    pooled = minilm.mean_pool(hidden, mask)
-    assert torch.allclose(pooled[0], torch.tensor([0.6, 0.8]))
-    assert torch.allclose(pooled[1], torch.tensor([2**-0.5, 2**-0.5]))
-
-
 def test_embed_unit_norm_and_batch_invariant(model: nn.Module) -> None:
     emb = minilm.embed(model, SENTENCES)
     assert emb.shape == (3, 384)

@@ -8,11 +8,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimtorch.core.errors import ArtifactError
-from slimtorch.eval.accuracy import accuracy
 from slimtorch.models.registry import MODELS, load_model
 from slimtorch.zoo import lenet, resnet
 from slimtorch.zoo import train_resnet as tr
 from slimtorch.zoo.data_images import load_fashion_mnist
+from slimtorch.zoo.evaluators import image_accuracy
 from slimtorch.zoo.train_lenet import RECORD_FILE, top1_percent
 
 NAME = "resnet18-fashion"
@@ -71,7 +71,7 @@ def test_registered_like_lenet():
 def test_pretrained_accuracy_on_2000_test_images():
     model = MODELS.get(NAME).build(True)
     images, labels = load_fashion_mnist("test")
-    acc = accuracy(model, images[:2000], labels[:2000])
+    acc = image_accuracy(model, images[:2000], labels[:2000])
     assert acc > 90.0
     assert acc == pytest.approx(RECORD[NAME]["test_accuracy_first2000"], abs=0.1)
 
@@ -163,5 +163,5 @@ def test_train_and_save_writes_weights_and_record(tmp_path, monkeypatch):
     assert entry["epochs"] == 1 and entry["width"] == 4 and entry["arch"] == "resnet18"
     model = resnet.ResNet18Small(width=4)
     model.load_state_dict(load_file(str(out)))
-    assert accuracy(model, *small) == pytest.approx(entry["test_accuracy"], abs=0.01)
+    assert image_accuracy(model, *small) == pytest.approx(entry["test_accuracy"], abs=0.01)
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name, "training.json"]

@@ -1,2 +1,6 @@
-"""Saving and loading compressed models: the manifest, rebuilding the architecture, widths and
-int4 kernels. See docs/artifact.md for the manifest schema and the threat model."""
+"""Saving and loading compressed models, side by side: :mod:`~slimtorch.artifact.save` writes the
+manifest, :mod:`~slimtorch.artifact.load` reads it (data only: no pickle, no import of a name
+the file holds); :mod:`~slimtorch.artifact.resized` carries the shapes structured pruning
+changed, :mod:`~slimtorch.artifact.widths` serves reordered models narrower and
+:mod:`~slimtorch.artifact.kernels` swaps in int4 kernels. docs/artifact.md: the manifest schema
+and the threat model."""

@@ -1,17 +1,15 @@
-"""Task "classification": shuffled image batches from a dataset's train split, cross-entropy loss."""
+"""Shuffled epochs of labelled examples: the batches of a classification task.
+
+The task ``classification`` (image datasets, cross-entropy) is registered by the bundled zoo.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from slimtorch.calibrate.tasks import TASKS
-from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
-from slimtorch.zoo.data_images import load_image_dataset, to_model_input
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -35,42 +33,3 @@ def epoch_batches(
         idx = order[pos : pos + batch_size]
         pos += len(idx)
         yield inputs[idx], labels[idx]
-
-
-class ClassificationTask:
-    """Train split of an image dataset (``builtin:fashion-mnist``, ``builtin:mnist5k``, .npz)."""
-
-    name = "classification"
-
-    def __init__(self, data: str | None = None) -> None:
-        self.data = data
-        self._train: Batch | None = None
-
-    def train_data(self) -> Batch:
-        """uint8 images ``[N, 28, 28]`` and labels of the train split (loaded once)."""
-        if self._train is None:
-            self._train = load_image_dataset(self.data, "train")
-        return self._train
-
-    def train_batches(self, ctx: Context, steps: int, batch_size: int) -> Iterator[Batch]:
-        """``steps`` shuffled ``(x, y)`` batches on ``ctx.device``, cycling epochs as needed."""
-        if steps < 0 or batch_size < 1:
-            raise UserInputError(f"need steps >= 0 and batch_size >= 1, got {steps}, {batch_size}")
-        inputs, labels = self.train_data()
-        if len(labels) == 0:
-            raise UserInputError(f"the train split of {self.data!r} is empty; give images")
-        batches = epoch_batches(inputs, labels, steps, batch_size, ctx.generator())
-        return ((to_model_input(x).to(ctx.device), y.to(ctx.device)) for x, y in batches)
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return self.loss_from_output(self.forward(model, batch), batch)
-
-    def loss_from_output(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Cross-entropy of logits ``output [B, C]`` (from :meth:`forward`) on the labels."""
-        return F.cross_entropy(output, batch[1])
-
-    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return model(batch[0])  # type: ignore[no-any-return]
-
-
-TASKS.add("classification", ClassificationTask)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimtorch.artifact.load import get_architecture, get_metadata
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
+from slimtorch.core.info import model_info
 from slimtorch.core.methods import Task
 
 
@@ -20,14 +20,15 @@ def example_inputs(
     model: nn.Module, batch: int = 2, architecture: dict[str, Any] | None = None
 ) -> tuple[Any, ...] | None:
     """Inputs slimtorch knows for ``model`` (metadata ``input``, builtin, or HF config), or None."""
-    spec = get_metadata(model).get("input")
+    info = model_info(model)
+    spec = info.input
     gen = torch.Generator().manual_seed(0)
-    if spec:
-        shape = list(spec["shape"])
-        if spec.get("dtype") == "int64":
+    if spec is not None:
+        shape = list(spec.shape)
+        if spec.dtype == "int64":
             return (torch.randint(0, 2, shape, generator=gen),)
         return (torch.randn(shape, generator=gen),)
-    arch = architecture if architecture is not None else get_architecture(model) or {}
+    arch = architecture if architecture is not None else info.architecture or {}
     kind = arch.get("kind")
     if kind == "builtin":
         from slimtorch.models.registry import builtin_info
@@ -48,8 +49,8 @@ def require_inputs(model: nn.Module, method: str, batch: int = 2) -> tuple[Any, 
         raise ConfigError(
             f"{method} traces the model and needs example inputs: load it as builtin:NAME or a"
             " Hugging Face directory, or record them with"
-            " slimtorch.artifact.load.get_metadata(model)['input'] ="
-            " {'shape': [...], 'dtype': 'float32'|'int64'}"
+            " slimtorch.core.info.update_info(model, input={'shape': [...],"
+            " 'dtype': 'float32'|'int64'})"
         )
     return inputs
 

@@ -1,15 +1,13 @@
-"""Task ``causal-lm``: next-token prediction on random windows of tokenized training text.
+"""Causal language modelling: next-token prediction on random windows of a token stream.
 
-A batch is ``(input_ids [B, L],)`` int64: windows of the token stream of the training split at
-uniformly random starts (``L`` = :data:`WINDOW`, the context of ``builtin:austen-lm``). The loss
-is the mean next-token cross-entropy of ``model(input_ids).logits``; ``forward`` returns the
-logits. Training text: the train split (first 90% of each novel, article or file) of a text spec
-(``builtin:austen``, ``builtin:wikipedia``, a ``.txt`` path, joined by ``+``), tokenized with
-``builtin:austen-lm``'s tokenizer; default ``builtin:austen+builtin:wikipedia``. The held-out
-10% is what evaluator ``perplexity`` scores, so calibration never sees it.
+A batch is ``(input_ids [B, L],)`` int64: windows of the token ids at uniformly random starts
+(``L`` = :data:`WINDOW` by default). The loss is the mean next-token cross-entropy of
+``model(input_ids).logits``; ``forward`` returns the logits.
+:meth:`CausalLMTask.calibration_windows` draws a GPTQ-style calibration set (``n`` random
+windows of ``length`` tokens, seeded), as IST-DASLab/gptq draws 128 x 2048-token windows of C4.
 
-:func:`calibration_windows` draws a GPTQ-style calibration set (``n`` random windows of
-``length`` tokens, seeded), as IST-DASLab/gptq draws 128 x 2048-token windows of C4.
+The task ``causal-lm`` (the train split of text specs under ``builtin:austen-lm``'s tokenizer,
+so that evaluator ``perplexity``'s held-out text is never seen) is registered by the bundled zoo.
 """
 
 from __future__ import annotations
@@ -22,11 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.calibrate.tasks import TASKS
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UnsupportedModelError, UserInputError
 
-DEFAULT_DATA = "builtin:austen+builtin:wikipedia"
 WINDOW = 256
 
 Batch = tuple[torch.Tensor]
@@ -54,13 +50,6 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         )
     pred = logits[:, :-1].reshape(-1, logits.shape[-1])
     return F.cross_entropy(pred.float(), ids[:, 1:].reshape(-1))
-
-
-def train_ids(data: str) -> torch.Tensor:
-    """Token ids of the train split of the text spec ``data`` (builtin:austen-lm's tokenizer)."""
-    from slimtorch.zoo.austen_lm import encoded_split
-
-    return encoded_split(data, "train")
 
 
 @dataclass
@@ -105,18 +94,3 @@ class CausalLMTask:
     def loss_from_output(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Next-token cross-entropy of the logits ``output`` on the batch's ids."""
         return next_token_loss(output, batch[0])
-
-
-def calibration_windows(
-    n: int, length: int = WINDOW, seed: int = 0, data: str = DEFAULT_DATA
-) -> torch.Tensor:
-    """GPTQ-style calibration set: ``n`` random ``length``-token windows of ``data``'s train split."""
-    return CausalLMTask(train_ids(data), window=length).calibration_windows(n, length, seed)
-
-
-def make_causal_lm(data: str | None) -> CausalLMTask:
-    """Task factory ``causal-lm`` (``data``: None for Austen + Wikipedia, else a text spec)."""
-    return CausalLMTask(train_ids(DEFAULT_DATA if data is None else data))
-
-
-TASKS.add("causal-lm", make_causal_lm)

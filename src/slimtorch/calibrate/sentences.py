@@ -5,8 +5,9 @@ tokenized with the model's ``tokenizer.json`` (MiniLM's by default). The task's 
 mean-pooled, L2-normalised sentence embedding. There are no labels, so the task only trains by
 distillation (``distill.finetune``, or ``distill.teacher`` before a training stage).
 
-Data: text specs (``builtin:austen``, ``builtin:wikipedia``, a ``.txt`` path) joined by ``+``;
-default ``builtin:austen+builtin:wikipedia``.
+Data: text specs (``builtin:NAME`` texts such as ``builtin:austen``, a ``.txt`` path; see
+:mod:`slimtorch.calibrate.text`) joined by ``+``; default ``builtin:austen+builtin:wikipedia``.
+The task factory ``sentences`` is registered by the bundled zoo.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.calibrate.tasks import TASKS
+from slimtorch.calibrate.text import load_text, tokenizer_file
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
 
 DEFAULT_SENTENCES = "builtin:austen+builtin:wikipedia"
+DEFAULT_TOKENIZER = "builtin:minilm"
 MIN_WORDS, MAX_WORDS = 4, 64
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -45,8 +47,6 @@ def split_sentences(text: str, min_words: int = MIN_WORDS, max_words: int = MAX_
 
 @lru_cache(maxsize=4)
 def _sentences(spec: str) -> tuple[str, ...]:
-    from slimtorch.zoo.data_text import load_text
-
     seen: dict[str, None] = {}
     for part in spec.split("+"):
         for sentence in split_sentences(load_text(part.strip())):
@@ -55,8 +55,8 @@ def _sentences(spec: str) -> tuple[str, ...]:
 
 
 def load_sentences(spec: str) -> list[str]:
-    """Distinct sentences of ``spec``: text specs (builtin:austen, builtin:wikipedia, a .txt
-    path) joined by ``+``, in order of first appearance."""
+    """Distinct sentences of ``spec``: text specs (``builtin:NAME``, a .txt path) joined by
+    ``+``, in order of first appearance."""
     sentences = list(_sentences(spec))
     if not sentences:
         raise UserInputError(
@@ -76,21 +76,6 @@ def _tokenizer(path: str, max_len: int) -> Any:
     return tok
 
 
-def tokenizer_file(spec: str | None) -> Path:
-    """``tokenizer.json`` of ``spec`` (the file or its directory); None = MiniLM's."""
-    if spec is None:
-        from slimtorch.zoo.minilm import model_dir
-
-        return model_dir() / "tokenizer.json"
-    path = Path(spec)
-    path = path / "tokenizer.json" if path.is_dir() else path
-    if not path.is_file():
-        raise UserInputError(
-            f"no tokenizer at {spec!r}: give a tokenizer.json file or a directory holding one"
-        )
-    return path
-
-
 def pad_ids(ids: Sequence[Sequence[int]]) -> Batch:
     """``(input_ids, attention_mask)`` int64 ``[N, longest]`` of token id lists, right-padded
     with 0."""
@@ -105,6 +90,26 @@ def pad_ids(ids: Sequence[Sequence[int]]) -> Batch:
     return input_ids, mask
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden [N, L, D]`` over positions where ``mask [N, L]`` is set, L2 normalised."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    summed = (hidden * m).sum(dim=1)
+    pooled = summed / m.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(pooled.float(), p=2, dim=-1)
+
+
+def last_hidden(out: Any) -> torch.Tensor:
+    """The hidden states ``[batch, tokens, dim]`` of an encoder's output (``last_hidden_state``)."""
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise UserInputError(
+            "the model must return hidden states [batch, tokens, dim] (a BertModel-like encoder)"
+        )
+    return hidden
+
+
 class SentenceTask:
     """Random batches of tokenized sentences; output: mean-pooled, L2-normalised embeddings."""
 
@@ -115,12 +120,13 @@ class SentenceTask:
     def __init__(
         self, sentences: Sequence[str], tokenizer: str | None = None, max_len: int = 128
     ) -> None:
+        """``tokenizer``: a tokenizer spec (see :func:`tokenizer_file`); None: MiniLM's."""
         if not sentences:
             raise UserInputError("no sentences to train on; give text with sentences in it")
         if max_len < 2:
             raise ConfigError(f"max_len must be >= 2 tokens ([CLS] and [SEP]), got {max_len}")
         self.sentences = list(sentences)
-        self.tokenizer_path = str(tokenizer_file(tokenizer))
+        self.tokenizer_path = str(tokenizer_file(tokenizer or DEFAULT_TOKENIZER))
         self.max_len = max_len
 
     def tokenize(self, texts: Sequence[str]) -> Batch:
@@ -138,8 +144,6 @@ class SentenceTask:
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Sentence embeddings ``[B, D]`` of the batch (mean pooling, L2 norm)."""
-        from slimtorch.zoo.minilm import last_hidden, mean_pool
-
         ids, mask = batch
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if isinstance(vocab, int) and int(ids.max()) >= vocab:
@@ -158,12 +162,3 @@ class SentenceTask:
             "task 'sentences' has no labels: it trains only by distillation (distill.finetune,"
             " or distill.teacher before a training stage)"
         )
-
-
-def make_sentences(data: str | None) -> SentenceTask:
-    """Task factory ``sentences`` (``data``: text specs joined by ``+``; None = Austen +
-    Wikipedia), with MiniLM's tokenizer."""
-    return SentenceTask(load_sentences(DEFAULT_SENTENCES if data is None else data))
-
-
-TASKS.add("sentences", make_sentences)

@@ -10,21 +10,19 @@ a quantization grid are frozen (re-quantize or use ``quantize.qat`` to train the
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from slimtorch.core.config import StageConfig, StrictModel
+from slimtorch.core.config import StrictModel
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
-from slimtorch.core.methods import Run, Task, register_method
+from slimtorch.core.methods import Task
 from slimtorch.formats.state import iter_states
-
-log = logging.getLogger(__name__)
 
 
 class TrainOptions(StrictModel):
@@ -88,6 +86,23 @@ def _frozen_quantized(model: nn.Module) -> list[nn.Parameter]:
     return frozen
 
 
+@contextlib.contextmanager
+def seeded_rng(ctx: Context) -> Iterator[None]:
+    """Torch's global RNG seeded with ``ctx.seed`` (dropout, a DataLoader's shuffle) inside the
+    block, and the caller's RNG state back unchanged after it. Only the CPU generator and, when
+    ``ctx.device`` is CUDA, that device's are forked and seeded; no other device is touched."""
+    device = torch.device(ctx.device)
+    cuda: list[int] = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(ctx.seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(ctx.seed)
+        yield
+
+
 def train(
     model: nn.Module,
     task: Task,
@@ -108,10 +123,23 @@ def train(
         opt = torch.optim.SGD(
             params, lr=options.lr, momentum=0.9, weight_decay=options.weight_decay
         )
-    sched = None
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None
     if options.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.steps)
-    torch.manual_seed(ctx.seed)
+    with seeded_rng(ctx):  # the run's own stream; the caller's global RNG is left as it was
+        return _steps(model, task, ctx, options, opt, sched, cbs, frozen)
+
+
+def _steps(
+    model: nn.Module,
+    task: Task,
+    ctx: Context,
+    options: TrainOptions,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    cbs: list[TrainingCallback],
+    frozen: list[nn.Parameter],
+) -> list[float]:
     was_training = model.training
     model.train()
     losses: list[float] = []
@@ -143,20 +171,3 @@ def train(
     for cb in cbs:
         cb.on_train_end(model)
     return losses
-
-
-class FinetuneConfig(StageConfig):
-    """Plain fine-tuning on the task's training data; masks stay, quantized weights stay frozen."""
-
-    train: TrainOptions = Field(default_factory=TrainOptions)
-
-
-@register_method(
-    "train.finetune",
-    FinetuneConfig,
-    "fine-tune on --data, keeping pruned weights at zero",
-    needs_data=True,
-)
-def finetune(model: nn.Module, config: FinetuneConfig, run: Run) -> None:
-    losses = train(model, run.require_task("train.finetune"), run.ctx, config.train)
-    log.info("fine-tuned %d steps: loss %.4f -> %.4f", len(losses), losses[0], losses[-1])

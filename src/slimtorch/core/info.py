@@ -1,9 +1,10 @@
 """What slimtorch knows about a model, typed: how to rebuild it and what travels into its artifact.
 
 Every model slimtorch loads, compresses or saves carries one :class:`ModelInfo` (read it with
-:func:`model_info`). ``architecture`` is written to the manifest's ``architecture`` key; every
-other field to its ``metadata`` key (docs/artifact.md lists them). Fields are validated when set,
-so a typo or a wrong type fails where it is made, naming the field.
+:func:`model_info`, change it with :func:`update_info`). ``architecture`` is written to the
+manifest's ``architecture`` key; every other field to its ``metadata`` key (docs/artifact.md lists
+them). Fields are validated when set, so a typo or a wrong type fails where it is made, naming the
+field.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from slimtorch.core.errors import ArtifactError, ConfigError
+from slimtorch.core.registry import nearest
 
 INFO_ATTR = "_slimtorch_info"
 
@@ -48,6 +50,22 @@ class ModelInfo(BaseModel):
     width: float | None = None  # the width it is served at (slimtorch.load(dir, width=...))
     distilled_from: str | None = None  # `slimtorch distill`: the teacher
     kept_layers: list[int] | None = None  # `slimtorch distill --keep-layers`
+    merge: dict[str, Any] | None = None  # `slimtorch merge`: the resolved merge configuration
+    inputs: list[str] | None = None  # `slimtorch merge`: the merged models, base included
+
+    def updated(self, **fields: Any) -> ModelInfo:
+        """A validated copy with ``fields`` set (None clears one); a ConfigError names an
+        unknown or invalid field."""
+        for key in fields:
+            if key not in ModelInfo.model_fields:
+                raise ConfigError(
+                    f"{key!r} is not a model info field{_did_you_mean(key)}; valid fields:"
+                    f" {', '.join(ModelInfo.model_fields)}"
+                )
+        try:
+            return ModelInfo.model_validate({**self.model_dump(), **fields})
+        except ValidationError as exc:
+            raise ConfigError(f"invalid model info: {_first_error(exc)}") from None
 
     def metadata(self) -> dict[str, Any]:
         """The manifest's ``metadata`` object (JSON types; unset fields left out)."""
@@ -55,17 +73,39 @@ class ModelInfo(BaseModel):
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], where: str = "manifest") -> ModelInfo:
-        """The info recorded in an artifact's manifest; names the bad field of a broken one."""
+        """The info recorded in an artifact's manifest; names the bad key of a broken one."""
         meta = manifest.get("metadata") or {}
+        arch = manifest.get("architecture")
         if not isinstance(meta, dict):
             raise ArtifactError(f"{where}: 'metadata' must be an object; re-create the artifact")
+        if arch is not None and not isinstance(arch, dict):
+            raise ArtifactError(
+                f"{where}: 'architecture' must be an object; re-create the artifact"
+            )
+        unknown = [k for k in meta if k not in cls.model_fields or k == "architecture"]
+        if unknown:
+            raise ArtifactError(
+                f"{where}: unknown metadata key {unknown[0]!r}{_did_you_mean(unknown[0])}; a"
+                " newer slimtorch may have written it (upgrade slimtorch), else remove it from the"
+                f' manifest\'s "metadata" object (valid keys: {", ".join(metadata_keys())})'
+            )
         try:
-            return cls(architecture=manifest.get("architecture"), **meta)
+            return cls(architecture=arch, **meta)
         except ValidationError as exc:
             raise ArtifactError(
                 f"{where}: invalid metadata ({_first_error(exc)}); re-create the artifact with"
                 " this slimtorch version"
             ) from None
+
+
+def metadata_keys() -> list[str]:
+    """The keys a manifest's ``metadata`` object may hold: every field but ``architecture``."""
+    return [k for k in ModelInfo.model_fields if k != "architecture"]
+
+
+def _did_you_mean(key: str) -> str:
+    close = nearest(key, list(ModelInfo.model_fields))
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -89,20 +129,20 @@ def set_model_info(model: Any, info: ModelInfo) -> ModelInfo:
 
 
 def update_info(model: Any, **fields: Any) -> ModelInfo:
-    """Set ``fields`` of ``model``'s info, validated together; returns the info."""
+    """Set ``fields`` of ``model``'s info (None clears one), all validated before any is set;
+    returns the info. An unknown field is a ConfigError naming it and the valid ones."""
     info = model_info(model)
-    try:
-        new = ModelInfo.model_validate({**info.model_dump(), **fields})
-    except ValidationError as exc:
-        raise ConfigError(f"invalid model info: {_first_error(exc)}") from None
-    return set_model_info(model, new)
+    new = info.updated(**fields)
+    for key in fields:
+        setattr(info, key, getattr(new, key))
+    return info
 
 
 class MetadataView(MutableMapping[str, Any]):
-    """The pre-0.2 ``get_metadata(model)`` dict, as a view onto :class:`ModelInfo` fields.
+    """The pre-redesign ``get_metadata(model)`` dict, as a view onto :class:`ModelInfo` fields.
 
-    Kept for one release; use :func:`model_info` instead. Unknown keys are refused with the
-    list of valid ones.
+    Kept for one release; use :func:`model_info` and :func:`update_info` instead. Unknown keys
+    are refused with the list of valid ones.
     """
 
     def __init__(self, model: Any) -> None:
@@ -110,8 +150,10 @@ class MetadataView(MutableMapping[str, Any]):
 
     def _key(self, key: str) -> str:
         if key not in ModelInfo.model_fields or key == "architecture":
-            valid = ", ".join(k for k in ModelInfo.model_fields if k != "architecture")
-            raise KeyError(f"{key!r} is not a model info field; valid fields: {valid}")
+            raise KeyError(
+                f"{key!r} is not a model info field{_did_you_mean(key)}; valid fields:"
+                f" {', '.join(metadata_keys())}"
+            )
         return key
 
     def __getitem__(self, key: str) -> Any:
@@ -124,7 +166,8 @@ class MetadataView(MutableMapping[str, Any]):
         update_info(self._model, **{self._key(key): value})
 
     def __delitem__(self, key: str) -> None:
-        update_info(self._model, **{self._key(key): None})
+        if self[key] is not None:  # KeyError when unset, as a dict
+            update_info(self._model, **{key: None})
 
     def __iter__(self) -> Iterator[str]:
         return iter(model_info(self._model).metadata())

@@ -1,10 +1,11 @@
 """slimtorch.distill: knowledge distillation as recipe stages.
 
-Importing this package registers ``distill.finetune``, ``distill.teacher`` and ``distill.shrink``.
+The maths is in ``losses``, ``trainer`` and ``student``; the recipe stages ``distill.finetune``,
+``distill.teacher`` and ``distill.shrink`` are in :mod:`slimtorch.distill.stages` (found by
+discovery, see :mod:`slimtorch.core.methods`), whose configs are importable from here.
 """
 
 from slimtorch.calibrate.sentences import SentenceTask, load_sentences
-from slimtorch.distill import stage  # noqa: F401  (registers the recipe stages)
 from slimtorch.distill.losses import (
     attention_map_loss,
     embedding_loss,
@@ -12,15 +13,19 @@ from slimtorch.distill.losses import (
     kd_loss,
     soft_target_loss,
 )
+from slimtorch.distill.stages import DistillFinetuneConfig, DistillTeacherConfig, ShrinkConfig
 from slimtorch.distill.student import shrink_layers
 from slimtorch.distill.trainer import AttentionPair, DistillOptions, DistillTask, HiddenPair
 
 __all__ = [
     "AttentionPair",
+    "DistillFinetuneConfig",
     "DistillOptions",
     "DistillTask",
+    "DistillTeacherConfig",
     "HiddenPair",
     "SentenceTask",
+    "ShrinkConfig",
     "attention_map_loss",
     "embedding_loss",
     "hidden_state_loss",

@@ -9,8 +9,7 @@ Hugging Face models the recorded architecture is refreshed so the saved artifact
 smaller model.
 
 The sentences a text-encoder student learns from are the ``sentences`` task
-(:mod:`slimtorch.calibrate.sentences`); its names are re-exported here, where
-``slimtorch.cli.cmd_distill`` imports them from.
+(:mod:`slimtorch.calibrate.sentences`); its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from slimtorch.artifact.load import set_architecture
 from slimtorch.core.errors import ConfigError, UnsupportedModelError
+from slimtorch.core.info import update_info
 from slimtorch.distill.trainer import HiddenPair, get_module
 from slimtorch.graph.weights import replace_module
 
@@ -129,7 +128,7 @@ def refresh_architecture(model: nn.Module) -> None:
     """Record the model's current architecture so that its artifact rebuilds this shape."""
     arch = hf_architecture(model)
     if arch is not None:
-        set_architecture(model, arch)
+        update_info(model, architecture=arch)
     else:
         log.warning(
             "%s is not a Hugging Face model: its recorded architecture still has every layer,"

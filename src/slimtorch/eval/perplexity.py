@@ -1,16 +1,14 @@
-"""Evaluator ``perplexity``: a causal language model on held-out text, GPTQ's protocol.
+"""Perplexity of a causal language model on token ids, GPTQ's protocol.
 
-The held-out text is tokenized once as one stream (no special tokens), cut into non-overlapping
-windows of the model's context (``max_position_embeddings``, at most :data:`MAX_CONTEXT`; a
-trailing partial window is dropped), and each window is scored on its own: the mean negative
-log-likelihood of every token after the first, over all windows, exponentiated. This is what
-IST-DASLab/gptq's ``eval`` computes (each window's mean weighs the same), so numbers compare.
+The ids (one tokenized stream, no special tokens) are cut into non-overlapping windows of the
+model's context (``max_position_embeddings``, at most :data:`MAX_CONTEXT`; a trailing partial
+window is dropped), and each window is scored on its own: the mean negative log-likelihood of
+every token after the first, over all windows, exponentiated. This is what IST-DASLab/gptq's
+``eval`` computes (each window's mean weighs the same), so numbers compare.
 
-Works on any Hugging Face causal LM (``model(input_ids).logits``) with a ``tokenizer.json``: the
-tokenizer is found in the directory the model came from (``config._name_or_path``), so
-``builtin:austen-lm`` and local HF directories need nothing more. ``data``: a text spec
-(``builtin:austen``, ``builtin:wikipedia``, a ``.txt`` path, joined by ``+``); its held-out
-split (last 10% of each novel/article/file) is scored. Default ``builtin:austen``.
+Works on any Hugging Face causal LM (``model(input_ids).logits``); :func:`find_tokenizer` finds
+its ``tokenizer.json`` in the directory it came from (``config._name_or_path``). Which text is
+scored is the evaluator's business (evaluator ``perplexity`` of the bundled zoo).
 """
 
 from __future__ import annotations
@@ -23,13 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.core.context import Context
 from slimtorch.core.errors import UnsupportedModelError, UserInputError
-from slimtorch.eval.quality import EVALUATORS, Quality
+from slimtorch.eval.quality import Quality
 
 MAX_CONTEXT = 2048
 BATCH = 8
-DEFAULT_DATA = "builtin:austen"
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -100,31 +96,7 @@ def find_tokenizer(model: nn.Module) -> Path:
     return path
 
 
-def heldout_ids(data: str, tokenizer_path: Path) -> torch.Tensor:
-    """Token ids of the held-out split of the text spec ``data`` (tokenized once, cached)."""
-    from slimtorch.zoo.austen_lm import encoded_split
-
-    return encoded_split(data, "heldout", str(tokenizer_path))
-
-
 def perplexity_quality(nll: float, tokens: int, extra: dict[str, float] | None = None) -> Quality:
     """The ``Quality`` for a mean NLL: metric ``perplexity``, lower is better."""
     more = {"nll": nll, "tokens": float(tokens), **(extra or {})}
     return Quality("perplexity", math.exp(nll), higher_is_better=False, extra=more)
-
-
-def evaluate_perplexity(model: nn.Module, ctx: Context, data: Any) -> Quality:
-    """Evaluator ``perplexity`` on the held-out split of ``data`` (default builtin:austen)."""
-    from slimtorch.zoo.austen_lm import text_split
-
-    spec = DEFAULT_DATA if data is None else str(data)
-    ids = heldout_ids(spec, find_tokenizer(model))
-    context = model_context(model)
-    nll, tokens = perplexity_of_ids(model, ids, context, ctx.device)
-    chars = len(text_split(spec, "heldout"))
-    # bits per character: mean bits per token times this tokenizer's tokens per character
-    bpc = nll / math.log(2.0) * ids.numel() / chars
-    return perplexity_quality(nll, tokens, {"context": float(context), "bits_per_char": bpc})
-
-
-EVALUATORS.add("perplexity", evaluate_perplexity)

@@ -1,24 +1,13 @@
-"""Evaluator ``lee``: document similarity of a sentence encoder against human judgements.
+"""Similarity maths for sentence encoders: correlations with human judgements, pair scores.
 
-The 50 Lee & Pincombe news documents are embedded (mean pooling + L2 norm, see
-:func:`slimtorch.zoo.minilm.embed`); the cosine similarity of every pair (1,225 pairs, the
-upper triangle) is correlated with the human scores. Headline: Pearson (0.656 for the fp32
-all-MiniLM-L6-v2). Extras: Spearman, and the mean cosine between this model's document
-embeddings and those of the fp32 pretrained MiniLM (1.0 = unchanged).
+The evaluator ``lee`` of the bundled zoo correlates the cosine similarity of every pair of the
+Lee documents with human scores through these functions.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any
-
 import numpy as np
 import torch
-from torch import nn
-
-from slimtorch.core.context import Context
-from slimtorch.core.errors import UserInputError
-from slimtorch.eval.quality import EVALUATORS, Quality
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -59,42 +48,3 @@ def pair_scores(embeddings: torch.Tensor, human: np.ndarray) -> tuple[np.ndarray
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean row-wise cosine similarity of two ``[N, D]`` embedding matrices."""
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
-
-
-@lru_cache(maxsize=1)
-def reference_embeddings() -> torch.Tensor:
-    """Lee-document embeddings of the fp32 pretrained MiniLM (computed once per process)."""
-    from slimtorch.zoo import data_text, minilm
-
-    docs, _ = data_text.load_lee()
-    return minilm.embed(minilm.build(True).float(), docs)
-
-
-def lee_quality(embeddings: torch.Tensor, human: np.ndarray) -> Quality:
-    """Quality of ``embeddings`` of the 50 Lee documents against the ``human`` matrix."""
-    if embeddings.shape[0] != len(human):
-        raise UserInputError(
-            f"got {embeddings.shape[0]} embeddings for {len(human)} Lee documents; embed them all"
-        )
-    sims, scores = pair_scores(embeddings, human)
-    extra = {"lee_spearman": spearman(sims, scores)}
-    ref = reference_embeddings()
-    if ref.shape == embeddings.shape:
-        extra["embedding_cosine"] = mean_cosine(embeddings, ref)
-    return Quality("lee_pearson", pearson(sims, scores), higher_is_better=True, extra=extra)
-
-
-def evaluate_lee(model: nn.Module, ctx: Context, data: Any) -> Quality:
-    """Evaluator ``lee``: ``model`` is a BertModel-like encoder using the MiniLM tokenizer."""
-    if data not in (None, "builtin:lee"):
-        raise UserInputError(
-            f"evaluator 'lee' runs on builtin:lee only, got data={data!r}; drop --data or pass"
-            " builtin:lee"
-        )
-    from slimtorch.zoo import data_text, minilm
-
-    docs, human = data_text.load_lee()
-    return lee_quality(minilm.embed(model, docs), human)
-
-
-EVALUATORS.add("lee", evaluate_lee)

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from slimtorch.artifact.load import get_metadata
 from slimtorch.core.errors import UnsupportedModelError
+from slimtorch.core.info import model_info
 from slimtorch.export.hf import _fsync_tree, hf_config_for
 from slimtorch.formats.atomic import MODEL_FILE, check_target, swap_into_place
 from slimtorch.formats.state import QuantState, WeightState, iter_states, to_matrix
@@ -276,7 +276,7 @@ def _state_dict(
 def tokenizer_dir(model: nn.Module) -> Path | None:
     """Where ``model``'s tokenizer files are: its source directory, if it has one."""
     config = getattr(model, "config", None)
-    for where in (getattr(config, "_name_or_path", None), get_metadata(model).get("source")):
+    for where in (getattr(config, "_name_or_path", None), model_info(model).source):
         if (
             where
             and Path(str(where)).is_dir()

@@ -1,9 +1,11 @@
 """slimtorch.lowrank: truncated-SVD factorization of Linear and Conv2d layers.
 
-Importing this package registers the ``lowrank.svd`` recipe stage (plain or data-whitened SVD).
+The maths is in ``svd``, ``whiten`` and ``factor`` (:func:`lowrank_model` factors a model's
+layers); the recipe stage ``lowrank.svd`` (plain or data-whitened SVD) is in
+:mod:`slimtorch.lowrank.stages`, found by discovery (see :mod:`slimtorch.core.methods`).
 """
 
-from slimtorch.lowrank.stage import CalibrationOptions, LowRankConfig, factorize, lowrank_model
+from slimtorch.lowrank.factor import CalibrationOptions, LowRankConfig, factorize, lowrank_model
 from slimtorch.lowrank.svd import (
     choose_rank,
     energy_rank,

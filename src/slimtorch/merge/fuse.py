@@ -16,7 +16,8 @@ The layer keeps its weights in place when it already has a bias; otherwise it be
 :class:`~slimtorch.runtime.fused.FusedIdentity`. ``fuse.conv_bn_relu`` also moves an
 ``nn.ReLU`` module that follows the BN into the FusedLayer; a functional ``torch.relu`` in the
 model's ``forward`` cannot be removed and stays. Pruning masks survive folding (a zero weight
-stays zero); a weight that already carries a quantization grid is refused: fuse first.
+stays zero); a weight that already carries a quantization grid is refused: fuse first. The
+recipe stages ``fuse.batchnorm`` and ``fuse.conv_bn_relu`` are in :mod:`slimtorch.merge.stages.fuse`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from torch import Tensor, fx, nn
 
 from slimtorch.core.config import StageConfig
 from slimtorch.core.errors import ConfigError, UnsupportedModelError
-from slimtorch.core.methods import Run, register_method
 from slimtorch.core.targets import Targets, describe_model
 from slimtorch.formats.state import clear_state, get_state, set_state
 from slimtorch.graph.weights import replace_module
@@ -251,15 +251,3 @@ def fuse_model(model: nn.Module, config: FuseConfig, with_relu: bool) -> list[Fu
     relus = sum(p.relu is not None for p in pairs)
     log.info("folded %d BatchNorm layers (%d ReLUs fused)", len(pairs), relus)
     return pairs
-
-
-@register_method("fuse.batchnorm", FuseConfig, "fold BatchNorm into the preceding Conv/Linear")
-def fuse_batchnorm(model: nn.Module, config: FuseConfig, run: Run) -> None:
-    fuse_model(model, config, with_relu=False)
-
-
-@register_method(
-    "fuse.conv_bn_relu", FuseConfig, "fold BatchNorm and fuse the following ReLU, for inference"
-)
-def fuse_conv_bn_relu(model: nn.Module, config: FuseConfig, run: Run) -> None:
-    fuse_model(model, config, with_relu=True)

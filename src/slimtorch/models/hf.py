@@ -28,6 +28,7 @@ from slimtorch.models.registry import LoadedModel
 log = logging.getLogger(__name__)
 
 EXAMPLE_SEQ_LEN = 128
+ATTENTION_KERNELS = ("eager", "sdpa")  # what read_architecture records; torch's own kernels
 
 
 def _transformers() -> Any:
@@ -140,17 +141,26 @@ def from_config(architecture: dict[str, Any]) -> nn.Module:
     """Build the ``architecture`` spec's model class from its config, with no trained weights."""
     tf = _transformers()
     name = str(architecture.get("class"))
-    cls = getattr(tf, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
+    cls = getattr(tf, name, None) if name.isidentifier() else None
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, tf.PreTrainedModel)
+        and cls.__module__.startswith("transformers.")
+    ):
         raise UserInputError(
-            f"unknown Hugging Face model class {name!r} in the architecture spec; it must be a"
-            f" transformers model class (installed transformers {tf.__version__})"
+            f"unknown Hugging Face model class {name[:100]!r} in the architecture spec; it must be"
+            f" a transformers model class (installed transformers {tf.__version__})"
         )
     cfg = architecture.get("config")
     if not isinstance(cfg, dict):
         raise UserInputError("the architecture spec has no 'config' object; re-save the model")
     config = _config_from_dict(cfg)
     attn = str(architecture.get("attn_implementation", "eager"))
+    if attn not in ATTENTION_KERNELS:  # others may fetch and run kernels from the Hub
+        raise UserInputError(
+            f"attn_implementation {attn[:100]!r} in the architecture spec is not one of"
+            f" {list(ATTENTION_KERNELS)}; re-save the model with this slimtorch version"
+        )
     dtype = _dtype(str(architecture.get("dtype", "float32")))
     model = cls._from_config(config, attn_implementation=attn, dtype=dtype)  # type: ignore[attr-defined]
     return model.eval()  # type: ignore[no-any-return]

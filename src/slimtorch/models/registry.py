@@ -114,13 +114,21 @@ def _call_factory(module_name: str, attr: str) -> nn.Module:
     return model
 
 
-def rebuild(architecture: dict[str, Any]) -> nn.Module:
-    """Construct the architecture described by ``architecture``, without its trained weights."""
+def rebuild(architecture: dict[str, Any], trust_factory: bool = False) -> nn.Module:
+    """Construct the architecture described by ``architecture``, without its trained weights.
+
+    ``builtin`` and ``hf`` specs are data: a registered name, a transformers class and config.
+    A ``factory`` spec names code (``package.module:callable``): it is imported and called only
+    with ``trust_factory=True``, else a UserInputError names the ref and the two fixes.
+    """
     kind = architecture.get("kind")
     if kind == "builtin":
         return builtin_info(str(architecture["name"])).build(False).eval()
     if kind == "factory":
-        module_name, _, attr = str(architecture["ref"]).partition(":")
+        ref = str(architecture.get("ref"))
+        if not trust_factory:
+            raise UserInputError(untrusted_factory_message(ref))
+        module_name, _, attr = ref.partition(":")
         return _call_factory(module_name, attr).eval()
     if kind == "hf":
         from slimtorch.models import hf
@@ -128,4 +136,16 @@ def rebuild(architecture: dict[str, Any]) -> nn.Module:
         return hf.from_config(architecture)
     raise UserInputError(
         f"unknown architecture kind {kind!r} in manifest: {json.dumps(architecture)[:200]}"
+    )
+
+
+def untrusted_factory_message(ref: str) -> str:
+    """Why a ``factory`` architecture is not rebuilt by default, and the two ways to load it."""
+    return (
+        f"this artifact's architecture is the Python factory {ref[:200]!r}: loading it would"
+        " import and call code named in the artifact, which slimtorch does not do unless asked."
+        " Pass the model yourself (Python: slimtorch.load(dir, model=<your factory or a fresh"
+        " nn.Module>); CLI: --model package.module:factory), or, if you trust this artifact,"
+        " allow its factory (Python: slimtorch.load(dir, trust_factory=True); CLI:"
+        " --trust-factory)"
     )

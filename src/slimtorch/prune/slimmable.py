@@ -1,4 +1,5 @@
-"""Slimmable fine-tuning: one set of weights that works at every width of a reordered model.
+"""Slimmable fine-tuning: one set of weights that works at every width of a reordered model
+(the recipe stage ``train.slimmable`` is in :mod:`slimtorch.prune.stages.slimmable`).
 
 After ``prune.reorder`` the first k channels of every group form a sub-network, but that
 sub-network was never trained alone: served at 50% width it is close to chance. ``train.slimmable``
@@ -8,7 +9,7 @@ narrowed sub-network reads its weights *from the full model's tensors*, so one o
 one set of shared weights.
 
 Weight sharing without surgery per step: the narrowed model is built once per width by
-:func:`slimtorch.artifact.load.narrow` on a probe whose parameters hold their own flat
+:func:`slimtorch.artifact.widths.narrow` on a probe whose parameters hold their own flat
 positions (``arange``), which gives, for every parameter of the narrowed model, the positions of
 the full parameter it keeps - gate blocks of LSTMs, heads and flattened channel blocks included.
 A training step then runs the narrowed model with ``torch.func.functional_call`` on the gathered
@@ -16,54 +17,26 @@ full tensors, and gradients flow back into the full model.
 
 BatchNorm statistics differ between widths (fewer input channels, different sums): each trained
 width keeps its own running mean and variance (switchable BatchNorm), recorded in the model's
-metadata under :data:`~slimtorch.artifact.load.WIDTH_STATS_KEY`; ``slimtorch.load(dir,
+info as ``width_stats`` (:class:`~slimtorch.core.info.ModelInfo`); ``slimtorch.load(dir,
 width=w)`` uses them for a trained ``w``.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from slimtorch.artifact.load import (
-    WIDTH_STATS_KEY,
-    available_widths,
-    get_metadata,
-    narrow,
-    width_key,
-)
+from slimtorch.artifact.widths import narrow, width_key
 from slimtorch.calibrate.train import TrainOptions, train
-from slimtorch.core.config import StageConfig
 from slimtorch.core.context import Context
-from slimtorch.core.errors import ConfigError, UnsupportedModelError
-from slimtorch.core.methods import Run, Task, register_method
-
-log = logging.getLogger(__name__)
+from slimtorch.core.errors import UnsupportedModelError
+from slimtorch.core.info import update_info
+from slimtorch.core.methods import Task
 
 _STATS = ("running_mean", "running_var")
-
-
-class SlimmableConfig(StageConfig):
-    """Train every width of a ``prune.reorder``-ed model at once (needs --data)."""
-
-    widths: list[float] = Field(
-        default_factory=lambda: [1.0, 0.75, 0.5],
-        description="the widths trained together; 1.0 (the full model) is always included",
-    )
-    train: TrainOptions = Field(default_factory=TrainOptions)
-
-    @field_validator("widths")
-    @classmethod
-    def _in_range(cls, widths: list[float]) -> list[float]:
-        bad = [w for w in widths if not 0 < w <= 1]
-        if bad or not widths:
-            raise ValueError(f"widths must be fractions in (0, 1], got {widths}")
-        return sorted({1.0, *widths}, reverse=True)
 
 
 def position_maps(model: nn.Module, width: float) -> dict[str, torch.Tensor]:
@@ -141,27 +114,5 @@ def train_slimmable(
     losses = train(model, SlimmableTask(task, views), ctx, options)
     stats = {width_key(v.width): v.statistics() for v in views}
     if any(stats.values()):
-        get_metadata(model)[WIDTH_STATS_KEY] = stats
+        update_info(model, width_stats=stats)
     return losses
-
-
-def _check_reordered(model: nn.Module) -> None:
-    if not available_widths(model):
-        raise ConfigError(
-            "train.slimmable trains the widths of a prune.reorder-ed model: put a"
-            " `prune.reorder` stage before it (see examples/recipes/multiwidth.yaml)"
-        )
-
-
-@register_method(
-    "train.slimmable",
-    SlimmableConfig,
-    "train every width of a prune.reorder-ed model together (one artifact, several widths)",
-    needs_data=True,
-)
-def slimmable(model: nn.Module, config: SlimmableConfig, run: Run) -> None:
-    _check_reordered(model)
-    task = run.require_task("train.slimmable")
-    losses = train_slimmable(model, task, run.ctx, config.train, config.widths)
-    log.info("slimmable training at widths %s: loss %.4f -> %.4f", config.widths, losses[0],
-             losses[-1])  # fmt: skip

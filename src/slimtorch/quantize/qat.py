@@ -1,4 +1,4 @@
-"""``quantize.qat``: quantization-aware fine-tuning with a straight-through estimator.
+"""Quantization-aware training: fake quantization with a straight-through estimator.
 
 Each selected weight is parametrized (``torch.nn.utils.parametrize``): the module computes with
 ``fake_quantize(latent * mask)`` while gradients flow straight through to the latent weight
@@ -7,28 +7,22 @@ weights are read through ``getattr``, this works for Linear, Conv, Embedding,
 MultiheadAttention and LSTM/GRU (an RNN refreshes its ``_flat_weights`` when ``getattr`` returns
 a new tensor). While training, the weights' states are held aside (so ``KeepMasks`` and the
 trainer's freezing of quantized weights do not touch them); afterwards the parametrizations are
-removed and the latent weights are quantized for real, keeping their masks.
+removed and the latent weights are quantized for real, keeping their masks (the recipe stage
+``quantize.qat`` in :mod:`slimtorch.quantize.stages.qat`).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from slimtorch.calibrate.train import TrainOptions, train
-from slimtorch.core.methods import Run, register_method
-from slimtorch.formats.state import WeightState, apply_state, clear_state, get_state, set_state
-from slimtorch.graph.weights import WeightRef, select_weights
-from slimtorch.quantize.affine import fake_quantize, quantize_weight
+from slimtorch.formats.state import WeightState, clear_state, get_state
+from slimtorch.graph.weights import WeightRef
+from slimtorch.quantize.affine import fake_quantize
 from slimtorch.quantize.primitives import QuantSpec
-from slimtorch.quantize.rtn import AffineOptions
-
-log = logging.getLogger(__name__)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -68,12 +62,6 @@ class FakeQuantize(nn.Module):
         return _StraightThrough.apply(w, q, self.mask)  # type: ignore[no-any-return]
 
 
-class QATConfig(AffineOptions):
-    """Fine-tune with fake-quantized weights, then quantize them (same grid options as rtn)."""
-
-    train: TrainOptions = Field(default_factory=lambda: TrainOptions(steps=200, lr=1e-4))
-
-
 def attach_fake_quant(
     refs: list[WeightRef], spec: QuantSpec
 ) -> list[tuple[WeightRef, WeightState | None]]:
@@ -98,37 +86,3 @@ def detach_fake_quant(attached: list[tuple[WeightRef, WeightState | None]]) -> N
     for ref, _ in attached:
         if parametrize.is_parametrized(ref.module, ref.param):
             parametrize.remove_parametrizations(ref.module, ref.param, leave_parametrized=False)
-
-
-@register_method(
-    "quantize.qat",
-    QATConfig,
-    "quantization-aware fine-tuning (fake quant + straight-through estimator), then int2..int8",
-    needs_data=True,
-)
-def qat(model: nn.Module, config: QATConfig, run: Run) -> None:
-    task = run.require_task("quantize.qat")
-    refs = select_weights(model, config.targets, config.ignore)
-    spec = config.spec()
-    attached = attach_fake_quant(refs, spec)
-    try:
-        losses = train(model, task, run.ctx, config.train)
-    except BaseException:
-        detach_fake_quant(attached)
-        for ref, old in attached:
-            if old is not None:
-                set_state(ref.module, ref.param, old)
-        raise
-    detach_fake_quant(attached)
-    for ref, old in attached:
-        mask = old.mask if old is not None else None
-        extra = dict(old.extra) if old is not None else {}
-        q = quantize_weight(ref.weight.detach(), spec, mask)
-        apply_state(ref.module, ref.param, WeightState(mask=mask, quant=q, extra=extra))
-    log.info(
-        "quantize.qat: %d weights, %d steps, loss %.4f -> %.4f",
-        len(attached),
-        len(losses),
-        losses[0],
-        losses[-1],
-    )

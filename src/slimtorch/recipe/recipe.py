@@ -9,11 +9,14 @@ stages:
   - method: quantize.rtn
     bits: 8
 format: {}
+
+Every method a stage can name is registered by a technique's ``stages`` module; they are found on
+disk, with no list to keep (:func:`slimtorch.core.methods.load_methods`, re-exported here).
 """
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,26 +26,10 @@ from pydantic import ValidationError
 
 from slimtorch.core.config import StageConfig, StrictModel
 from slimtorch.core.errors import ConfigError
-from slimtorch.core.methods import METHODS, MethodSpec
+from slimtorch.core.methods import METHODS, MethodSpec, load_methods
 from slimtorch.core.registry import nearest
 
 PRESET_DIR = Path(__file__).parent / "presets"
-
-# Importing these registers every recipe method; recipe is the one place that knows them all.
-_METHOD_MODULES = (
-    "slimtorch.calibrate.train",
-    "slimtorch.prune",
-    "slimtorch.quantize",
-    "slimtorch.share",
-    "slimtorch.lowrank",
-    "slimtorch.merge",
-    "slimtorch.distill",
-)
-
-
-def load_methods() -> None:
-    for name in _METHOD_MODULES:
-        importlib.import_module(name)
 
 
 class FormatOptions(StrictModel):
@@ -107,10 +94,38 @@ def _validation_message(where: str, spec: MethodSpec, exc: ValidationError) -> s
     return f"{where} ({spec.name}): " + "; ".join(lines)
 
 
+def _spec_of(config: StageConfig, where: str) -> MethodSpec:
+    """The one registered method whose config class is ``type(config)``."""
+    load_methods()
+    cls = type(config)
+    names = [name for name, spec in METHODS.items() if spec.config is cls]
+    if len(names) == 1:
+        return METHODS.get(names[0])
+    dump = config.model_dump(mode="json", exclude_defaults=True)
+    if names:
+        raise ConfigError(
+            f"{where}: {cls.__name__} is the config of several methods ({', '.join(names)}):"
+            f" give a stage dict that names one, e.g. {{'method': {names[0]!r}, **{dump!r}}}"
+        )
+    raise ConfigError(
+        f"{where}: {cls.__name__} is not the config of a registered method (a subclass does not"
+        " count): give a stage dict {'method': NAME, ...} or the config class of a method itself"
+    )
+
+
 def parse_stage(raw: Any, index: int) -> Stage:
+    """One stage from a stage dict ``{method: ..., **options}``, a method's config instance
+    (``RTNConfig(bits=4)``: its method is looked up) or a Stage."""
     where = f"stage {index + 1}"
+    if isinstance(raw, Stage):
+        return raw
+    if isinstance(raw, StageConfig):
+        return Stage(_spec_of(raw, where), raw.model_copy(deep=True))
     if not isinstance(raw, dict) or "method" not in raw:
-        raise ConfigError(f"{where}: each stage must be a mapping with a `method` key, got {raw!r}")
+        raise ConfigError(
+            f"{where}: each stage must be a mapping with a `method` key or a method's config"
+            f" (such as RTNConfig(bits=4)), got {raw!r}"
+        )
     body = dict(raw)
     method = str(body.pop("method"))
     optional = bool(body.pop("optional", False))
@@ -127,9 +142,10 @@ def parse_stage(raw: Any, index: int) -> Stage:
 
 
 def parse_recipe(raw: Any, name: str = "custom") -> Recipe:
-    """Build a Recipe from its dict form; every error names the stage and field at fault."""
-    if isinstance(raw, list):
-        raw = {"stages": raw}
+    """Build a Recipe from its dict form, or a list of stages (stage dicts, config instances);
+    every error names the stage and field at fault."""
+    if isinstance(raw, (list, tuple)):
+        raw = {"stages": list(raw)}
     if not isinstance(raw, dict):
         raise ConfigError(f"a recipe must be a mapping with `stages`, got {type(raw).__name__}")
     unknown = set(raw) - {"stages", "format", "description"}
@@ -157,12 +173,32 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def load_recipe(recipe: str | Path | dict[str, Any] | Recipe) -> Recipe:
-    """A Recipe from a preset name, a YAML path, a dict, or a Recipe."""
+# what load_recipe (and so st.compress) accepts as a recipe
+RecipeLike = (
+    str
+    | Path
+    | dict[str, Any]
+    | Recipe
+    | StageConfig
+    | Sequence[StageConfig | Stage | dict[str, Any]]
+)
+
+
+def load_recipe(recipe: RecipeLike) -> Recipe:
+    """A Recipe from a preset name, a YAML path (str or Path), a dict, a Recipe, a stage config
+    (``RTNConfig(bits=4)``) or a list of stage configs and stage dicts
+    (``[MagnitudeConfig(sparsity=0.5), {"method": "quantize.rtn", "bits": 8}]``)."""
     if isinstance(recipe, Recipe):
         return recipe
-    if isinstance(recipe, dict):
+    if isinstance(recipe, (dict, list, tuple)):
         return parse_recipe(recipe)
+    if isinstance(recipe, StageConfig):
+        return parse_recipe([recipe])
+    if not isinstance(recipe, (str, Path)):
+        raise ConfigError(
+            f"a recipe is a preset name, a YAML path, a dict, a Recipe or a list of stage configs,"
+            f" got {type(recipe).__name__}"
+        )
     text = str(recipe)
     preset = PRESET_DIR / f"{text}.yaml"
     path = Path(text)

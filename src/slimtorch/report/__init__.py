@@ -87,11 +87,14 @@ def write_report(
     force: bool = False,
     repeats: int = 20,
     threads: int = 1,
+    trust_factory: bool = False,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Write ``report.html`` (self-contained) and ``report.md`` (with its PNG charts) for the
     directory ``path`` into ``out`` (default: :func:`default_out`). ``latency`` loads the
     artifact(s) and times every leaf module over ``repeats`` forwards on ``threads`` torch
-    threads. Returns a summary."""
+    threads; an artifact of a Python factory loads only with ``model`` or ``trust_factory``
+    (as :func:`slimtorch.load`). Returns a summary."""
     from slimtorch import __version__
     from slimtorch.report.collect import LatencyOptions, collect
     from slimtorch.report.document import build
@@ -104,7 +107,7 @@ def write_report(
     target = Path(out) if out is not None else default_out(source)
     if source.is_dir():
         _check_out(target, source, force)  # fail before the (slow) latency runs
-    data = collect(source, LatencyOptions(latency, repeats, threads))
+    data = collect(source, LatencyOptions(latency, repeats, threads, trust_factory, model))
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc = build(data, generated, __version__)
     page = render_html(doc).encode("utf-8")

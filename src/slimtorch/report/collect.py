@@ -165,16 +165,18 @@ def module_latency_ms(
 
 
 def artifact_latency(
-    path: Path, batch: int = 1, repeats: int = 20, threads: int = 1
+    path: Path, batch: int = 1, repeats: int = 20, threads: int = 1, **load: Any
 ) -> LatencyData | str:
     """Latency breakdown of the artifact at ``path`` on ``threads`` torch threads (restored
-    afterwards), or a note saying why there is none."""
-    from slimtorch.artifact.load import get_architecture, load_artifact
+    afterwards), or a note saying why there is none. ``load``: ``model=`` / ``trust_factory=``
+    of :func:`slimtorch.artifact.load.load_artifact`, for an artifact of a Python factory."""
+    from slimtorch.artifact.load import load_artifact
     from slimtorch.calibrate.inputs import example_inputs
+    from slimtorch.core.info import model_info
     from slimtorch.eval.latency import measure_latency_ms
 
-    model = load_artifact(path)
-    inputs = example_inputs(model, batch, get_architecture(model))
+    model = load_artifact(path, **load)
+    inputs = example_inputs(model, batch, model_info(model).architecture)
     if inputs is None:
         return (
             f"no latency breakdown: {path} records no example inputs; re-create it with"
@@ -197,6 +199,8 @@ class LatencyOptions:
     enabled: bool = False
     repeats: int = 20
     threads: int = 1
+    trust_factory: bool = False  # slimtorch.load(dir, trust_factory=...) for the timed artifacts
+    model: Any = None  # slimtorch.load(dir, model=...): an nn.Module or a zero-argument factory
 
 
 def read_artifact_dir(path: Path, latency: LatencyOptions | None = None) -> ArtifactData:
@@ -225,7 +229,13 @@ def read_artifact_dir(path: Path, latency: LatencyOptions | None = None) -> Arti
         found = read_json(path / EVAL_FILE)
         data.eval = found if isinstance(found, dict) else None
     if latency is not None and latency.enabled:
-        result = artifact_latency(path, repeats=latency.repeats, threads=latency.threads)
+        result = artifact_latency(
+            path,
+            repeats=latency.repeats,
+            threads=latency.threads,
+            model=latency.model,
+            trust_factory=latency.trust_factory,
+        )
         if isinstance(result, str):
             data.latency_note = result
         else:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from slimtorch.core.errors import ConfigError, TargetError
+from slimtorch.core.info import model_info
 from slimtorch.formats.sizes import artifact_bytes, dense_safetensors_bytes
 from slimtorch.graph.weights import WeightRef, select_weights
 from slimtorch.models.registry import LoadedModel
@@ -61,7 +62,9 @@ def _measure(model: str, out: Path, options: Any) -> Baseline:
         measured = api.evaluate(m, latency_batch=options.latency_batch)
         latency = measured.get("latency_ms")
         if options.runtime == "onnx":
-            inputs = api.example_inputs_for(m, api.get_architecture(m) or {}, options.latency_batch)
+            inputs = api.example_inputs_for(
+                m, model_info(m).architecture or {}, options.latency_batch
+            )
             latency = _onnx_latency(m, inputs, out / ".baseline.onnx")
     finally:
         torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ from slimtorch.formats.state import WeightState, codebook_state, effective_weigh
 from slimtorch.graph.weights import WeightRef, select_weights
 from slimtorch.prune.criteria import magnitude_mask
 from slimtorch.quantize.affine import quantize_weight
-from slimtorch.quantize.rtn import RTNConfig
+from slimtorch.quantize.stages.rtn import RTNConfig
 from slimtorch.search.space import Choice, SizeModel, choice_key, rtn_options
 from slimtorch.share.kmeans import assign, kmeans_1d
 

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
+from slimtorch.core.info import model_info, update_info
+
 log = logging.getLogger(__name__)
 
 TrialFn = Callable[[dict[str, Any]], dict[str, Any]]
@@ -57,18 +59,16 @@ def _task(loaded: Any, data: str | None) -> Any:
 
 def prepared_model(spec: dict[str, Any]) -> Any:
     """A fresh copy of ``spec["model"]`` carrying architecture and evaluation metadata."""
-    from slimtorch import api
 
     loaded = _loaded(str(spec["model"]))
     model = copy.deepcopy(loaded.model)
-    api.set_architecture(model, loaded.architecture)
-    api.get_metadata(model).update(
-        {
-            "source": spec["model"],
-            "evaluator": loaded.evaluator,
-            "data": spec.get("eval_data"),
-            "input": spec.get("input"),
-        }
+    update_info(
+        model,
+        architecture=loaded.architecture,
+        source=spec["model"],
+        evaluator=loaded.evaluator,
+        data=spec.get("eval_data"),
+        input=spec.get("input"),
     )
     return model
 
@@ -85,7 +85,6 @@ def _onnx_latency(model: Any, inputs: Any, path: Path) -> float:
 
 def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     from slimtorch import api
-    from slimtorch.artifact.load import get_architecture
     from slimtorch.core.context import Context
 
     ctx = Context(seed=int(spec.get("seed", 0)), progress=False)
@@ -94,12 +93,12 @@ def _measure(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     result = api.compress(model, spec["recipe"], task, ctx, inplace=True)
     api.save(result.model, out, force=True)
     size = api.artifact_size(out)
-    reloaded = api.load(out)
+    reloaded = api.load(out, trust_factory=True)  # written just above from spec["model"]
     batch = int(spec.get("latency_batch", 1))
     measured = api.evaluate(reloaded, ctx=ctx, latency_batch=batch)
     latency = measured.get("latency_ms")
     if spec.get("runtime") == "onnx":
-        inputs = api.example_inputs_for(reloaded, get_architecture(reloaded) or {}, batch)
+        inputs = api.example_inputs_for(reloaded, model_info(reloaded).architecture or {}, batch)
         latency = _onnx_latency(reloaded, inputs, out.parent / f".{out.name}.onnx")
     return {
         "bytes": size,

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from slimtorch.artifact.load import narrow
+from slimtorch.artifact.widths import narrow
 from slimtorch.core.errors import UserInputError
 from slimtorch.eval.latency import measure_latency_ms
 

@@ -1,11 +1,13 @@
 """slimtorch.share: weight sharing, Deep-Compression style.
 
-Importing this package registers the recipe methods ``share.kmeans`` (k-means codebooks),
-``share.finetune`` (trained weight sharing) and ``share.tie`` (repeated blocks share one tensor).
+The maths is in ``codebook`` (k-means codebooks, trained centroids), ``kmeans`` and ``tie``; the
+recipe stages ``share.kmeans``, ``share.finetune`` and ``share.tie`` are in
+:mod:`slimtorch.share.stages` (found by discovery, see :mod:`slimtorch.core.methods`), whose
+configs are importable from here.
 """
 
-from slimtorch.share import codebook, tie
-from slimtorch.share.codebook import share_weights
+from slimtorch.share.codebook import KMeansConfig, share_weights
+from slimtorch.share.stages import ShareFinetuneConfig, TieConfig
 from slimtorch.share.tie import tie_parameters
 
-__all__ = ["codebook", "share_weights", "tie", "tie_parameters"]
+__all__ = ["KMeansConfig", "ShareFinetuneConfig", "TieConfig", "share_weights", "tie_parameters"]

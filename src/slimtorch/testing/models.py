@@ -205,7 +205,7 @@ def tiny_llama(
     matrix from N(0, std) (Llama's 0.02 init gives near-constant outputs)."""
     import transformers
 
-    from slimtorch.artifact.load import set_architecture
+    from slimtorch.core.info import update_info
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
@@ -225,7 +225,7 @@ def tiny_llama(
                 if p.dim() == 2:
                     p.normal_(0, std)
     arch = {"kind": "hf", "class": "LlamaForCausalLM", "config": config.to_dict()}
-    set_architecture(model, {**arch, "attn_implementation": attn, "dtype": "float32"})
+    update_info(model, architecture={**arch, "attn_implementation": attn, "dtype": "float32"})
     return model  # type: ignore[no-any-return]
 
 
@@ -238,11 +238,11 @@ def example_input(model: nn.Module, batch: int = 4) -> torch.Tensor:
 
 
 def with_example_input(model: nn.Module) -> nn.Module:
-    """Record :func:`example_input`'s shape in ``model``'s metadata (what stages that trace the
+    """Record :func:`example_input`'s shape in ``model``'s info (what stages that trace the
     model, such as ``prune.structured``, read); returns the model."""
-    from slimtorch.artifact.load import get_metadata
+    from slimtorch.core.info import update_info
 
     x = example_input(model)
     dtype = "int64" if x.dtype == torch.int64 else "float32"
-    get_metadata(model)["input"] = {"shape": list(x.shape), "dtype": dtype}
+    update_info(model, input={"shape": list(x.shape), "dtype": dtype})
     return model

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from slimtorch.calibrate.text import TOKENIZERS
 from slimtorch.core.errors import ArtifactError, UserInputError
 from slimtorch.models.registry import MODELS, BuiltinModel
 
@@ -143,6 +144,7 @@ def builtin_tokenizer_path() -> Path:
 def text_split(spec: str, split: Literal["train", "heldout"]) -> str:
     """The ``split`` of text specs joined by ``+`` (``builtin:austen``, ``builtin:wikipedia``,
     a ``.txt`` path): per novel / article / file, held out = its last 10% of characters."""
+    from slimtorch.calibrate.text import load_text
     from slimtorch.zoo import data_text
 
     parts = []
@@ -153,7 +155,7 @@ def text_split(spec: str, split: Literal["train", "heldout"]) -> str:
             articles = data_text.load_wikipedia()
             parts.append("\n\n".join(data_text.split_text(a, split) for a in articles))
         else:
-            parts.append(data_text.split_text(data_text.load_text(part), split))
+            parts.append(data_text.split_text(load_text(part), split))
     return "\n\n".join(parts)
 
 
@@ -240,3 +242,4 @@ MODELS.add(
         task="causal-lm",
     ),
 )
+TOKENIZERS.add("austen-lm", builtin_tokenizer_path)

@@ -222,10 +222,11 @@ MODELS.add(
 @functools.lru_cache(maxsize=8)
 def encoded_split(data: str, split: Literal["train", "heldout"]) -> torch.Tensor:
     """Encoded ``split`` ("train" | "heldout") of the text dataset spec ``data`` (cached)."""
+    from slimtorch.calibrate.text import load_text
     from slimtorch.zoo import data_text
 
     if data == "builtin:austen":
         text = data_text.austen_split(split)
     else:
-        text = data_text.split_text(data_text.load_text(data), split)
+        text = data_text.split_text(load_text(data), split)
     return encode(text)

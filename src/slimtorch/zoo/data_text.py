@@ -5,6 +5,9 @@
 * ``builtin:wikipedia`` — 106 articles from gensim's test data (redirect pages skipped).
 * Lee & Pincombe — 50 news documents and a 50x50 human similarity matrix (gensim test data).
 
+The two texts are registered as ``builtin:austen`` and ``builtin:wikipedia`` in
+:data:`slimtorch.calibrate.text.TEXTS`, whose ``load_text`` reads them (or a ``.txt`` file).
+
 Every loader is cached per process; none touches the network.
 """
 
@@ -21,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from slimtorch.calibrate.text import TEXTS
 from slimtorch.core.errors import UserInputError
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
@@ -188,31 +192,15 @@ def load_lee() -> tuple[list[str], np.ndarray]:
     return docs, matrix
 
 
-TEXT_DATASETS = ("austen", "wikipedia")
+def austen_text() -> str:
+    """``builtin:austen``: the six novels, joined with a blank line, in publication order."""
+    return "\n\n".join(load_austen().values())
 
 
-def load_text(spec: str) -> str:
-    """``builtin:austen`` (all six novels), ``builtin:wikipedia``, or a path to a UTF-8 .txt file."""
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name == "austen":
-            return "\n\n".join(load_austen().values())
-        if name == "wikipedia":
-            return "\n\n".join(load_wikipedia())
-        raise UserInputError(
-            f"unknown text dataset {spec!r}; use one of "
-            f"{', '.join('builtin:' + n for n in TEXT_DATASETS)} or a path to a .txt file"
-        )
-    path = Path(spec)
-    if not path.is_file() or path.suffix.lower() != ".txt":
-        raise UserInputError(
-            f"text data {spec!r} is not an existing .txt file; give a UTF-8 .txt path or"
-            f" one of {', '.join('builtin:' + n for n in TEXT_DATASETS)}"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserInputError(f"{path} is not valid UTF-8 ({exc}); re-encode it as UTF-8") from None
-    if not text:
-        raise UserInputError(f"{path} is empty; give a file with text in it")
-    return text
+def wikipedia_text() -> str:
+    """``builtin:wikipedia``: the articles, joined with a blank line."""
+    return "\n\n".join(load_wikipedia())
+
+
+TEXTS.add("austen", austen_text)
+TEXTS.add("wikipedia", wikipedia_text)

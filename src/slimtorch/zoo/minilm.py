@@ -3,7 +3,8 @@
 A sentence embedding is the mean of the last hidden states over the attention mask, L2
 normalised (sentence-transformers' recipe for this model, 256 tokens at most). Quality is
 measured on the Lee document pairs (evaluator ``lee``). Its training task is ``sentences``
-(slimtorch.calibrate.sentences): sentences of running text, which train it only by distillation.
+(registered in slimtorch.zoo.tasks): sentences of running text, which train it only by
+distillation. Its tokenizer is ``builtin:minilm`` (the default of the sentences task).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from slimtorch.calibrate.sentences import last_hidden, mean_pool
+from slimtorch.calibrate.text import TOKENIZERS
 from slimtorch.core.errors import UserInputError
 from slimtorch.models import hf
 from slimtorch.models.registry import MODELS, BuiltinModel
@@ -76,26 +78,6 @@ def tokenize(
     return input_ids, mask
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden [N, L, D]`` over positions where ``mask [N, L]`` is set, L2 normalised."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    summed = (hidden * m).sum(dim=1)
-    pooled = summed / m.sum(dim=1).clamp(min=1e-9)
-    return F.normalize(pooled.float(), p=2, dim=-1)
-
-
-def last_hidden(out: Any) -> torch.Tensor:
-    """The hidden states ``[batch, tokens, dim]`` of an encoder's output (``last_hidden_state``)."""
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        hidden = out[0] if isinstance(out, (tuple, list)) else out
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise UserInputError(
-            "the model must return hidden states [batch, tokens, dim] (a BertModel-like encoder)"
-        )
-    return hidden
-
-
 @torch.no_grad()
 def embed(model: nn.Module, sentences: Sequence[str], batch_size: int = 32) -> torch.Tensor:
     """Sentence embeddings ``[N, D]``: mean pooling over the attention mask, then L2 norm."""
@@ -139,3 +121,4 @@ MODELS.add(
         evaluates_training_data=False,  # trains on sentences, evaluated on builtin:lee
     ),
 )
+TOKENIZERS.add("minilm", lambda: model_dir() / "tokenizer.json")

@@ -1,0 +1,61 @@
+"""``slimtorch compress``: compress a model with a recipe and save the artifact."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from slimtorch.cli.options import add_common, context
+from slimtorch.cli.render import before_after
+
+
+def add_parser(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "compress", help="compress a model with a recipe and save the artifact"
+    )
+    p.add_argument(
+        "--model", required=True, help="builtin:NAME, a local HF directory, or pkg.mod:factory"
+    )
+    p.add_argument(
+        "--recipe", required=True, help="a preset name (see `slimtorch recipes`) or a YAML file"
+    )
+    p.add_argument(
+        "--data", help="builtin:NAME or a path: training/calibration and evaluation data"
+    )
+    p.add_argument("--out", required=True, help="output directory for the artifact")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--latency-batch", type=int, default=1)
+    p.add_argument(
+        "--input-shape",
+        help="input shape for latency runs of models slimtorch does"
+        " not know, e.g. 1,3,224,224 (recorded in the artifact)",
+    )
+    p.add_argument("--input-dtype", default="float32", choices=["float32", "int64"])
+    p.add_argument(
+        "--max-memory",
+        help="memory budget, e.g. 1GB: a Hugging Face checkpoint bigger than half of it is"
+        " compressed block by block (layer-wise stages only), resumable",
+    )
+    p.add_argument(
+        "--work-dir", help="progress of an offloaded run (default: beside --out); rerun to resume"
+    )
+    add_common(p)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from slimtorch.workflows.compress import CompressOptions, compress_to_dir
+
+    options = CompressOptions(
+        data=args.data,
+        force=args.force,
+        latency_batch=args.latency_batch,
+        input_shape=args.input_shape,
+        input_dtype=args.input_dtype,
+        max_memory=args.max_memory,
+        work_dir=args.work_dir,
+    )
+    return compress_to_dir(args.model, args.recipe, args.out, options, context(args))
+
+
+def render(r: dict[str, Any]) -> str:
+    return f"{r['model']} -> {r['out']} (recipe {r['recipe']})\n" + before_after(r)

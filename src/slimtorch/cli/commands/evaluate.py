@@ -1,0 +1,45 @@
+"""``slimtorch eval DIR``: measure an artifact (size, latency, quality) against the original."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from slimtorch.cli.options import add_common, add_trust, context
+from slimtorch.cli.render import before_after
+
+
+def add_parser(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "eval", help="measure an artifact: size, latency, quality, against the original"
+    )
+    p.add_argument("dir")
+    p.add_argument("--data", help="evaluation data (default: what the artifact records)")
+    p.add_argument("--latency-batch", type=int, default=1)
+    p.add_argument("--no-baseline", action="store_true", help="skip measuring the original model")
+    p.add_argument(
+        "--width",
+        type=float,
+        help="serve a prune.reorder-ed artifact on this fraction of its channels, e.g. 0.5",
+    )
+    add_trust(p)
+    add_common(p)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from slimtorch.workflows.evaluate import evaluate_dir
+
+    return evaluate_dir(
+        args.dir,
+        args.data,
+        context(args),
+        args.latency_batch,
+        baseline=not args.no_baseline,
+        width=args.width,
+        model=args.model,
+        trust_factory=args.trust_factory,
+    )
+
+
+def render(r: dict[str, Any]) -> str:
+    return f"artifact (source {r.get('source')})\n" + before_after(r)

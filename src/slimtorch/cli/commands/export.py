@@ -1,0 +1,138 @@
+"""``slimtorch export DIR --to onnx|hf|compressed-tensors --out OUT``: an artifact for other runtimes.
+
+    slimtorch export out/ --to onnx --out model.onnx      # verified in onnxruntime
+    slimtorch export out/ --to hf --out model-hf/         # transformers' from_pretrained loads it
+    slimtorch export out/ --to compressed-tensors --out model-ct/   # packed int4/int8 weights
+
+Example inputs come from what the artifact records (builtin models, Hugging Face configs, or
+the ``input`` shape recorded with ``slimtorch compress --input-shape``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from slimtorch.cli.options import add_trust
+from slimtorch.workflows.export import TARGETS  # light: the exporters load when they run
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``export`` subcommand to the ``sub`` subparsers of the main parser."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "export",
+        help="export an artifact to ONNX (checked in onnxruntime) or a transformers directory",
+    )
+    p.add_argument("dir", help="a slimtorch artifact directory (the --out of compress)")
+    p.add_argument("--to", required=True, choices=TARGETS, help="the format to write")
+    p.add_argument("--out", required=True, help="the .onnx file, or the directory to write")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="batch size of the example inputs of builtin and Hugging Face models (an input"
+        " shape recorded in the artifact is used as recorded)",
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="--to onnx: write every weight as dense float (default: compressed weights low-bit)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="--to onnx: fail when a compressed weight cannot be stored low-bit (default: keep"
+        " it dense float with a warning)",
+    )
+    p.add_argument(
+        "--decode",
+        choices=("load", "run"),
+        default="load",
+        help="--to onnx: 'load' (default) decodes low-bit weights once when onnxruntime loads"
+        " the file (small file, dense float in memory, float speed); 'run' keeps them low-bit"
+        " in memory (DequantizeLinear/MatMulNBits, decoded at every run: slower). Both exact",
+    )
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_trust(p)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``slimtorch export``; returns the exporter's JSON-able report."""
+    from slimtorch.workflows.export import ExportOptions, export_dir
+
+    options = ExportOptions(
+        batch=args.batch,
+        opset=args.opset,
+        dense=args.dense,
+        strict=args.strict,
+        decode=args.decode,
+        force=args.force,
+        model=args.model,
+        trust_factory=args.trust_factory,
+    )
+    return export_dir(args.dir, args.to, args.out, options)
+
+
+def _render_ct(result: dict[str, Any]) -> str:
+    groups = "; ".join(
+        f"{g['layers']} layers {g['num_bits']}-bit {g['strategy']}"
+        f"{' ' + str(g['group_size']) if g['group_size'] else ''}"
+        f" {'sym' if g['symmetric'] else 'asym'}"
+        for g in result["config_groups"].values()
+    )
+    check = result["verified"]
+    if check == "transformers":
+        check = f"outputs match to {result['max_abs_diff']:.3g}"
+    return "\n".join(
+        [
+            f"wrote {result['out']} ({result['class']}, {result['bytes']:,} bytes): {groups}",
+            f"dense: {', '.join(result['ignore']) or 'none'}; reloaded by transformers: {check}",
+        ]
+    )
+
+
+def _render_hf(result: dict[str, Any], fits: str) -> str:
+    sizes = ", ".join(f"{k} {v}" for k, v in result["sizes"].items())
+    return "\n".join(
+        [
+            f"wrote {result['out']} ({result['class']}, {result['bytes']:,} bytes): {sizes}",
+            f"transformers from_pretrained reloads it; {fits}",
+        ]
+    )
+
+
+def render(result: dict[str, Any]) -> str:
+    """Plain-text summary of :func:`run`'s result."""
+    if result["format"] == "compressed-tensors":
+        return _render_ct(result)
+    fits = (
+        f"outputs match to {result['max_abs_diff']:.3g}"
+        f" (tolerance {result['atol']} + {result['rtol']} x |value|)"
+    )
+    if result["format"] == "hf":
+        return _render_hf(result, fits)
+    lines = [
+        f"wrote {result['out']} ({result['bytes']:,} bytes, opset {result['opset']},"
+        f" {result['exporter']} exporter)",
+        f"onnxruntime {fits}",
+        f"latency (1 thread, median): onnxruntime {result['onnxruntime_ms']:.3f} ms,"
+        f" PyTorch {result['torch_ms']:.3f} ms",
+    ]
+    layers = result.get("lowbit_layers") or []
+    if layers:
+        ops: dict[str, int] = {}
+        for layer in layers:
+            ops[layer["op"]] = ops.get(layer["op"], 0) + 1
+        kinds = ", ".join(f"{n} x {op}" for op, n in ops.items())
+        lines.append(
+            f"low-bit weights: {kinds}; {result['dense_float_bytes']:,} bytes as dense float"
+            f" ({result['dense_float_bytes'] / max(result['bytes'], 1):.2f}x)"
+        )
+    for d in result.get("dense_layers") or []:
+        lines.append(f"dense float: {d['param']} ({d['reason']})")
+    if result.get("dynamo_error"):
+        lines.append(f"note: the dynamo exporter failed ({result['dynamo_error']})")
+    return "\n".join(lines)

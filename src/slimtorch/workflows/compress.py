@@ -1,0 +1,146 @@
+"""Compress a model spec to an artifact directory and measure it against the original.
+
+In memory by default; with ``max_memory`` a Hugging Face checkpoint bigger than half of it is
+compressed block by block (:mod:`slimtorch.workflows.offloaded`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimtorch import api
+from slimtorch.calibrate.tasks import make_task
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError
+from slimtorch.core.info import update_info
+from slimtorch.core.methods import Task
+from slimtorch.models.registry import LoadedModel, load_model
+from slimtorch.recipe import Recipe, load_recipe
+from slimtorch.workflows.figures import baseline, summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressOptions:
+    """Options of :func:`compress_to_dir` besides model, recipe and output."""
+
+    data: str | None = None
+    force: bool = False
+    latency_batch: int = 1
+    input_shape: str | None = None  # "1,3,32,32": latency input for models slimtorch doesn't know
+    input_dtype: str = "float32"
+    max_memory: str | None = None  # "1GB": compress a bigger HF checkpoint block by block
+    work_dir: str | None = None  # where an offloaded run keeps its progress (resume)
+
+
+def _task_for(loaded: LoadedModel, data: str | None, needed: bool) -> Task | None:
+    if data is None:
+        return None
+    if loaded.task is None:
+        if needed:
+            raise ConfigError(
+                f"no training task is known for {loaded.source}: fine-tuning stages need a"
+                " builtin model with a task, or drop those stages from the recipe"
+            )
+        return None
+    return make_task(loaded.task, data)
+
+
+def _input_spec(options: CompressOptions) -> dict[str, Any] | None:
+    if not options.input_shape:
+        return None
+    try:
+        shape = [int(d) for d in options.input_shape.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--input-shape {options.input_shape!r} must be comma-separated integers, e.g. 1,3,32,32"
+        ) from None
+    if not shape or min(shape) < 1:
+        raise ConfigError(f"--input-shape {options.input_shape!r} needs positive sizes")
+    return {"shape": shape, "dtype": options.input_dtype}
+
+
+def compress_to_dir(
+    model: str,
+    recipe: str,
+    out: str | Path,
+    options: CompressOptions | None = None,
+    ctx: Context | None = None,
+) -> dict[str, Any]:
+    """Load ``model``, measure it, compress with ``recipe``, save to ``out``, reload and measure."""
+    options = options or CompressOptions()
+    ctx = ctx or Context()
+    data, force, latency_batch = options.data, options.force, options.latency_batch
+    out = Path(out)
+    if out.exists() and not force:
+        raise ConfigError(f"output directory {out} exists; pass --force to replace it")
+    rec = load_recipe(recipe)
+    if options.max_memory is not None:
+        report = _maybe_offloaded(model, rec, out, options, ctx)
+        if report is not None:
+            return report
+    loaded = load_model(model)
+    has_data_stage = any(s.spec.needs_data for s in rec.stages)
+    task = _task_for(loaded, data, rec.needs_data or (has_data_stage and data is not None))
+    eval_data = (data if loaded.evaluates_training_data else None) or loaded.data
+    update_info(
+        loaded.model,
+        architecture=loaded.architecture,
+        source=model,
+        evaluator=loaded.evaluator,
+        data=eval_data,
+        input=_input_spec(options),
+    )
+    before = api.evaluate(loaded.model, ctx=ctx, latency_batch=latency_batch)
+    result = api.compress(loaded.model, rec, task, ctx)
+    api.save(result.model, out, force=force)
+    reloaded = api.load(out, trust_factory=True)  # written just above from the user's --model
+    measured = api.evaluate(reloaded, ctx=ctx, latency_batch=latency_batch)
+    report = summary(out, measured, result.dense_bytes)
+    report.update(
+        {
+            "model": model,
+            "recipe": rec.name,
+            "out": str(out),
+            "stages": result.stages,
+            **baseline(before),
+        }
+    )
+    return report
+
+
+def _maybe_offloaded(
+    model: str, rec: Recipe, out: Path, options: CompressOptions, ctx: Context
+) -> dict[str, Any] | None:
+    """The offloaded run when ``model`` is a checkpoint bigger than ``--max-memory``."""
+    from slimtorch.workflows import offloaded
+
+    budget = offloaded.parse_bytes(str(options.max_memory))
+    path = Path(model)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise ConfigError(
+            "--max-memory compresses a local Hugging Face checkpoint block by block; give"
+            " --model a directory with config.json and *.safetensors"
+        )
+    dense = offloaded.checkpoint_fp32_bytes(path)
+    if dense <= budget // 2:
+        log.info("%s (%.0f MiB) fits in --max-memory: compressing in memory", model, dense / 2**20)
+        return None
+    manifest = offloaded.compress_large(
+        path, rec, out, options.data, budget, options.work_dir, ctx, options.force
+    )
+    on_disk = api.artifact_size(out)
+    return {
+        "model": model,
+        "recipe": rec.name,
+        "out": str(out),
+        "offloaded": True,
+        "bytes_on_disk": on_disk,
+        "dense_bytes": dense,
+        "compression_ratio": dense / on_disk if on_disk else None,
+        "tensors": len(manifest["tensors"]),
+    }

@@ -1,0 +1,67 @@
+"""Measure an artifact and, when its source is known, the original model beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slimtorch import api
+from slimtorch.core.context import Context
+from slimtorch.core.errors import UserInputError
+from slimtorch.core.info import model_info, update_info
+from slimtorch.models.registry import LoadedModel, load_model, untrusted_factory_message
+from slimtorch.workflows.figures import baseline as baseline_figures
+from slimtorch.workflows.figures import summary
+
+
+def names_code(spec: str) -> bool:
+    """Whether the model spec ``spec`` is a ``package.module:factory`` (loading it runs code)."""
+    return not spec.startswith("builtin:") and ":" in spec and not Path(spec).exists()
+
+
+def _original(source: str, model: str | None, trust_factory: bool) -> LoadedModel:
+    """The original model: the one the user names, else the source the artifact records (a
+    source that names Python code is imported only when the user trusts the artifact)."""
+    if model is not None:
+        return load_model(model)
+    if names_code(source) and not trust_factory:
+        raise UserInputError(untrusted_factory_message(source))
+    return load_model(source)
+
+
+def evaluate_dir(
+    path: str | Path,
+    data: str | None = None,
+    ctx: Context | None = None,
+    latency_batch: int = 1,
+    baseline: bool = True,
+    width: float | None = None,
+    model: str | None = None,
+    trust_factory: bool = False,
+) -> dict[str, Any]:
+    """Measure an artifact and, when its source is known, the original model beside it.
+    ``width`` serves a ``prune.reorder``-ed artifact on that fraction of its channels.
+    ``model`` (a model spec) gives the architecture of an artifact of a Python factory, and
+    the original to compare with; ``trust_factory`` lets the artifact's recorded factory run."""
+    ctx = ctx or Context()
+    path = api.require_dir(path)
+    given = load_model(model).model if model is not None else None
+    loaded = api.load(path, width=width, model=given, trust_factory=trust_factory)
+    info = model_info(loaded)
+    measured = api.evaluate(loaded, data=data, ctx=ctx, latency_batch=latency_batch)
+    report = summary(path, measured, int(info.dense_bytes or 0))
+    report["source"] = info.source
+    if width is not None:
+        report["width"] = width
+    if baseline and info.source:
+        original = _original(info.source, model, trust_factory)
+        update_info(
+            original.model,
+            architecture=original.architecture,
+            evaluator=info.evaluator,
+            data=info.data,
+            input=info.input,
+        )
+        base = api.evaluate(original.model, data=data, ctx=ctx, latency_batch=latency_batch)
+        report.update(baseline_figures(base))
+    return report

@@ -1,0 +1,70 @@
+"""Export an artifact for other runtimes (``slimtorch export DIR --to ... --out ...``).
+
+Example inputs come from what the artifact records (builtin models, Hugging Face configs, or
+the ``input`` shape recorded with ``slimtorch compress --input-shape``); the file written is
+checked on them by :func:`slimtorch.export.export`. Importing this module stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimtorch.export import TARGETS, export, options_of
+
+__all__ = ["TARGETS", "ExportOptions", "export_dir"]
+
+
+@dataclass
+class ExportOptions:
+    """How :func:`export_dir` writes (``--batch``, ``--opset``, ``--dense``, ...)."""
+
+    batch: int = 1  # batch size of the example inputs of builtin and Hugging Face models
+    opset: int | None = None  # onnx: the opset version (None: the exporter's)
+    dense: bool = False  # onnx: every weight as dense float
+    strict: bool = False  # onnx: fail when a compressed weight cannot be stored low-bit
+    decode: str = "load"  # onnx: "load" decodes low-bit weights at load time, "run" at every run
+    force: bool = False  # replace ``out`` if it exists
+    model: str | None = None  # the architecture of an artifact of a Python factory (a model spec)
+    trust_factory: bool = False  # let the artifact's recorded factory run (trusted files only)
+
+
+def export_dir(
+    path: str | Path, to: str, out: str | Path, options: ExportOptions | None = None
+) -> dict[str, Any]:
+    """Load the artifact at ``path`` and export it to ``to`` at ``out``; the exporter's report."""
+    from slimtorch import api
+    from slimtorch.calibrate.inputs import example_inputs
+    from slimtorch.core.errors import UnsupportedModelError, UserInputError
+    from slimtorch.core.info import model_info
+    from slimtorch.models.registry import load_model
+
+    options = options or ExportOptions()
+    if options.batch < 1:
+        raise UserInputError(f"--batch must be at least 1, got {options.batch}")
+    given = load_model(options.model).model if options.model else None
+    model = api.load(api.require_dir(path), model=given, trust_factory=options.trust_factory)
+    arch = model_info(model).architecture or {}
+    if to in ("hf", "compressed-tensors") and arch.get("kind") != "hf":
+        raise UnsupportedModelError(
+            f"{path} holds a {arch.get('kind') or 'non-Hugging Face'} model"
+            f" ({type(model).__name__}); --to {to} writes transformers models only: use"
+            " --to onnx, or slimtorch.load"
+        )
+    inputs = example_inputs(model, options.batch, arch)
+    if inputs is None:
+        raise UserInputError(
+            f"{path} records no example inputs for {type(model).__name__}: re-create it with"
+            " `slimtorch compress ... --input-shape 1,3,224,224` (and --input-dtype), or call"
+            " slimtorch.core.info.update_info(model, input={'shape': [...], 'dtype':"
+            " 'float32'|'int64'}) before slimtorch.save"
+        )
+    onnx_options: dict[str, Any] = {
+        "opset": options.opset,
+        "quantized": not options.dense,
+        "strict": options.strict,
+        "decode": options.decode,
+    }
+    taken = {k: v for k, v in onnx_options.items() if k in options_of(to)}  # onnx: all of them
+    return export(model, to, out, inputs=inputs, overwrite=options.force, **taken)

@@ -1,0 +1,182 @@
+"""Compress a Hugging Face checkpoint within a memory budget (``slimtorch compress --max-memory``).
+
+When the checkpoint does not fit in ``--max-memory``, the recipe runs through
+:func:`slimtorch.calibrate.offload.compress_offloaded`: one block in memory at a time, written
+out as it finishes, resumable from ``--work-dir``. Every stage must be layer-wise (GPTQ, AWQ,
+SmoothQuant, SparseGPT, Wanda, RTN); the result is the artifact the in-memory run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import resource
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimtorch.calibrate.offload import (
+    Checkpoint,
+    OffloadPlan,
+    compress_offloaded,
+    empty_parameters,
+    fingerprint,
+)
+from slimtorch.calibrate.sequential import find_blocks
+from slimtorch.calibrate.tasks import make_task
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError, UserInputError
+from slimtorch.core.methods import Run
+from slimtorch.models.hf import from_config, read_architecture
+from slimtorch.recipe import Recipe
+from slimtorch.runtime.conv1d import Conv1DLinear, linearize_conv1d
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_bytes(text: str) -> int:
+    """``"1GB"``, ``"512MiB"``, ``"1.5G"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
+    unit = m.group(2) if m else ""
+    unit = unit + "B" if unit and not unit.endswith("B") else unit
+    if m is None or unit not in _UNITS:
+        raise UserInputError(f"cannot read the memory size {text!r}; write e.g. 1GB or 512MiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * 4 for p in module.parameters())
+
+
+def _resident_now() -> int:
+    """This process's resident memory now (imports, the meta skeleton): measured, not assumed."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # not Linux: the peak so far
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def estimate_peak(model: nn.Module, samples: int, length: int, hessians: bool) -> dict[str, int]:
+    """Rough peak of an offloaded run: the memory in use now plus the larger of the capture
+    phase and one block's work. A lower bound: the temporaries of quantizing and encoding a
+    block come on top (freed memory is handed back to the OS after each block; measured on a
+    4.1 GB checkpoint with RTN 4-bit: 1.37 GB peak, see BENCHMARKS.md)."""
+    blocks = find_blocks(model)
+    block = model.get_submodule(blocks.names[0])
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)  # type: ignore[union-attr]
+    acts = 2 * samples * length * hidden * 4
+    stats = sum(
+        (m.in_features**2 * 4 if hessians else m.in_features * 8)
+        for m in block.modules()
+        if isinstance(m, nn.Linear)
+    )
+    outside = _param_bytes(model) - len(blocks.names) * _param_bytes(block)
+    return {
+        "block": _param_bytes(block),
+        "statistics": stats,
+        "activations": acts,
+        "outside_blocks": outside,
+        "process": _resident_now(),
+        "peak": max(outside + acts, _param_bytes(block) + stats + acts) + _resident_now(),
+    }
+
+
+def checkpoint_fp32_bytes(path: Path) -> int:
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(4 * math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def check_vocab(config: Any, batches: list[Any]) -> None:
+    """Refuse calibration token ids that the model's embedding has no row for."""
+    have = int(getattr(config, "vocab_size", 0) or 0)
+    need = 1 + max((int(b[0].max()) for b in batches), default=-1)
+    if have < need:
+        raise ConfigError(
+            f"the model's vocabulary ({have} tokens) is smaller than the calibration text's"
+            f" token ids (up to {need - 1}, from the causal-lm task's tokenizer): compress it"
+            " in memory (drop --max-memory)"
+        )
+
+
+def _linear_config(model: nn.Module, name: str) -> dict[str, Any]:
+    layer = model.get_submodule(name)
+    assert isinstance(layer, Conv1DLinear)
+    return layer.config()
+
+
+def compress_large(
+    model_dir: str | Path,
+    recipe: Recipe,
+    out: str | Path,
+    data: str | None,
+    max_memory: int,
+    work_dir: str | Path | None,
+    ctx: Context,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Compress the checkpoint in ``model_dir`` block by block; returns the artifact manifest."""
+    root = Path(model_dir)
+    not_layerwise = [s.spec.name for s in recipe.stages if s.spec.layerwise is None]
+    if not_layerwise:
+        raise ConfigError(
+            f"stages {not_layerwise} need the whole model in memory; with --max-memory only"
+            " layer-wise stages run (quantize.rtn/gptq/awq/smoothquant, prune.sparsegpt/wanda)"
+        )
+    arch = read_architecture(root)
+    with empty_parameters():
+        model = from_config(arch)
+    swapped = linearize_conv1d(model)  # GPT-2's Conv1D run as Linear, recorded in the manifest
+    config: Any = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False  # a KV cache is not needed to calibrate
+    cal = getattr(recipe.stages[0].config, "calibration", None)
+    samples, batch = (cal.samples, cal.batch_size) if cal is not None else (8, 8)
+    hessians = any(s.spec.name in ("quantize.gptq", "prune.sparsegpt") for s in recipe.stages)
+    est = estimate_peak(model, samples, 256, hessians)
+    if est["peak"] > max_memory:
+        sizes = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in est.items())
+        raise ConfigError(
+            f"--max-memory {max_memory / 2**20:.0f} MiB is below the estimated peak of one"
+            f" block ({sizes}); raise it or lower `calibration.samples`"
+        )
+    task = make_task("causal-lm", data)
+    run = Run(ctx, task, original=None)
+    compressors = [s.spec.layerwise(s.config, run) for s in recipe.stages]  # type: ignore[misc]
+    steps = max(1, -(-samples // batch))
+    batches = list(task.train_batches(ctx, steps, batch))
+    check_vocab(config, batches)
+    recipe_dict = {k: v for k, v in recipe.to_dict().items() if k != "description"}
+    manifest = {
+        "architecture": arch,
+        "modules": [
+            {"name": n, "type": "Conv1DLinear", "config": _linear_config(model, n)} for n in swapped
+        ],
+        "metadata": {
+            "source": str(root),
+            "recipe": recipe_dict,
+            "recipe_name": recipe.name,
+            "dense_bytes": checkpoint_fp32_bytes(root),
+            "evaluator": "perplexity",
+            "offloaded": True,
+        },
+    }
+    out = Path(out)
+    work = Path(work_dir) if work_dir else out.parent / f".{out.name}.work"
+    key = fingerprint(arch, recipe_dict, data, samples, batch, ctx.seed)
+    plan = OffloadPlan(out, manifest, work, key, overwrite=force)
+    log.info("offloaded compression of %s: estimated peak %.0f MiB", root, est["peak"] / 2**20)
+    return compress_offloaded(
+        model, Checkpoint(root), batches, compressors, plan, ctx, task.forward
+    )

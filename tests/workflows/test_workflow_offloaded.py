@@ -1,0 +1,102 @@
+"""Offloaded compression (``--max-memory``): budgets, estimates and clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slimtorch.core.context import Context
+from slimtorch.core.errors import ConfigError, UserInputError
+from slimtorch.recipe import load_recipe
+from slimtorch.workflows.offloaded import (
+    checkpoint_fp32_bytes,
+    compress_large,
+    estimate_peak,
+    parse_bytes,
+)
+
+
+def test_parse_bytes() -> None:
+    assert parse_bytes("1GB") == 10**9
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1.5G") == int(1.5e9)
+    with pytest.raises(UserInputError, match="1GB"):
+        parse_bytes("lots")
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # austen-lm tokens
+        num_attention_heads=4, num_key_value_heads=2, use_cache=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_estimate_and_refusals(checkpoint: Path, tmp_path: Path) -> None:
+    params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(checkpoint).parameters())
+    assert checkpoint_fp32_bytes(checkpoint) == 4 * params
+    with pytest.raises(ConfigError, match="whole model"):
+        compress_large(checkpoint, load_recipe("structured-50"), tmp_path / "o", None,
+                       10**10, None, Context())  # fmt: skip
+    with pytest.raises(ConfigError, match="estimated peak"):
+        compress_large(checkpoint, load_recipe("w4a16-gptq"), tmp_path / "o", None,
+                       2**20, None, Context())  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+def test_vocabulary_below_the_calibration_tokens_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_cache=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "small")
+    rtn = load_recipe({"stages": [{"method": "quantize.rtn", "bits": 4}]})
+    with pytest.raises(ConfigError, match=r"vocabulary \(64 tokens\).*drop --max-memory"):
+        compress_large(tmp_path / "small", rtn, tmp_path / "o", None, 10**10, tmp_path / "w",
+                       Context())  # fmt: skip
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_estimate_peak_counts_hessians() -> None:
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with_h = estimate_peak(model, 8, 16, hessians=True)
+    without = estimate_peak(model, 8, 16, hessians=False)
+    assert with_h["statistics"] == 4 * (6 * 32 * 32 + 64 * 64)
+    assert without["statistics"] < with_h["statistics"]
+
+
+def test_offloaded_gptq_equals_in_memory(checkpoint: Path, tmp_path: Path) -> None:
+    import slimtorch as st
+    from slimtorch.calibrate.tasks import make_task
+    from slimtorch.formats.artifact import read_artifact
+    from slimtorch.models.hf import load_directory
+
+    recipe = {
+        "stages": [
+            {"method": "quantize.gptq", "bits": 4, "group_size": 16,
+             "calibration": {"samples": 4, "batch_size": 2}}
+        ]
+    }  # fmt: skip
+    rec = load_recipe(recipe)
+    compress_large(checkpoint, rec, tmp_path / "off", None, 10**10, tmp_path / "w", Context())
+    loaded = load_directory(checkpoint)
+    result = st.compress(loaded.model, recipe, data=make_task("causal-lm", None))
+    st.save(result.model, tmp_path / "mem")
+    off, mem = read_artifact(tmp_path / "off"), read_artifact(tmp_path / "mem")
+    assert off.tensors.keys() == mem.tensors.keys()
+    for name, t in mem.tensors.items():
+        assert torch.equal(off.tensors[name], t), name
+    assert off.states.keys() == mem.states.keys() and len(off.states) == 2 * 7
+    model = st.load(tmp_path / "off")
+    assert model(torch.randint(0, 2048, (1, 8))).logits.shape == (1, 8, 2048)
