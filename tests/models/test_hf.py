@@ -116,3 +116,22 @@ def test_bad_architecture_specs(tmp_path: Path) -> None:
         hf.from_config({"kind": "hf", "class": "BertModel"})
     with pytest.raises(UserInputError, match="dtype"):
         hf.from_config({**spec, "dtype": "float99"})
+
+
+def test_pickled_weights_are_refused_and_loading_prints_no_progress_bar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import transformers
+
+    model = tiny_bert()
+    model.save_pretrained(tmp_path)  # type: ignore[operator]
+    (tmp_path / "model.safetensors").unlink()  # only the pickled form of the weights remains
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserInputError, match="never unpickles pytorch_model.bin"):
+        hf.load_directory(tmp_path)
+    safe = tmp_path / "safe"
+    tiny_bert().save_pretrained(safe)  # type: ignore[operator]
+    capsys.readouterr()
+    hf.load_directory(safe)
+    assert "Loading weights" not in capsys.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()  # restored

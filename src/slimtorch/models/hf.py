@@ -13,9 +13,10 @@ is recorded and reused so that the loaded and the rebuilt model compute the same
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,19 @@ def token_inputs(vocab_size: int, seq_len: int) -> Callable[[int], tuple[torch.T
     return make
 
 
+@contextlib.contextmanager
+def _quiet_loading(tf: Any) -> Iterator[None]:
+    """No transformers progress bar while loading (slimtorch reports its own progress)."""
+    logging_ = tf.utils.logging
+    was = logging_.is_progress_bar_enabled()
+    logging_.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging_.enable_progress_bar()
+
+
 def load_directory(path: str | Path) -> LoadedModel:
     """Load the model saved in the local Hugging Face directory ``path`` (weights included)."""
     path = Path(path)
@@ -183,16 +197,20 @@ def load_directory(path: str | Path) -> LoadedModel:
     tf = _transformers()
     cls = getattr(tf, architecture["class"])
     try:
-        model = cls.from_pretrained(
-            path,
-            local_files_only=True,
-            attn_implementation=architecture["attn_implementation"],
-            dtype="auto",
-        )
+        with _quiet_loading(tf):
+            model = cls.from_pretrained(
+                path,
+                local_files_only=True,
+                attn_implementation=architecture["attn_implementation"],
+                dtype="auto",
+                use_safetensors=True,  # never unpickle a user's pytorch_model.bin
+            )
     except OSError as exc:
         raise UserInputError(
             f"cannot load the weights in {path}: {exc}; the directory needs model.safetensors"
-            " (or pytorch_model.bin) written by save_pretrained"
+            " written by save_pretrained (slimtorch never unpickles pytorch_model.bin: convert"
+            " it once with `model.save_pretrained(dir, safe_serialization=True)` where you trust"
+            " it)"
         ) from None
     architecture["dtype"] = _dtype_name(next(model.parameters()).dtype)
     cfg = architecture["config"]
