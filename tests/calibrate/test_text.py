@@ -60,3 +60,17 @@ def test_unknown_tokenizer_lists_the_known_ones(tmp_path: Path) -> None:
         text.tokenizer_file("builtin:bert")
     with pytest.raises(UserInputError, match="no tokenizer at"):
         text.tokenizer_file(str(tmp_path / "missing.json"))
+
+
+def test_model_tokenizer_order_given_found_builtin(tmp_path: Path) -> None:
+    from slimtorch.calibrate.text import missing_tokenizer, model_tokenizer
+
+    found = str(tmp_path / "tokenizer.json")
+    assert model_tokenizer("builtin:austen-lm", None) == "builtin:austen-lm"  # its own
+    assert model_tokenizer("some/dir", found) == found
+    assert model_tokenizer("some/dir", found, "builtin:austen-lm") == "builtin:austen-lm"
+    assert model_tokenizer("some/dir", None) is None
+    assert model_tokenizer("builtin:lenet5-fashion", None) is None
+    with pytest.raises(UserInputError, match="no tokenizer at"):
+        model_tokenizer("some/dir", found, str(tmp_path / "missing.json"))
+    assert "--tokenizer" in str(missing_tokenizer("some/dir"))

@@ -93,3 +93,12 @@ def test_bad_inputs() -> None:
     with pytest.raises(UnsupportedModelError, match="logits"):
         flat = nn.Sequential(nn.Embedding(VOCAB, 4), nn.Flatten()).eval()  # 2-D output
         perplexity.perplexity_of_ids(flat, torch.arange(64), 8)
+
+
+def test_window_nll_in_row_chunks_equals_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    logits = torch.randn(3, 7, 11, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(1))
+    whole = F.cross_entropy(logits[:, :-1].reshape(-1, 11).double(), ids[:, 1:].reshape(-1),
+                            reduction="sum")  # fmt: skip
+    monkeypatch.setattr(perplexity, "LOGIT_BUDGET", 11 * 4)  # 4 rows a chunk
+    assert perplexity.window_nll(logits, ids).item() == pytest.approx(whole.item(), rel=1e-12)

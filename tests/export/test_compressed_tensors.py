@@ -69,7 +69,7 @@ def _reload_matches(model: nn.Module, path) -> nn.Module:
         expected, actual = model(ids).logits, reloaded(ids).logits
     assert actual.dtype == torch.float32
     assert (actual - expected).abs().max().item() <= TOL
-    weights = dict(reloaded.named_parameters())
+    weights = dict(reloaded.named_parameters(remove_duplicate=False))
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             assert torch.equal(weights[f"{name}.weight"], module.weight), name
@@ -213,7 +213,7 @@ def _rtn(**options) -> dict:
         ([_rtn(granularity="per_group", group_size=48)], "not a multiple of its group"),
         ([{"method": "quantize.ternary", "targets": ["Linear"]}], "ternary grid"),
         ([{"method": "prune.magnitude", "sparsity": 0.5}], "pruned but not quantized"),
-        ([_rtn(targets=["Embedding"])], "quantized nn.Linear layers only"),
+        ([_rtn(targets=["Embedding"])], "no quantized Linear"),
     ],
 )
 def test_what_the_layout_cannot_express(tmp_path, stages, message) -> None:
@@ -223,14 +223,18 @@ def test_what_the_layout_cannot_express(tmp_path, stages, message) -> None:
     assert not list(tmp_path.iterdir())
 
 
-def test_tied_quantized_head_and_non_hf_models_are_refused(tmp_path) -> None:
+def test_tied_quantized_head_is_written_dense_and_non_hf_models_are_refused(tmp_path) -> None:
     tied = st.compress(_llama(tie=True), {"stages": [_rtn(ignore=[])]}).model
-    with pytest.raises(UnsupportedModelError, match="tied"):
-        export_compressed_tensors(tied, tmp_path / "ct")
+    report = export_compressed_tensors(tied, tmp_path / "ct")
+    assert report["dequantized"] == ["lm_head"] and "lm_head" in report["ignore"]
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    assert "lm_head.weight" not in tensors  # tied: stored once, under the embedding's name
+    assert torch.equal(tensors["model.embed_tokens.weight"], tied.lm_head.weight)
+    _reload_matches(tied, tmp_path / "ct")
     plain = st.compress(nn.Sequential(nn.Linear(8, 8)), {"stages": [_rtn(ignore=[])]}).model
     with pytest.raises(UnsupportedModelError, match="not a Hugging Face"):
-        export_compressed_tensors(plain, tmp_path / "ct")
-    assert not list(tmp_path.iterdir())
+        export_compressed_tensors(plain, tmp_path / "ct2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]
 
 
 def test_existing_directory_needs_overwrite(tmp_path) -> None:
@@ -323,3 +327,54 @@ def test_asymmetric_mixed_grids_warn_that_transformers_cannot_load(tmp_path, cap
     assert "cannot load it" in caplog.text
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert len(qc["config_groups"]) == 2 and "dequantize" not in qc
+
+
+def _odd_llama() -> nn.Module:
+    """SmolLM2-like widths that groups of 128 do not divide (in_features 96 and 160), tied."""
+    from slimtorch.core.info import update_info
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    arch = {"kind": "hf", "class": "LlamaForCausalLM", "config": cfg.to_dict()}
+    update_info(model, architecture={**arch, "attn_implementation": "sdpa", "dtype": "float32"})
+    return model
+
+
+@pytest.mark.parametrize("preset", ["w4a16-rtn", "w4a16-gptq", "w4a16-awq"])
+def test_w4a16_presets_export_on_widths_128_does_not_divide(tmp_path, preset) -> None:
+    from slimtorch.recipe import load_recipe
+
+    recipe = load_recipe(preset).to_dict()
+    if "calibration" in recipe["stages"][0]:
+        recipe["stages"][0]["calibration"] = {"samples": 16, "batch_size": 8}
+    quantized = st.compress(_odd_llama(), recipe, data=_tokens()).model
+    report = export_compressed_tensors(quantized, tmp_path / "ct")
+    (group,) = report["config_groups"].values()
+    assert (group["num_bits"], group["group_size"], group["layers"]) == (4, 32, 14)
+    assert report["dequantized"] == ["model.embed_tokens", "lm_head"]
+    assert get_state(quantized.lm_head, "weight").quant.bits == 8  # type: ignore[union-attr]
+    _reload_matches(quantized, tmp_path / "ct")
+    st.save(quantized, tmp_path / "art")
+    reloaded = st.load(tmp_path / "art")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, quantized(ids).logits)
+
+
+def test_an_explicit_group_size_names_the_layer_and_the_fix(tmp_path) -> None:
+    stage = {**ASYM4, "group_size": 128}
+    quantized = st.compress(_odd_llama(), {"stages": [stage]}).model
+    with pytest.raises(
+        UnsupportedModelError, match=r"down_proj.*160 input features.*group_size: auto"
+    ):
+        export_compressed_tensors(quantized, tmp_path / "ct")
+    assert not list(tmp_path.iterdir())

@@ -59,7 +59,7 @@ def test_gptq_on_gpt2_offloaded_equals_in_memory_and_exports(
     from slimtorch.models.hf import load_directory
 
     compress_large(checkpoint, load_recipe(GPTQ), tmp_path / "off", None, 10**10,
-                   tmp_path / "w", Context())  # fmt: skip
+                   tmp_path / "w", Context(), tokenizer="builtin:austen-lm")  # fmt: skip
     loaded = load_directory(checkpoint)
     api.set_architecture(loaded.model, loaded.architecture)
     result = st.compress(loaded.model, GPTQ, data=make_task("causal-lm", None))

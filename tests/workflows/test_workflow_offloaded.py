@@ -58,9 +58,9 @@ def test_vocabulary_below_the_calibration_tokens_is_refused(tmp_path: Path) -> N
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(tmp_path / "small")
     rtn = load_recipe({"stages": [{"method": "quantize.rtn", "bits": 4}]})
-    with pytest.raises(ConfigError, match=r"vocabulary \(64 tokens\).*drop --max-memory"):
+    with pytest.raises(ConfigError, match=r"vocabulary \(64 tokens\).*--tokenizer"):
         compress_large(tmp_path / "small", rtn, tmp_path / "o", None, 10**10, tmp_path / "w",
-                       Context())  # fmt: skip
+                       Context(), tokenizer="builtin:austen-lm")  # fmt: skip
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
 
 
@@ -89,7 +89,8 @@ def test_offloaded_gptq_equals_in_memory(checkpoint: Path, tmp_path: Path) -> No
         ]
     }  # fmt: skip
     rec = load_recipe(recipe)
-    compress_large(checkpoint, rec, tmp_path / "off", None, 10**10, tmp_path / "w", Context())
+    compress_large(checkpoint, rec, tmp_path / "off", None, 10**10, tmp_path / "w", Context(),
+                   tokenizer="builtin:austen-lm")  # fmt: skip
     loaded = load_directory(checkpoint)
     result = st.compress(loaded.model, recipe, data=make_task("causal-lm", None))
     st.save(result.model, tmp_path / "mem")

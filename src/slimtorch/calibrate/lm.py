@@ -6,8 +6,9 @@ A batch is ``(input_ids [B, L],)`` int64: windows of the token ids at uniformly 
 :meth:`CausalLMTask.calibration_windows` draws a GPTQ-style calibration set (``n`` random
 windows of ``length`` tokens, seeded), as IST-DASLab/gptq draws 128 x 2048-token windows of C4.
 
-The task ``causal-lm`` (the train split of text specs under ``builtin:austen-lm``'s tokenizer,
-so that evaluator ``perplexity``'s held-out text is never seen) is registered by the bundled zoo.
+The task ``causal-lm`` (the train split of text specs under the model's own tokenizer, by default
+``builtin:austen-lm``'s, so that evaluator ``perplexity``'s held-out text is never seen) is
+registered by the bundled zoo. :func:`check_vocab` refuses ids the model has no embedding for.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ def random_windows(ids: torch.Tensor, n: int, length: int, gen: torch.Generator)
         )
     starts = torch.randint(0, ids.numel() - length + 1, (n,), generator=gen)
     return ids[starts.unsqueeze(1) + torch.arange(length)]
+
+
+def check_vocab(ids: torch.Tensor, vocab_size: int | None, tokenizer: str | None) -> None:
+    """Refuse token ``ids`` at or beyond the model's ``vocab_size`` (a tokenizer not its own)."""
+    top = int(ids.max()) if ids.numel() else -1
+    if vocab_size is not None and top >= vocab_size:
+        raise UserInputError(
+            f"the calibration text's token ids reach {top} under tokenizer {tokenizer!r}, but the"
+            f" model has {vocab_size} embeddings: that tokenizer is not the model's; give the"
+            " model's own with --tokenizer"
+        )
 
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -32,12 +32,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimtorch.calibrate.sequential import (
-    BlockCompressor,
+from slimtorch.calibrate.capture import (
     Forward,
     Inputs,
     _call,
-    capture_first_inputs,
+    capture_block_inputs,
+    hidden_of,
+    with_hidden,
+)
+from slimtorch.calibrate.sequential import (
+    BlockCompressor,
     find_blocks,
     next_inputs,
     observe_block,
@@ -158,7 +162,7 @@ def _block_artifact(block: nn.Module, prefix: str, path: Path) -> None:
 
 
 def _save_hidden(inputs: Sequence[Inputs], path: Path) -> None:
-    tensors = {f"h{i}": args[0].contiguous() for i, (args, _k) in enumerate(inputs)}
+    tensors = {f"h{i}": hidden_of(call).contiguous() for i, call in enumerate(inputs)}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     tmp.replace(path)
@@ -206,22 +210,23 @@ def compress_offloaded(
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     done = _progress(plan)
     _materialize_outside(model, blocks, ckpt, ties)
-    first = model.get_submodule(blocks.names[0])
-    inputs = capture_first_inputs(model, first, batches, forward)
+    modules = [model.get_submodule(n) for n in blocks.names]
+    calls = capture_block_inputs(model, modules, batches, forward)  # blocks still on meta
+    inputs = calls[0]
     buffers = _outside_buffers(model, blocks.container)
     release(model)
     head = plan.work_dir / "outside"
     if not head.exists():
         _outside_artifact(model, blocks.container, ckpt, ties, buffers, head)
     return_freed_memory()
-    if done >= 0:
+    if done >= 0 and done + 1 < len(modules):
         saved = load_file(str(plan.work_dir / "inputs.safetensors"))
-        inputs = [((saved[f"h{i}"], *a[1:]), k) for i, (a, k) in enumerate(inputs)]
+        inputs = [with_hidden(c, saved[f"h{b}"]) for b, c in enumerate(calls[done + 1])]
     bar = ctx.progress_bar(list(enumerate(blocks.names)), "blocks", len(blocks.names))
     for i, name in bar:
         if i <= done:
             continue
-        block = model.get_submodule(name)
+        block = modules[i]
         materialize(block, name, ckpt, ties)
         for compressor in compressors:
             stats = compressor.observe(name, block)
@@ -230,8 +235,9 @@ def compress_offloaded(
             compressor.compress(name, block, stats)
         _block_artifact(block, name, plan.work_dir / f"block{i:05d}")
         if i + 1 < len(blocks.names):
-            inputs = next_inputs(block, inputs)
+            inputs = next_inputs(block, inputs, calls[i + 1])
             _save_hidden(inputs, plan.work_dir / "inputs.safetensors")
+        calls[i] = []
         _mark(plan, i)
         release(block)
         return_freed_memory()

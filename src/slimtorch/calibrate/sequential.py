@@ -3,7 +3,10 @@ it from statistics of those inputs, run the compressed block to produce the inpu
 
 This is how GPTQ, SparseGPT, Wanda, AWQ and SmoothQuant see a model: one block (a Transformer
 layer) at a time, each fed with what the *already compressed* earlier blocks produce, so errors
-are corrected downstream and only one block's activations are held. Blocks are found
+are corrected downstream and only one block's activations are held. Each block gets its own
+recorded call (attention mask, position embeddings: they differ between sliding-window and
+global attention layers) with the hidden states of the blocks before it
+(:mod:`slimtorch.calibrate.capture`). Blocks are found
 generically: the longest ``nn.ModuleList`` of same-class modules that hold Linear layers (the
 decoder layers of a Hugging Face LLM, ``encoder.layer`` of BERT); a model without one (a CNN,
 the character LSTM) is one block.
@@ -25,15 +28,20 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from slimtorch.calibrate.capture import (
+    Forward,
+    Inputs,
+    _call,
+    capture_block_inputs,
+    capture_first_inputs,
+    with_hidden,
+)
 from slimtorch.core.config import StageConfig, StrictModel
 from slimtorch.core.context import Context
-from slimtorch.core.errors import ConfigError
 from slimtorch.core.methods import Run
 from slimtorch.core.targets import Targets
 
 log = logging.getLogger(__name__)
-
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]  # (args, kwargs) of one call
 
 
 class Accumulator(Protocol):
@@ -71,55 +79,6 @@ def find_blocks(model: nn.Module) -> Blocks:
         return Blocks("", [""])
     container = best[1]
     return Blocks(container, [f"{container}.{i}" for i in range(best[0])])
-
-
-class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass once block 0's inputs are in."""
-
-
-Forward = Callable[[nn.Module, Any], Any]
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    return model(*batch)
-
-
-def capture_first_inputs(
-    model: nn.Module, first: nn.Module, batches: Iterable[Any], forward: Forward = _call
-) -> list[Inputs]:
-    """Run ``model`` on each batch up to ``first`` and keep the (args, kwargs) it receives.
-    ``forward(model, batch)`` runs one batch (default ``model(*batch)``; a Task's ``forward``)."""
-    captured: list[Inputs] = []
-
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((_detach(args), _detach(kwargs)))
-        raise _Captured
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    forward(model, batch)
-                except _Captured:
-                    continue
-    finally:
-        handle.remove()
-    if not captured:
-        raise ConfigError("calibration gave no batches: check --data / the calibration set")
-    return captured
-
-
-def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detach(v) for v in value)
-    if isinstance(value, list):
-        return [_detach(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
-    return value
 
 
 class _SharedInputs:
@@ -228,18 +187,19 @@ def _rnn_hook(layer: nn.Module, param: str, acc: Accumulator) -> Callable[..., N
     return hook
 
 
-def next_inputs(block: nn.Module, inputs: Sequence[Inputs]) -> list[Inputs]:
-    """The inputs of the next block: this block's first output replaces the first argument."""
+def next_inputs(
+    block: nn.Module, inputs: Sequence[Inputs], following: Sequence[Inputs] | None = None
+) -> list[Inputs]:
+    """The inputs of the next block: this block's first output replaces the hidden states of
+    ``following`` (the next block's own recorded calls, see :func:`capture_block_inputs`;
+    default ``inputs``: the next block is called like this one)."""
+    after = inputs if following is None else following
     out: list[Inputs] = []
     with torch.no_grad():
-        for args, kwargs in inputs:
+        for (args, kwargs), call in zip(inputs, after, strict=True):
             result = block(*args, **kwargs)
             hidden = result[0] if isinstance(result, (tuple, list)) else result
-            if args:
-                out.append(((hidden.detach(), *args[1:]), kwargs))
-            else:
-                key = next(iter(kwargs))
-                out.append(((), {**kwargs, key: hidden.detach()}))
+            out.append(with_hidden(call, hidden.detach()))
     return out
 
 
@@ -260,14 +220,16 @@ def run_sequential(
             inputs = capture_first_inputs(model, model, batches, forward)
             _one_block(model, "", inputs, compressor)
             return [""]
-        first = model.get_submodule(blocks.names[0])
-        inputs = capture_first_inputs(model, first, batches, forward)
+        modules = [model.get_submodule(n) for n in blocks.names]
+        calls = capture_block_inputs(model, modules, batches, forward)
+        inputs = calls[0]
         bar = ctx.progress_bar(list(enumerate(blocks.names)), "blocks", len(blocks.names))
         for i, name in bar:
-            block = model.get_submodule(name)
+            block = modules[i]
             _one_block(block, name, inputs, compressor)
             if i + 1 < len(blocks.names):
-                inputs = next_inputs(block, inputs)
+                inputs = next_inputs(block, inputs, calls[i + 1])
+                calls[i] = calls[i + 1] = []  # free what only these blocks needed
             if on_block_done is not None:
                 on_block_done(i, name)
         return blocks.names

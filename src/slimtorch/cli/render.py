@@ -40,4 +40,10 @@ def before_after(r: dict[str, Any]) -> str:
         ["params", r.get("baseline_params"), r.get("params")],
         ["nonzero params", r.get("baseline_nonzero_params"), r.get("nonzero_params")],
     ]
+    if r.get("kld_mean") is not None:  # the LLM quality suite
+        rows += [
+            ["LLM suite perplexity", r.get("baseline_perplexity"), r.get("perplexity")],
+            ["KLD mean / p99", 0.0, f"{r['kld_mean']:.4g} / {r.get('kld_p99', 0.0):.4g}"],
+            ["top-1 agreement", 1.0, r.get("top1_agreement")],
+        ]
     return table(rows, ["", "original (fp32)", "compressed"])

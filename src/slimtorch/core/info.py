@@ -39,6 +39,8 @@ class ModelInfo(BaseModel):
     source: str | None = None  # the --model spec it was loaded from
     evaluator: str | None = None  # a name in slimtorch.eval.quality.EVALUATORS
     data: str | None = None  # the evaluation dataset spec
+    # the tokenizer of its text (causal LMs): a tokenizer.json path or builtin:NAME
+    tokenizer: str | None = None
     input: InputSpec | None = None  # example input when slimtorch cannot derive one
     recipe: dict[str, Any] | None = None  # the recipe that compressed it (without description)
     recipe_name: str | None = None

@@ -28,10 +28,19 @@ MAX_CONTEXT = 2048
 BATCH = 8
 
 
+LOGIT_BUDGET = 1 << 27  # logit elements per float64 chunk / per batch of windows (1 GiB)
+
+
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL (float64) of ``ids [B, L]`` under ``logits [B, L, V]``."""
-    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).double()
-    return F.cross_entropy(pred, ids[:, 1:].reshape(-1), reduction="sum")
+    """Summed next-token NLL (float64) of ``ids [B, L]`` under ``logits [B, L, V]``, in row
+    chunks (a float64 copy of a large vocabulary's logits at once would take gigabytes)."""
+    pred = logits[:, :-1].reshape(-1, logits.shape[-1])
+    target = ids[:, 1:].reshape(-1)
+    rows = max(1, LOGIT_BUDGET // logits.shape[-1])
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for a in range(0, pred.shape[0], rows):
+        total += F.cross_entropy(pred[a : a + rows].double(), target[a : a + rows], reduction="sum")
+    return total
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -60,6 +69,9 @@ def perplexity_of_ids(
             " give more text"
         )
     windows = ids[: n * context].reshape(n, context)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:  # keep one batch's logits near LOGIT_BUDGET
+        batch = max(1, min(batch, LOGIT_BUDGET // (context * vocab)))
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)

@@ -18,7 +18,11 @@ The reader computes ``w = (c - zero_point) * scale`` in the scale's dtype, which
 slimtorch's ``(codes - zero_point) * scale`` once unsigned codes and zero points are shifted
 by ``2**(bits-1)``: a float32 model reloads with bit-identical weights. Layers with the same
 grid (bits, strategy, group size, symmetry) form one entry of ``config_groups``; Linear
-layers left unquantized are listed in ``ignore``. A pruning mask on a quantized weight is kept
+layers left unquantized are listed in ``ignore``. Token embeddings and the output head (the
+LM head, tied or not) are written dense, dequantized to the checkpoint dtype, even when
+quantized (8-bit rows in the w4a16 presets): compressed-tensors readers quantize Linear layers
+only, and a second grid for the head would stop transformers loading asymmetric groups; the
+report lists them under ``dequantized``. A pruning mask on a quantized weight is kept
 by setting the pruned codes to the zero point (exact). What the layout cannot express raises
 :class:`UnsupportedModelError`: codebooks, binary/ternary grids, bit widths that do not divide
 32 (readers disagree on how those are packed), ragged last groups, quantized non-Linear
@@ -34,195 +38,68 @@ import shutil
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
 from slimtorch.core.errors import UnsupportedModelError
 from slimtorch.core.info import model_info
+from slimtorch.export.ct_layout import (  # noqa: F401  (pack_int32/unpack_int32 re-exported)
+    FORMAT,
+    SUPPORTED_BITS,
+    Grid,
+    grid_of,
+    layer_tensors,
+    pack_int32,
+    quantization_config,
+    signed_grid,
+    unpack_int32,
+)
 from slimtorch.export.hf import _fsync_tree, hf_config_for
 from slimtorch.formats.atomic import MODEL_FILE, check_target, swap_into_place
-from slimtorch.formats.state import QuantState, WeightState, iter_states, to_matrix
+from slimtorch.formats.state import QuantState, iter_states
 
 log = logging.getLogger(__name__)
 
-FORMAT = "pack-quantized"
-SUPPORTED_BITS = (2, 4, 8)
 TOKENIZER_FILES = (
     *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
     *("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja"),
 )
-_INSTEAD = "export it with --to hf (dense weights) or keep it as a slimtorch artifact"
 
 
-@dataclass(frozen=True)
-class Grid:
-    """One compressed-tensors weight scheme (symmetry is decided over all its layers)."""
-
-    bits: int
-    strategy: str  # "group" | "channel" | "tensor"
-    group_size: int | None
-
-
-def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack signed ``bits``-bit codes ``[rows, cols]`` along the columns into int32 words."""
-    per_word = 32 // bits
-    rows, cols = codes.shape
-    words = -(-cols // per_word)
-    u = codes.to(torch.int64) + (1 << (bits - 1))
-    u = F.pad(u, (0, words * per_word - cols)).reshape(rows, words, per_word)
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    packed = (u << shifts).sum(dim=-1)  # < 2**32: reinterpret the top bit as the sign
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-
-
-def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int32`: signed codes ``[rows, cols]`` (int32)."""
-    per_word = 32 // bits
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    u = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return (u.reshape(packed.shape[0], -1)[:, :cols] - (1 << (bits - 1))).to(torch.int32)
-
-
-def grid_of(name: str, module: nn.Module, state: WeightState) -> Grid:
-    """The compressed-tensors grid of one quantized weight, or why it has none."""
-    q = state.quant
-    where = f"{name} ({type(module).__name__})"
-    if q is None:
-        raise UnsupportedModelError(
-            f"{where} is pruned but not quantized: compressed-tensors 0.20 has no sparse format"
-            f" for masks alone; quantize it (e.g. a quantize.rtn stage after pruning) or {_INSTEAD}"
-        )
-    if not isinstance(module, nn.Linear):
-        raise UnsupportedModelError(
-            f"{where} carries a quantized weight, but this export writes quantized nn.Linear"
-            f" layers only; quantize Linear layers only (targets: [Linear]) or {_INSTEAD}"
-        )
-    if q.scheme != "affine":
-        raise UnsupportedModelError(
-            f"{where} holds a {q.scheme} grid; compressed-tensors stores affine integer grids"
-            f" only (codes, scale, zero point): use quantize.rtn/gptq/awq or {_INSTEAD}"
-        )
-    if q.bits not in SUPPORTED_BITS:
-        raise UnsupportedModelError(
-            f"{where} is quantized to {q.bits} bits; this export writes {SUPPORTED_BITS} bits"
-            f" (packings of other widths differ between compressed-tensors readers): use"
-            f" bits 4 or 8, or {_INSTEAD}"
-        )
-    if q.granularity == "per_tensor":
-        return Grid(q.bits, "tensor", None)
-    if q.granularity == "per_channel":
-        return Grid(q.bits, "channel", None)
-    assert q.group_size is not None
-    if module.in_features % q.group_size:
-        raise UnsupportedModelError(
-            f"{where} has {module.in_features} input features, not a multiple of its group"
-            f" size {q.group_size}: compressed-tensors needs whole groups; choose a group size"
-            f" that divides {module.in_features} or {_INSTEAD}"
-        )
-    return Grid(q.bits, "group", q.group_size)
-
-
-def signed_grid(q: QuantState, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``[out, in]`` and zero points ``[rows, groups]`` (int32) in the signed range the
-    reader uses; pruned codes are set to their zero point, so ``(c - zp) * scale`` is 0."""
-    offset = 1 << (q.bits - 1)
-    codes = to_matrix(q.codes).to(torch.int32)
-    zp = q.zero_point.to(torch.int32)
-    if mask is not None:
-        codes = torch.where(to_matrix(mask), codes, q.expand(zp, codes.shape[1]).expand_as(codes))
-    if not q.signed:
-        codes, zp = codes - offset, zp - offset
-    for what, t in (("codes", codes), ("zero points", zp)):
-        if t.numel() and (int(t.min()) < -offset or int(t.max()) >= offset):
-            raise UnsupportedModelError(
-                f"{what} outside the {q.bits}-bit range [{-offset}, {offset - 1}] after"
-                f" conversion; the quantization state is inconsistent: re-run the stage"
-            )
-    return codes, zp
-
-
-def layer_tensors(
-    q: QuantState,
-    codes: torch.Tensor,
-    zp: torch.Tensor,
-    grid: Grid,
-    symmetric: bool,
-    dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """The tensors of one quantized Linear, by their name under the layer."""
-    scale = q.scale.to(torch.float32)
-    if grid.strategy == "tensor":
-        scale, zp = scale.reshape(1), zp.reshape(1)
-    out = {
-        "weight_packed": pack_int32(codes, grid.bits),
-        "weight_scale": scale.to(dtype).contiguous(),
-        "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64),
+def dense_heads(model: nn.Module) -> set[str]:
+    """Modules written dense whatever their state: every ``nn.Embedding`` and the output head
+    (``get_output_embeddings()``) with any Linear sharing its weight."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), torch.Tensor):
+        shared.add(id(head.weight))
+    return {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Embedding)
+        or m is head
+        or (isinstance(m, nn.Linear) and id(m.weight) in shared)
     }
-    if not symmetric:
-        if grid.strategy == "tensor":
-            out["weight_zero_point"] = zp.to(torch.int8)
-        else:
-            out["weight_zero_point"] = pack_int32(zp.t(), grid.bits).t().contiguous()
-    rounded = out["weight_scale"].to(torch.float32)
-    if not torch.equal(rounded, scale):
-        rel = float(((rounded - scale).abs() / scale.abs().clamp_min(1e-30)).max())
-        log.warning("scales rounded to %s (relative error up to %.2g)", dtype, rel)
-    return out
 
 
-def _scheme_dict(grid: Grid, symmetric: bool, targets: list[str]) -> dict[str, Any]:
-    weights = {"num_bits": grid.bits, "type": "int", "symmetric": symmetric}
-    weights |= {"strategy": grid.strategy, "group_size": grid.group_size, "dynamic": False}
-    weights |= {"block_structure": None, "actorder": None}  # groups are contiguous columns
-    none = {"input_activations": None, "output_activations": None}
-    return {"targets": targets, "weights": weights, **none, "format": FORMAT}
-
-
-def quantization_config(
-    groups: dict[Grid, list[str]], symmetric: dict[Grid, bool], ignore: list[str]
-) -> dict[str, Any]:
-    """The ``quantization_config`` block of ``config.json``. One grid targets ``Linear`` (all
-    Linear layers but ``ignore``); several grids target their layers by exact name."""
-    items = sorted(groups.items(), key=lambda kv: -len(kv[1]))
-    config_groups = {
-        f"group_{i}": _scheme_dict(grid, symmetric[grid], ["Linear"] if len(items) == 1 else names)
-        for i, (grid, names) in enumerate(items)
-    }
-    qc: dict[str, Any] = {
-        "quant_method": "compressed-tensors",
-        "format": FORMAT,
-        "quantization_status": "compressed",
-        "config_groups": config_groups,
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "sparsity_config": {},
-    }
-    if not all(symmetric.values()):
-        if len(items) == 1:
-            qc["dequantize"] = True  # transformers' compressed route misreads packed zero points
-        else:
-            log.warning(
-                "asymmetric grids in %d config groups: the layout is valid (vLLM reads it), but"
-                " transformers <= 5.24 with compressed-tensors <= 0.20 cannot load it (its"
-                " compressed route misshapes packed zero points, its dequantize route applies"
-                " the first group's scheme to every layer); use one grid or symmetric grids",
-                len(items),
-            )
-    return qc
-
-
-def _collect(model: nn.Module) -> tuple[dict[str, tuple[QuantState, Any, Any, Grid]], list[str]]:
-    """Per quantized Linear: (state, signed codes, signed zero points, grid); and ``ignore``."""
+def _collect(
+    model: nn.Module,
+) -> tuple[dict[str, tuple[QuantState, Any, Any, Grid]], list[str], list[str]]:
+    """Per quantized Linear: (state, signed codes, signed zero points, grid); ``ignore``; and
+    the quantized embeddings / output head written dense (dequantized)."""
     layers: dict[str, tuple[QuantState, Any, Any, Grid]] = {}
+    dense = dense_heads(model)
+    dequantized: list[str] = []
     for name, module, param, state in iter_states(model):
         if param != "weight" or (state.quant is None and state.mask is None):
+            continue
+        if name in dense:
+            dequantized.append(name)
             continue
         grid = grid_of(name, module, state)
         assert state.quant is not None
@@ -246,7 +123,7 @@ def _collect(model: nn.Module) -> tuple[dict[str, tuple[QuantState, Any, Any, Gr
                 f" untie them (tie_word_embeddings=False) or leave the tied layer unquantized"
                 f" (ignore: [{name}])"
             )
-    return layers, ignore
+    return layers, ignore, dequantized
 
 
 def _state_dict(
@@ -324,7 +201,7 @@ def export_compressed_tensors(
     Tokenizer files are copied from ``tokenizer`` (a directory), else from the directory the
     model came from when it has them. Returns a JSON-able report."""
     cfg = hf_config_for(model)  # raises for models transformers cannot rebuild
-    layers, ignore = _collect(model)
+    layers, ignore, dequantized = _collect(model)
     tensors, groups, symmetric = _state_dict(model, layers)
     qc = cfg["quantization_config"] = quantization_config(groups, symmetric, ignore)
     path = Path(out_dir)
@@ -341,6 +218,8 @@ def export_compressed_tensors(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %d quantized layers of %s to %s", len(layers), type(model).__name__, path)
+    if dequantized:
+        log.info("written dense (dequantized): %s", ", ".join(dequantized))
     return {
         "format": "compressed-tensors",
         "out": str(path),
@@ -353,6 +232,7 @@ def export_compressed_tensors(
             for k, v in qc["config_groups"].items()
         },
         "ignore": ignore,
+        "dequantized": dequantized,
         "tokenizer_files": copied,
     }
 

@@ -118,8 +118,10 @@ def _update_width(model: nn.Module, cfg: dict[str, Any], key: str) -> None:
     for name, shape in base.items():
         other = bumped.get(name, shape)
         for axis, (a, b) in enumerate(zip(shape, other, strict=True)):
-            if a != b and name in real:
-                sizes[f"{name}[{axis}]"] = real[name][axis]
+            if a != b and name in real:  # axis = m * width + c (m = 2: fused gate_up_proj)
+                m, c = b - a, a - (b - a) * cfg[key]
+                width, rest = divmod(real[name][axis] - c, m)
+                sizes[f"{name}[{axis}]"] = real[name][axis] if rest else width
     if sizes:
         cfg[key] = _uniform(sizes, f"MLP widths ({key})")
 

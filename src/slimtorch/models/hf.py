@@ -217,11 +217,18 @@ def load_directory(path: str | Path) -> LoadedModel:
     seq = min(EXAMPLE_SEQ_LEN, int(cfg.get("max_position_embeddings") or EXAMPLE_SEQ_LEN))
     vocab = int(cfg.get("vocab_size") or 2)
     log.info("loaded %s from %s", architecture["class"], path)
-    causal = str(architecture["class"]).endswith("ForCausalLM")
+    causal = str(architecture["class"]).endswith(("ForCausalLM", "LMHeadModel"))  # GPT2LMHeadModel
     return LoadedModel(
         model.eval(),
         str(path),
         architecture,
         example_inputs=token_inputs(vocab, seq),
         task="causal-lm" if causal else None,  # next-token loss on --data text
+        tokenizer=_tokenizer_beside(path),
     )
+
+
+def _tokenizer_beside(path: Path) -> str | None:
+    """The ``tokenizer.json`` saved beside ``config.json`` (save_pretrained of a tokenizer)."""
+    found = path / "tokenizer.json"
+    return str(found.resolve()) if found.is_file() else None

@@ -1,4 +1,5 @@
-"""Where models come from: ``builtin:NAME``, a local Hugging Face directory, or ``pkg.mod:factory``.
+"""Where models come from: ``builtin:NAME``, a local Hugging Face directory, a ``.gguf`` file,
+or ``pkg.mod:factory``.
 
 Every loaded model carries an *architecture* spec (plain JSON) from which
 :func:`rebuild` constructs the same architecture without weights and without unpickling
@@ -57,6 +58,8 @@ class LoadedModel:
     task: str | None = None
     example_inputs: Callable[[int], tuple[Any, ...]] | None = None
     evaluates_training_data: bool = True
+    # a causal LM's tokenizer: the tokenizer.json beside its config.json, or builtin:NAME
+    tokenizer: str | None = None
 
 
 def builtin_info(name: str) -> BuiltinModel:
@@ -64,7 +67,8 @@ def builtin_info(name: str) -> BuiltinModel:
 
 
 def load_model(spec: str) -> LoadedModel:
-    """Load ``builtin:NAME``, a local Hugging Face directory, or ``package.module:factory``."""
+    """Load ``builtin:NAME``, a local Hugging Face directory, a Llama-family ``.gguf`` file
+    (dequantized to fp32, cached as a Hugging Face directory), or ``package.module:factory``."""
     if spec.startswith("builtin:"):
         info = builtin_info(spec.split(":", 1)[1])
         model = info.build(True).eval()
@@ -83,13 +87,18 @@ def load_model(spec: str) -> LoadedModel:
         from slimtorch.models import hf
 
         return hf.load_directory(path)
+    if path.suffix.lower() == ".gguf":
+        from slimtorch.models import gguf
+
+        return gguf.load_gguf(path)  # Llama-family; any other architecture: UserInputError
     if ":" in spec and not path.exists():
         module_name, _, attr = spec.partition(":")
         model = _call_factory(module_name, attr)
         return LoadedModel(model.eval(), spec, {"kind": "factory", "ref": spec})
     raise UserInputError(
         f"cannot load model {spec!r}: give builtin:NAME (one of {', '.join(_builtin_names())}),"
-        " a local Hugging Face model directory, or package.module:factory"
+        " a local Hugging Face model directory, a Llama-family .gguf file, or"
+        " package.module:factory"
     )
 
 

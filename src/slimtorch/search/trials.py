@@ -47,13 +47,17 @@ def _loaded(model: str) -> Any:
 
 
 def _task(loaded: Any, data: str | None) -> Any:
-    from slimtorch.calibrate.tasks import make_task
+    from slimtorch.calibrate.tasks import make_task, takes_tokenizer
+    from slimtorch.calibrate.text import missing_tokenizer, model_tokenizer
 
     if data is None or loaded.task is None:
         return None
-    key = f"task:{loaded.task}:{data}"
+    tokenizer = model_tokenizer(loaded.source, loaded.tokenizer)  # the model's own
+    if tokenizer is None and takes_tokenizer(loaded.task):
+        raise missing_tokenizer(loaded.source)
+    key = f"task:{loaded.task}:{data}:{tokenizer}"
     if key not in _CACHE:
-        _CACHE[key] = make_task(loaded.task, data)
+        _CACHE[key] = make_task(loaded.task, data, tokenizer)
     return _CACHE[key]
 
 

@@ -11,15 +11,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from slimtorch import api
-from slimtorch.calibrate.tasks import make_task
+from slimtorch.calibrate.lm import check_vocab
+from slimtorch.calibrate.tasks import make_task, takes_tokenizer
+from slimtorch.calibrate.text import missing_tokenizer, model_tokenizer
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
 from slimtorch.core.info import update_info
 from slimtorch.core.methods import Task
 from slimtorch.models.registry import LoadedModel, load_model
 from slimtorch.recipe import Recipe, load_recipe
-from slimtorch.workflows.figures import baseline, summary
+from slimtorch.workflows.figures import (
+    LLM_WINDOW_TOKENS,
+    LLM_WINDOWS,
+    baseline,
+    llm_figures,
+    summary,
+    vocab_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +46,14 @@ class CompressOptions:
     input_dtype: str = "float32"
     max_memory: str | None = None  # "1GB": compress a bigger HF checkpoint block by block
     work_dir: str | None = None  # where an offloaded run keeps its progress (resume)
+    tokenizer: str | None = None  # --tokenizer: a causal LM's tokenizer.json or builtin:NAME
+    llm_windows: int = LLM_WINDOWS  # the LLM quality suite: windows per text (0: skip it)
+    llm_window_tokens: int = LLM_WINDOW_TOKENS  # ... and tokens per window
 
 
-def _task_for(loaded: LoadedModel, data: str | None, needed: bool) -> Task | None:
+def _task_for(
+    loaded: LoadedModel, data: str | None, needed: bool, tokenizer: str | None
+) -> Task | None:
     if data is None:
         return None
     if loaded.task is None:
@@ -47,7 +63,13 @@ def _task_for(loaded: LoadedModel, data: str | None, needed: bool) -> Task | Non
                 " builtin model with a task, or drop those stages from the recipe"
             )
         return None
-    return make_task(loaded.task, data)
+    if tokenizer is None and takes_tokenizer(loaded.task):
+        raise missing_tokenizer(loaded.source)
+    task = make_task(loaded.task, data, tokenizer)
+    ids = getattr(task, "ids", None)
+    if tokenizer is not None and isinstance(ids, torch.Tensor):
+        check_vocab(ids, vocab_size(loaded.model), tokenizer)
+    return task
 
 
 def _input_spec(options: CompressOptions) -> dict[str, Any] | None:
@@ -84,8 +106,10 @@ def compress_to_dir(
         if report is not None:
             return report
     loaded = load_model(model)
+    tokenizer = model_tokenizer(model, loaded.tokenizer, options.tokenizer)
     has_data_stage = any(s.spec.needs_data for s in rec.stages)
-    task = _task_for(loaded, data, rec.needs_data or (has_data_stage and data is not None))
+    needed = rec.needs_data or (has_data_stage and data is not None)
+    task = _task_for(loaded, data, needed, tokenizer)
     eval_data = (data if loaded.evaluates_training_data else None) or loaded.data
     update_info(
         loaded.model,
@@ -94,6 +118,7 @@ def compress_to_dir(
         evaluator=loaded.evaluator,
         data=eval_data,
         input=_input_spec(options),
+        tokenizer=tokenizer,
     )
     before = api.evaluate(loaded.model, ctx=ctx, latency_batch=latency_batch)
     result = api.compress(loaded.model, rec, task, ctx)
@@ -110,6 +135,9 @@ def compress_to_dir(
             **baseline(before),
         }
     )
+    if loaded.task == "causal-lm" and tokenizer is not None and options.llm_windows > 0:
+        suite = (options.llm_windows, options.llm_window_tokens)
+        report.update(llm_figures(reloaded, loaded.model, tokenizer, ctx, suite))
     return report
 
 
@@ -131,7 +159,15 @@ def _maybe_offloaded(
         log.info("%s (%.0f MiB) fits in --max-memory: compressing in memory", model, dense / 2**20)
         return None
     manifest = offloaded.compress_large(
-        path, rec, out, options.data, budget, options.work_dir, ctx, options.force
+        path,
+        rec,
+        out,
+        options.data,
+        budget,
+        options.work_dir,
+        ctx,
+        options.force,
+        tokenizer=options.tokenizer,
     )
     on_disk = api.artifact_size(out)
     return {

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from slimtorch import api
+from slimtorch.calibrate.text import model_tokenizer, tokenizer_file
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
 from slimtorch.core.info import model_info, update_info
 from slimtorch.models.registry import LoadedModel, load_model, untrusted_factory_message
+from slimtorch.workflows.figures import LLM_WINDOW_TOKENS, LLM_WINDOWS, llm_figures, summary
 from slimtorch.workflows.figures import baseline as baseline_figures
-from slimtorch.workflows.figures import summary
 
 
 def names_code(spec: str) -> bool:
@@ -38,16 +39,25 @@ def evaluate_dir(
     width: float | None = None,
     model: str | None = None,
     trust_factory: bool = False,
+    tokenizer: str | None = None,
+    llm_suite: tuple[int, int] = (LLM_WINDOWS, LLM_WINDOW_TOKENS),
 ) -> dict[str, Any]:
     """Measure an artifact and, when its source is known, the original model beside it.
     ``width`` serves a ``prune.reorder``-ed artifact on that fraction of its channels.
     ``model`` (a model spec) gives the architecture of an artifact of a Python factory, and
-    the original to compare with; ``trust_factory`` lets the artifact's recorded factory run."""
+    the original to compare with; ``trust_factory`` lets the artifact's recorded factory run.
+    ``tokenizer`` (a causal LM's ``tokenizer.json`` or ``builtin:NAME``) replaces the one the
+    artifact records; with a tokenizer and the original, a causal LM also gets the LLM quality
+    suite (:func:`slimtorch.workflows.figures.llm_figures`; ``llm_suite``: windows per text and
+    tokens per window, 0 windows to skip it)."""
     ctx = ctx or Context()
     path = api.require_dir(path)
     given = load_model(model).model if model is not None else None
     loaded = api.load(path, width=width, model=given, trust_factory=trust_factory)
     info = model_info(loaded)
+    if tokenizer is not None:
+        tokenizer_file(tokenizer)  # a bad --tokenizer fails before anything is measured
+        update_info(loaded, tokenizer=tokenizer)
     measured = api.evaluate(loaded, data=data, ctx=ctx, latency_batch=latency_batch)
     report = summary(path, measured, int(info.dense_bytes or 0))
     report["source"] = info.source
@@ -61,7 +71,11 @@ def evaluate_dir(
             evaluator=info.evaluator,
             data=info.data,
             input=info.input,
+            tokenizer=info.tokenizer,
         )
         base = api.evaluate(original.model, data=data, ctx=ctx, latency_batch=latency_batch)
         report.update(baseline_figures(base))
+        tok = info.tokenizer or model_tokenizer(info.source, original.tokenizer)
+        if original.task == "causal-lm" and tok is not None and llm_suite[0] > 0:
+            report.update(llm_figures(loaded, original.model, tok, ctx, llm_suite))
     return report

@@ -46,7 +46,9 @@ def export_dir(
     given = load_model(options.model).model if options.model else None
     model = api.load(api.require_dir(path), model=given, trust_factory=options.trust_factory)
     arch = model_info(model).architecture or {}
-    if to in ("hf", "compressed-tensors") and arch.get("kind") != "hf":
+    # a builtin may be a transformers model too (builtin:smollm2-135m is a LlamaForCausalLM)
+    is_transformers = type(model).__module__.startswith("transformers.")
+    if to in ("hf", "compressed-tensors") and arch.get("kind") != "hf" and not is_transformers:
         raise UnsupportedModelError(
             f"{path} holds a {arch.get('kind') or 'non-Hugging Face'} model"
             f" ({type(model).__name__}); --to {to} writes transformers models only: use"

@@ -1,11 +1,31 @@
-"""The figures shared by the compress and evaluate reports."""
+"""The figures shared by the compress and evaluate reports.
+
+For a causal LM with a tokenizer, :func:`llm_figures` adds the LLM quality suite: perplexity of
+the compressed and the original model and the KL divergence of the compressed model's next-token
+distribution from the original's (:mod:`slimtorch.eval.divergence`, as llama.cpp's
+``llama-perplexity --kl-divergence`` reports it), on :data:`LLM_WINDOWS` windows of
+:data:`LLM_WINDOW_TOKENS` tokens (at most the model's context) from evenly spaced places of the
+held-out split of each of :data:`LLM_TEXTS`, under the model's own tokenizer. The top-level keys
+pool every window of both texts; ``llm_suite`` holds each text's own figures.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from slimtorch import api
+from slimtorch.calibrate.text import TOKEN_WINDOWS, tokenizer_file
+from slimtorch.core.context import Context
+from slimtorch.eval.divergence import DivergenceStats, compare
+from slimtorch.eval.perplexity import model_context
+
+LLM_TEXTS = ("builtin:wikipedia", "builtin:austen")
+LLM_WINDOWS = 8  # per text: 2 x 8 x 512 = 8,192 tokens, CPU-sized
+LLM_WINDOW_TOKENS = 512
+LLM_KEYS = ("perplexity", "kld_mean", "kld_p99", "top1_agreement")
 
 
 def baseline(measured: dict[str, Any]) -> dict[str, Any]:
@@ -22,4 +42,40 @@ def summary(out: Path, measured: dict[str, Any], dense_bytes: int) -> dict[str, 
         "dense_bytes": dense_bytes,
         "compression_ratio": dense_bytes / on_disk if on_disk else None,
         **measured,
+    }
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """``config.vocab_size`` of a transformers model, else None."""
+    value = getattr(getattr(model, "config", None), "vocab_size", None)
+    return value if isinstance(value, int) else None
+
+
+def llm_figures(
+    model: nn.Module,
+    base: nn.Module,
+    tokenizer: str,
+    ctx: Context,
+    suite: tuple[int, int] = (LLM_WINDOWS, LLM_WINDOW_TOKENS),
+) -> dict[str, Any]:
+    """The LLM quality suite of ``model`` against ``base`` (``suite``: windows per text,
+    tokens per window): ``perplexity``, ``baseline_perplexity``, ``kld_mean``, ``kld_p99``,
+    ``top1_agreement`` over all windows, and ``llm_suite`` per text."""
+    n, length = suite[0], min(suite[1], model_context(base))
+    path = tokenizer_file(tokenizer)
+    pooled, per_text = DivergenceStats(), {}
+    for text in LLM_TEXTS:
+        windows = TOKEN_WINDOWS.get("heldout")(text, path, n, length)
+        stats = compare(model, base, windows, ctx.device)
+        pooled.extend(stats)
+        per_text[text] = {**stats.summary(), "windows": float(windows.shape[0])}
+    figures = pooled.summary()
+    return {
+        **figures,
+        "llm_suite": {
+            "texts": per_text,
+            "window_tokens": length,
+            "windows_per_text": n,
+            "tokenizer": tokenizer,
+        },
     }

@@ -28,6 +28,7 @@ from slimtorch.calibrate.offload import (
 )
 from slimtorch.calibrate.sequential import find_blocks
 from slimtorch.calibrate.tasks import make_task
+from slimtorch.calibrate.text import missing_tokenizer, model_tokenizer
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.core.methods import Run
@@ -105,8 +106,8 @@ def check_vocab(config: Any, batches: list[Any]) -> None:
     if have < need:
         raise ConfigError(
             f"the model's vocabulary ({have} tokens) is smaller than the calibration text's"
-            f" token ids (up to {need - 1}, from the causal-lm task's tokenizer): compress it"
-            " in memory (drop --max-memory)"
+            f" token ids (up to {need - 1}): the tokenizer is not the model's; give the model's"
+            " own with --tokenizer"
         )
 
 
@@ -125,8 +126,11 @@ def compress_large(
     work_dir: str | Path | None,
     ctx: Context,
     force: bool = False,
+    tokenizer: str | None = None,
 ) -> dict[str, Any]:
-    """Compress the checkpoint in ``model_dir`` block by block; returns the artifact manifest."""
+    """Compress the checkpoint in ``model_dir`` block by block; returns the artifact manifest.
+    Its text is tokenized with ``tokenizer`` (``--tokenizer``), else the ``tokenizer.json``
+    beside its ``config.json``; a UserInputError names --tokenizer when it has neither."""
     root = Path(model_dir)
     not_layerwise = [s.spec.name for s in recipe.stages if s.spec.layerwise is None]
     if not_layerwise:
@@ -151,7 +155,13 @@ def compress_large(
             f"--max-memory {max_memory / 2**20:.0f} MiB is below the estimated peak of one"
             f" block ({sizes}); raise it or lower `calibration.samples`"
         )
-    task = make_task("causal-lm", data)
+    beside = root / "tokenizer.json"
+    tokenizer = model_tokenizer(
+        str(root), str(beside.resolve()) if beside.is_file() else None, tokenizer
+    )
+    if tokenizer is None:
+        raise missing_tokenizer(str(root))
+    task = make_task("causal-lm", data, tokenizer)
     run = Run(ctx, task, original=None)
     compressors = [s.spec.layerwise(s.config, run) for s in recipe.stages]  # type: ignore[misc]
     steps = max(1, -(-samples // batch))
@@ -169,12 +179,13 @@ def compress_large(
             "recipe_name": recipe.name,
             "dense_bytes": checkpoint_fp32_bytes(root),
             "evaluator": "perplexity",
+            "tokenizer": tokenizer,
             "offloaded": True,
         },
     }
     out = Path(out)
     work = Path(work_dir) if work_dir else out.parent / f".{out.name}.work"
-    key = fingerprint(arch, recipe_dict, data, samples, batch, ctx.seed)
+    key = fingerprint(arch, recipe_dict, data, samples, batch, ctx.seed, tokenizer)
     plan = OffloadPlan(out, manifest, work, key, overwrite=force)
     log.info("offloaded compression of %s: estimated peak %.0f MiB", root, est["peak"] / 2**20)
     return compress_offloaded(

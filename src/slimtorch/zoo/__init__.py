@@ -11,6 +11,7 @@ lenet, resnet      models ``lenet300-fashion``, ``lenet5-fashion``, ``resnet18-f
 char_lstm          model ``char-lstm`` (textgenrnn's weights, vocabulary, windows)
 austen_lm          model ``austen-lm``, tokenizer ``builtin:austen-lm``, text splits
 minilm             model ``minilm``, tokenizer ``builtin:minilm``
+smollm2            model ``smollm2-135m`` (a GGUF file), tokenizer ``builtin:smollm2-135m``
 data_images        Fashion-MNIST, builtin:mnist5k and .npz image datasets
 data_text          texts ``builtin:austen``, ``builtin:wikipedia``; the Lee documents
 tasks              tasks ``classification``, ``charlm``, ``sentences``, ``causal-lm``
@@ -42,5 +43,6 @@ from slimtorch.zoo import (  # noqa: F401
     lenet,
     minilm,
     resnet,
+    smollm2,
     tasks,
 )

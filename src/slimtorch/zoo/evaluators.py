@@ -14,9 +14,13 @@ Each binds bundled data to the generic maths of :mod:`slimtorch.eval` and follow
   the text otherwise), or the train split; :data:`SAMPLE` evenly spaced targets by default.
   ``samples``: targets (scan: 5,000).
 * ``perplexity``: GPTQ's protocol (:mod:`slimtorch.eval.perplexity`) on the held-out split of
-  text specs under the model's own ``tokenizer.json``, or the train split; default
+  text specs under the model's own ``tokenizer.json`` (the one its info records, else the one in
+  the directory it came from), or the train split; default
   ``builtin:austen``. ``samples``: tokens, in whole context windows (at least one) cut from
   evenly spaced places of the text (scan: 2,048).
+
+Also registered: :data:`slimtorch.calibrate.text.TOKEN_WINDOWS` ``heldout`` and ``train``
+(token windows of a split of a text spec, for the LLM quality suite).
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ from __future__ import annotations
 import math
 import warnings
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from slimtorch.calibrate.text import TOKEN_WINDOWS, tokenizer_file
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
+from slimtorch.core.info import model_info
 from slimtorch.eval import language
 from slimtorch.eval.accuracy import accuracy
 from slimtorch.eval.perplexity import (
@@ -200,12 +207,19 @@ def token_windows(text: str, tokenizer: Any, n: int, context: int) -> torch.Tens
     return torch.stack(rows)
 
 
+def model_tokenizer_path(model: nn.Module) -> Path:
+    """``tokenizer.json`` of a causal LM: the one its info records (``--tokenizer`` or the one
+    found beside its config.json), else the one in the directory it was loaded from."""
+    recorded = model_info(model).tokenizer
+    return tokenizer_file(recorded) if recorded else find_tokenizer(model)
+
+
 def prepare_perplexity(
     model: nn.Module, ctx: Context, data: Any, samples: int | None, split: Split
 ) -> Measure:
     spec = PERPLEXITY_DATA if data is None else str(data)
     which = _text_split(split)
-    tokenizer_path = find_tokenizer(model)
+    tokenizer_path = model_tokenizer_path(model)
     context = model_context(model)
     if samples is None:
         ids = austen_lm.encoded_split(spec, which, str(tokenizer_path))
@@ -231,6 +245,16 @@ def prepare_perplexity(
     return measure
 
 
+def split_windows(split: Literal["train", "heldout"]) -> Any:
+    """``(spec, tokenizer.json, n, length) -> [<= n, length]`` windows of ``split`` of the text."""
+
+    def windows(spec: str, tokenizer_path: Path, n: int, length: int) -> torch.Tensor:
+        text = austen_lm.text_split(spec, split)
+        return token_windows(text, austen_lm.load_tokenizer(tokenizer_path), n, length)
+
+    return windows
+
+
 evaluate_accuracy = Evaluator("accuracy", True, prepare_accuracy, scan_samples=1000)
 evaluate_lee = Evaluator("lee_pearson", True, prepare_lee, scan_samples=50)
 evaluate_bpc = Evaluator("bits_per_char", False, prepare_bpc, scan_samples=5000)
@@ -240,3 +264,5 @@ EVALUATORS.add("accuracy", evaluate_accuracy)
 EVALUATORS.add("lee", evaluate_lee)
 EVALUATORS.add("bpc", evaluate_bpc)
 EVALUATORS.add("perplexity", evaluate_perplexity)
+TOKEN_WINDOWS.add("heldout", split_windows("heldout"))
+TOKEN_WINDOWS.add("train", split_windows("train"))

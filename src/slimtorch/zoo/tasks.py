@@ -10,7 +10,8 @@
 * ``sentences``: sentences of text specs (default Austen + Wikipedia) under MiniLM's tokenizer
   (:class:`slimtorch.calibrate.sentences.SentenceTask`); trains only by distillation.
 * ``causal-lm``: random windows of the train split (first 90% of each novel, article or file) of
-  text specs, tokenized with ``builtin:austen-lm``'s tokenizer
+  text specs, tokenized with the model's own tokenizer (``tokenizer``: a ``tokenizer.json`` path
+  or ``builtin:NAME``; ``builtin:austen-lm``'s when None)
   (:class:`slimtorch.calibrate.lm.CausalLMTask`); default Austen + Wikipedia. The held-out 10%
   is what evaluator ``perplexity`` scores, so calibration never sees it.
 """
@@ -28,6 +29,7 @@ from slimtorch.calibrate.classification import epoch_batches
 from slimtorch.calibrate.lm import WINDOW, CausalLMTask
 from slimtorch.calibrate.sentences import DEFAULT_SENTENCES, SentenceTask, load_sentences
 from slimtorch.calibrate.tasks import TASKS
+from slimtorch.calibrate.text import tokenizer_file
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
 from slimtorch.zoo import austen_lm, char_lstm
@@ -120,21 +122,27 @@ def make_sentences(data: str | None) -> SentenceTask:
     return SentenceTask(load_sentences(DEFAULT_SENTENCES if data is None else data))
 
 
-def lm_train_ids(data: str) -> torch.Tensor:
-    """Token ids of the train split of the text spec ``data`` (builtin:austen-lm's tokenizer)."""
-    return austen_lm.encoded_split(data, "train")
+def lm_train_ids(data: str, tokenizer: str | None = None) -> torch.Tensor:
+    """Token ids of the train split of the text spec ``data`` under ``tokenizer`` (a
+    ``tokenizer.json`` path or ``builtin:NAME``; None: builtin:austen-lm's)."""
+    path = str(tokenizer_file(tokenizer)) if tokenizer else None
+    return austen_lm.encoded_split(data, "train", path)
 
 
 def calibration_windows(
-    n: int, length: int = WINDOW, seed: int = 0, data: str = LM_DATA
+    n: int, length: int = WINDOW, seed: int = 0, data: str = LM_DATA, tokenizer: str | None = None
 ) -> torch.Tensor:
-    """GPTQ-style calibration set: ``n`` random ``length``-token windows of ``data``'s train split."""
-    return CausalLMTask(lm_train_ids(data), window=length).calibration_windows(n, length, seed)
+    """GPTQ-style calibration set: ``n`` random ``length``-token windows of ``data``'s train
+    split under ``tokenizer`` (None: builtin:austen-lm's)."""
+    ids = lm_train_ids(data, tokenizer)
+    return CausalLMTask(ids, window=length).calibration_windows(n, length, seed)
 
 
-def make_causal_lm(data: str | None) -> CausalLMTask:
-    """Task factory ``causal-lm`` (``data``: None for Austen + Wikipedia, else a text spec)."""
-    return CausalLMTask(lm_train_ids(LM_DATA if data is None else data))
+def make_causal_lm(data: str | None, tokenizer: str | None = None) -> CausalLMTask:
+    """Task factory ``causal-lm`` (``data``: None for Austen + Wikipedia, else a text spec;
+    ``tokenizer``: the model's, a ``tokenizer.json`` path or ``builtin:NAME``; None for
+    builtin:austen-lm's)."""
+    return CausalLMTask(lm_train_ids(LM_DATA if data is None else data, tokenizer))
 
 
 TASKS.add("classification", ClassificationTask)

@@ -14,7 +14,9 @@ def add_parser(sub: Any) -> None:
         "compress", help="compress a model with a recipe and save the artifact"
     )
     p.add_argument(
-        "--model", required=True, help="builtin:NAME, a local HF directory, or pkg.mod:factory"
+        "--model",
+        required=True,
+        help="builtin:NAME, a local HF directory, a Llama-family .gguf file, or pkg.mod:factory",
     )
     p.add_argument(
         "--recipe", required=True, help="a preset name (see `slimtorch recipes`) or a YAML file"
@@ -39,6 +41,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--work-dir", help="progress of an offloaded run (default: beside --out); rerun to resume"
     )
+    p.add_argument(
+        "--tokenizer",
+        help="a causal LM's tokenizer: tokenizer.json (or a directory holding it) or"
+        " builtin:NAME; default: the one beside the model's config.json",
+    )
+    p.add_argument(
+        "--llm-windows",
+        type=int,
+        default=8,
+        help="LLM quality suite (perplexity, KL divergence from the original): held-out windows"
+        " per text (builtin:wikipedia, builtin:austen); 0 skips it",
+    )
+    p.add_argument("--llm-window-tokens", type=int, default=512, help="tokens per LLM suite window")
     add_common(p)
 
 
@@ -53,6 +68,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         input_dtype=args.input_dtype,
         max_memory=args.max_memory,
         work_dir=args.work_dir,
+        tokenizer=args.tokenizer,
+        llm_windows=args.llm_windows,
+        llm_window_tokens=args.llm_window_tokens,
     )
     return compress_to_dir(args.model, args.recipe, args.out, options, context(args))
 

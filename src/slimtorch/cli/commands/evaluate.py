@@ -22,6 +22,19 @@ def add_parser(sub: Any) -> None:
         type=float,
         help="serve a prune.reorder-ed artifact on this fraction of its channels, e.g. 0.5",
     )
+    p.add_argument(
+        "--tokenizer",
+        help="a causal LM's tokenizer: tokenizer.json (or a directory holding it) or"
+        " builtin:NAME; default: the one the artifact records",
+    )
+    p.add_argument(
+        "--llm-windows",
+        type=int,
+        default=8,
+        help="LLM quality suite (perplexity, KL divergence from the original): held-out windows"
+        " per text (builtin:wikipedia, builtin:austen); 0 skips it",
+    )
+    p.add_argument("--llm-window-tokens", type=int, default=512, help="tokens per LLM suite window")
     add_trust(p)
     add_common(p)
 
@@ -38,6 +51,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         width=args.width,
         model=args.model,
         trust_factory=args.trust_factory,
+        tokenizer=args.tokenizer,
+        llm_suite=(args.llm_windows, args.llm_window_tokens),
     )
 
 

@@ -86,12 +86,16 @@ def _render_ct(result: dict[str, Any]) -> str:
     check = result["verified"]
     if check == "transformers":
         check = f"outputs match to {result['max_abs_diff']:.3g}"
-    return "\n".join(
-        [
-            f"wrote {result['out']} ({result['class']}, {result['bytes']:,} bytes): {groups}",
-            f"dense: {', '.join(result['ignore']) or 'none'}; reloaded by transformers: {check}",
-        ]
-    )
+    lines = [
+        f"wrote {result['out']} ({result['class']}, {result['bytes']:,} bytes): {groups}",
+        f"dense: {', '.join(result['ignore']) or 'none'}; reloaded by transformers: {check}",
+    ]
+    if result.get("dequantized"):
+        lines.append(
+            f"dequantized to the checkpoint dtype (compressed-tensors quantizes Linear layers"
+            f" only): {', '.join(result['dequantized'])}"
+        )
+    return "\n".join(lines)
 
 
 def _render_hf(result: dict[str, Any], fits: str) -> str:

@@ -23,7 +23,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="per-layer sensitivity: quality against sparsity, bits and codebook size",
     )
     p.add_argument(
-        "--model", required=True, help="builtin:NAME, a local HF directory, or pkg.mod:factory"
+        "--model",
+        required=True,
+        help="builtin:NAME, a local HF directory, a Llama-family .gguf file, or pkg.mod:factory",
     )
     p.add_argument("--data", help="dataset to measure on (default: the model's own)")
     p.add_argument("--out", required=True, help="directory for sensitivity.json and .md")

@@ -292,7 +292,15 @@ def export_hf_checked(
     (``ATOL + RTOL * |value|``); a directory that does not reload the same is removed."""
     from slimtorch.export.hf import export_hf
     from slimtorch.models import hf
+    from slimtorch.runtime.int8 import Int8DynamicLinear
 
+    int8 = [n for n, m in model.named_modules() if isinstance(m, Int8DynamicLinear)]
+    if int8:
+        raise UnsupportedModelError(
+            "--to hf writes a float transformers model, which has no int8 activations:"
+            f" {len(int8)} layers ({int8[0]}, ...) quantize their activations at run time (W8A8); export"
+            " with --to onnx, or keep it as a slimtorch artifact (slimtorch.save / slimtorch.load)"
+        )
     tensors = _check_inputs(inputs)
     path = export_hf(model, out_dir, overwrite)
     try:
@@ -305,9 +313,10 @@ def export_hf_checked(
             actual = [t.numpy() for t in tensor_leaves(reloaded.eval()(*tensors, **kwargs))]
         check = compare_outputs(expected, actual, ATOL, RTOL)
         if not check["ok"]:
+            why = f"; {check['reason']}" if check.get("reason") else ""
             raise UnsupportedModelError(
-                f"{path} reloaded by transformers computes different outputs than the pruned"
-                f" model (up to {check['max_abs_diff']:.3g}; {check.get('reason') or ''}); keep"
+                f"{path} reloaded by transformers computes different outputs than the compressed"
+                f" model (up to {check['max_abs_diff']:.3g}{why}); keep"
                 " it as a slimtorch artifact (slimtorch.save / slimtorch.load)"
             )
     except BaseException:

@@ -26,6 +26,7 @@ from slimtorch.calibrate.statistics import HessianAccumulator
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import WeightState, apply_state, get_state, to_matrix
 from slimtorch.quantize.gptq import gptq_quantize
+from slimtorch.quantize.groups import AUTO_RULE, GroupSize, fix_group_size
 from slimtorch.quantize.primitives import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class GPTQConfig(LayerwiseConfig):
     bits: int = Field(4, ge=2, le=8)
     symmetric: bool = False
     granularity: Literal["per_channel", "per_group"] = "per_group"
-    group_size: int = Field(128, ge=8, description="input columns per group")
+    group_size: GroupSize = Field(128, description=AUTO_RULE)
     observer: Literal["minmax", "mse"] = "minmax"
     damp: float = Field(0.01, gt=0, le=1, description="fraction of mean diag(H) added")
     block_size: int = Field(128, ge=1, description="lazy-update block of columns")
@@ -47,6 +48,8 @@ class GPTQConfig(LayerwiseConfig):
 
     @model_validator(mode="after")
     def _storable(self) -> GPTQConfig:
+        if isinstance(self.group_size, int) and self.group_size < 8:
+            raise ValueError(f"group_size={self.group_size}; use 8 or more, or 'auto'")
         if self.act_order and self.granularity == "per_group" and not self.static_groups:
             raise ValueError(
                 "act_order with per-group grids needs static_groups: true (otherwise a group's"
@@ -55,12 +58,15 @@ class GPTQConfig(LayerwiseConfig):
         return self
 
     def spec(self) -> QuantSpec:
+        """The grid (after :func:`fix_group_size` has replaced ``auto``)."""
+        per_group = self.granularity == "per_group"
+        assert not per_group or self.group_size != "auto", "resolve group_size: auto first"
         return QuantSpec(
             bits=self.bits,
             signed=self.symmetric,
             symmetric=self.symmetric,
             granularity=self.granularity,
-            group_size=self.group_size if self.granularity == "per_group" else None,
+            group_size=int(self.group_size) if per_group else None,
             observer=self.observer,
         )
 
@@ -68,10 +74,13 @@ class GPTQConfig(LayerwiseConfig):
 class GPTQCompressor:
     def __init__(self, config: GPTQConfig) -> None:
         self.config = config
+        self.first = True
         self.layers: dict[str, tuple[nn.Module, str]] = {}
 
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
         self.layers = block_matrices(block, name, self.config)
+        self.config = fix_group_size(self.config, "quantize.gptq", self.layers, self.first)
+        self.first = False
         return {
             n: HessianAccumulator(matrix_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()
         }

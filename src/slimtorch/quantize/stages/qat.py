@@ -35,7 +35,7 @@ class QATConfig(AffineOptions):
 def qat(model: nn.Module, config: QATConfig, run: Run) -> None:
     task = run.require_task("quantize.qat")
     refs = select_weights(model, config.targets, config.ignore)
-    spec = config.spec()
+    spec = config.spec(refs=refs, stage="quantize.qat")
     attached = attach_fake_quant(refs, spec)
     try:
         losses = train(model, task, run.ctx, config.train)

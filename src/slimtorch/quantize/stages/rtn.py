@@ -7,21 +7,23 @@ values and the module records the grid (``formats.state.apply_state``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from slimtorch.calibrate.sequential import DataFree
 from slimtorch.core.config import StageConfig
 from slimtorch.core.context import Context
+from slimtorch.core.errors import TargetError
 from slimtorch.core.methods import Run, register_method
-from slimtorch.formats.state import QuantState, WeightState, apply_state, get_state
+from slimtorch.formats.state import QuantState, WeightState, apply_state, get_state, to_matrix
 from slimtorch.graph.weights import WeightRef, select_weights
 from slimtorch.quantize.affine import quantize_weight
 from slimtorch.quantize.binary import binarize, ternarize
+from slimtorch.quantize.groups import AUTO_RULE, GroupSize, resolve_group_size
 from slimtorch.quantize.primitives import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -34,23 +36,48 @@ class AffineOptions(StageConfig):
     signed: bool = True
     symmetric: bool = True
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
-    group_size: int = Field(128, ge=1, description="input columns per group (per_group only)")
+    group_size: GroupSize = Field(128, description=AUTO_RULE)
 
-    def spec(self, observer: Literal["minmax", "mse"] = "minmax") -> QuantSpec:
+    @model_validator(mode="after")
+    def _group(self) -> AffineOptions:
+        if isinstance(self.group_size, int) and self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size}; use 1 or more, or 'auto'")
+        return self
+
+    def spec(
+        self,
+        observer: Literal["minmax", "mse"] = "minmax",
+        refs: Sequence[WeightRef] = (),
+        stage: str = "quantize.rtn",
+    ) -> QuantSpec:
+        """The grid; a per-group size is resolved (``auto``) and checked against ``refs``."""
+        group = None
+        if self.granularity == "per_group":
+            group = resolve_group_size(stage, self.group_size, in_features_of(refs))
         return QuantSpec(
             bits=self.bits,
             signed=self.signed,
             symmetric=self.symmetric,
             granularity=self.granularity,
-            group_size=self.group_size if self.granularity == "per_group" else None,
+            group_size=group,
             observer=observer,
         )
+
+
+def in_features_of(refs: Sequence[WeightRef]) -> dict[str, int]:
+    """Input features of each weight's matrix view, by weight name."""
+    return {r.name: int(to_matrix(r.weight.detach()).shape[1]) for r in refs}
 
 
 class RTNConfig(AffineOptions):
     """Round-to-nearest affine quantization of every selected weight."""
 
     observer: Literal["minmax", "mse"] = "minmax"
+    missing: Literal["error", "skip"] = Field(
+        "error",
+        description="when the targets match no layer: 'error', or 'skip' the stage (a preset's"
+        " stage for the embeddings and LM head of models that may have none)",
+    )
 
 
 class BinaryConfig(StageConfig):
@@ -69,19 +96,57 @@ def quantize_refs(
     ctx: Context | None = None,
     desc: str = "quantize",
 ) -> None:
-    """Quantize every weight of ``refs`` in place, keeping any pruning mask it carries."""
+    """Quantize every weight of ``refs`` in place, keeping any pruning mask it carries. A
+    parameter shared by several modules (a tied embedding and LM head) is quantized once and
+    every sharer records the same state, so the artifact stores it once."""
     items = ctx.progress_bar(refs, desc, len(refs)) if ctx is not None else iter(refs)
+    done: dict[int, QuantState] = {}
     for ref in items:
         old = get_state(ref.module, ref.param)
         mask = old.mask if old is not None else None
-        q = quantize(ref.weight.detach(), mask)
+        key = id(ref.weight)
+        if key not in done:
+            done[key] = quantize(ref.weight.detach(), mask)
         extra = dict(old.extra) if old is not None else {}
-        apply_state(ref.module, ref.param, WeightState(mask=mask, quant=q, extra=extra))
+        apply_state(ref.module, ref.param, WeightState(mask=mask, quant=done[key], extra=extra))
 
 
 def _rtn_blockwise(config: RTNConfig, run: Run) -> DataFree:
-    """Offloaded compression: quantize each block as it streams by (names inside a block)."""
-    return DataFree(lambda block: rtn(block, config, run))
+    """Offloaded compression: quantize each block as it streams by (names inside a block); an
+    ``auto`` group size is chosen at the first block and kept for the others."""
+    chosen: list[int] = []
+    skipped: list[bool] = []
+
+    def one(block: nn.Module) -> None:
+        fixed = config.model_copy(update={"group_size": chosen[0]}) if chosen else config
+        spec = quantize_selected(block, fixed, run)
+        if spec is None and not skipped:
+            skipped.append(True)
+            log.warning(
+                "quantize.rtn: block by block (--max-memory), targets %s match nothing inside"
+                " the blocks; layers outside them (embeddings, LM head) stay dense",
+                config.targets,
+            )
+        if spec is not None and spec.group_size is not None and not chosen:
+            chosen.append(spec.group_size)
+
+    return DataFree(one)
+
+
+def quantize_selected(model: nn.Module, config: RTNConfig, run: Run) -> QuantSpec | None:
+    """Quantize the weights ``config`` selects; returns the grid used, None when ``missing:
+    skip`` skipped the stage."""
+    try:
+        refs = select_weights(model, config.targets, config.ignore)
+    except TargetError:
+        if config.missing == "error":
+            raise
+        log.info("quantize.rtn: targets %s match no layer here; skipped", config.targets)
+        return None
+    spec = config.spec(config.observer, refs)
+    quantize_refs(refs, lambda w, mask: quantize_weight(w, spec, mask), run.ctx, "quantize.rtn")
+    log.info("quantize.rtn: %d weights to %d bits (%s)", len(refs), config.bits, config.granularity)
+    return spec
 
 
 @register_method(
@@ -91,10 +156,7 @@ def _rtn_blockwise(config: RTNConfig, run: Run) -> DataFree:
     layerwise=_rtn_blockwise,
 )
 def rtn(model: nn.Module, config: RTNConfig, run: Run) -> None:
-    refs = select_weights(model, config.targets, config.ignore)
-    spec = config.spec(config.observer)
-    quantize_refs(refs, lambda w, mask: quantize_weight(w, spec, mask), run.ctx, "quantize.rtn")
-    log.info("quantize.rtn: %d weights to %d bits (%s)", len(refs), config.bits, config.granularity)
+    quantize_selected(model, config, run)
 
 
 @register_method(

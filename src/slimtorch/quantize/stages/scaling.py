@@ -17,7 +17,7 @@ import re
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from slimtorch.calibrate.sequential import (
@@ -31,6 +31,7 @@ from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import WeightState, apply_state
 from slimtorch.quantize.affine import quantize_weight
 from slimtorch.quantize.awq import apply_awq_clip, apply_awq_scales, awq_clip, awq_search_scales
+from slimtorch.quantize.groups import AUTO_RULE, GroupSize, fix_group_size
 from slimtorch.quantize.primitives import QuantSpec
 from slimtorch.quantize.scaling import _Producers, scale_groups
 from slimtorch.quantize.smoothquant import channel_absmax, smooth_scales
@@ -89,19 +90,36 @@ class AWQConfig(LayerwiseConfig):
     """AWQ: activation-aware scales and clipping, then round-to-nearest on the group grid."""
 
     bits: int = Field(4, ge=2, le=8)
-    group_size: int = Field(128, ge=8)
+    group_size: GroupSize = Field(128, description=AUTO_RULE)
     grid: int = Field(20, ge=2, description="scale exponents tried in [0, 1)")
     clip: bool = True
     max_tokens: int = Field(4096, ge=64, description="calibration rows kept per layer")
 
+    @model_validator(mode="after")
+    def _group(self) -> AWQConfig:
+        if isinstance(self.group_size, int) and self.group_size < 8:
+            raise ValueError(f"group_size={self.group_size}; use 8 or more, or 'auto'")
+        return self
+
     def spec(self) -> QuantSpec:
+        """The grid (after :func:`fix_group_size` has replaced ``auto``)."""
+        assert self.group_size != "auto", "resolve group_size: auto first"
         return QuantSpec(
             bits=self.bits, signed=False, symmetric=False, granularity="per_group",
-            group_size=self.group_size, observer="minmax",
+            group_size=int(self.group_size), observer="minmax",
         )  # fmt: skip
 
 
 class AWQCompressor(_ScalingCompressor):
+    first = True
+
+    def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
+        stats = super().observe(name, block)
+        layers = {n: (m, "weight") for n, m in self.layers.items()}
+        self.config = fix_group_size(self.config, "quantize.awq", layers, self.first)
+        self.first = False
+        return stats
+
     def apply(self, name: str, block: nn.Module, groups: Any, rows: dict[str, _Rows]) -> None:
         spec = self.config.spec()
         unseen = [n for n, r in rows.items() if not r.count]
