@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import slimtorch as st
 from slimtorch.artifact.save import architecture_of, runtime_modules
@@ -88,3 +89,24 @@ def test_structured_pruning_writes_resized(tmp_path: Path) -> None:
     assert manifest["resized"]["fc1"]["out_features"] == pruned.fc1.out_features < 32
     text = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert text["resized"] == manifest["resized"]
+
+
+def test_a_transformers_model_built_in_memory_saves_as_data_and_loads(tmp_path: Path) -> None:
+    """No recorded architecture: its config is written (kind hf), never a factory ref."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    manifest = st.save(model, tmp_path / "a")
+    assert manifest["architecture"]["kind"] == "hf"
+    assert manifest["architecture"]["class"] == "LlamaForCausalLM"
+    ids = torch.randint(0, 64, (1, 6))
+    loaded = st.load(tmp_path / "a")  # no trust needed: data only
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -19,6 +19,7 @@ from slimtorch.core.info import ModelInfo, model_info
 from slimtorch.formats.artifact import write_artifact
 from slimtorch.formats.sizes import dense_safetensors_bytes
 from slimtorch.formats.state import iter_states
+from slimtorch.models.hf import hf_architecture
 from slimtorch.runtime import RUNTIME_MODULES
 
 ENTROPY = ("none", "huffman")
@@ -35,11 +36,15 @@ def runtime_modules(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def architecture_of(model: nn.Module, info: ModelInfo | None = None) -> dict[str, Any]:
-    """The recorded architecture, else the model's class as a ``factory`` (which loads only with
+    """The recorded architecture; else, for a transformers model, its config (data, rebuilt by
+    transformers); else the model's class as a ``factory`` (which loads only with
     ``slimtorch.load(dir, model=...)`` or ``trust_factory=True``)."""
     arch = (info or model_info(model)).architecture
     if arch is not None:
         return dict(arch)
+    hf = hf_architecture(model)
+    if hf is not None:
+        return hf
     cls = type(model)
     return {"kind": "factory", "ref": f"{cls.__module__}:{cls.__qualname__}"}
 

@@ -46,4 +46,8 @@ def before_after(r: dict[str, Any]) -> str:
             ["KLD mean / p99", 0.0, f"{r['kld_mean']:.4g} / {r.get('kld_p99', 0.0):.4g}"],
             ["top-1 agreement", 1.0, r.get("top1_agreement")],
         ]
+    if r.get("tokens_per_s") is not None:  # a causal LM's decoding speed
+        rows.append(
+            ["tokens/s (greedy, batch 1)", r.get("baseline_tokens_per_s"), r["tokens_per_s"]]
+        )
     return table(rows, ["", "original (fp32)", "compressed"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from torch import nn
 
@@ -25,6 +24,7 @@ from slimtorch.core.errors import ConfigError, UnsupportedModelError
 from slimtorch.core.info import update_info
 from slimtorch.distill.trainer import HiddenPair, get_module
 from slimtorch.graph.weights import replace_module
+from slimtorch.models.hf import hf_architecture
 
 __all__ = [
     "check_keep",
@@ -106,22 +106,6 @@ def _update_config(model: nn.Module, keep: list[int], old_count: int) -> None:
         value = getattr(config, key, None)
         if isinstance(value, list) and len(value) == old_count:
             setattr(config, key, [value[i] for i in keep])
-
-
-def hf_architecture(model: nn.Module) -> dict[str, Any] | None:
-    """The ``{"kind": "hf", ...}`` spec (see slimtorch.models.hf) of a live transformers model."""
-    config = getattr(model, "config", None)
-    module = type(model).__module__
-    if config is None or not module.startswith("transformers.") or not hasattr(config, "to_dict"):
-        return None
-    dtype = next(model.parameters()).dtype
-    return {
-        "kind": "hf",
-        "class": type(model).__name__,
-        "config": config.to_dict(),
-        "attn_implementation": str(getattr(config, "_attn_implementation", None) or "eager"),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
 
 
 def refresh_architecture(model: nn.Module) -> None:

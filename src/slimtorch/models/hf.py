@@ -167,6 +167,24 @@ def from_config(architecture: dict[str, Any]) -> nn.Module:
     return model.eval()  # type: ignore[no-any-return]
 
 
+def hf_architecture(model: nn.Module) -> dict[str, Any] | None:
+    """The ``{"kind": "hf", ...}`` spec of a live transformers model (None for other models):
+    what :func:`from_config` rebuilds it from, without its weights."""
+    config = getattr(model, "config", None)
+    module = type(model).__module__
+    if config is None or not module.startswith("transformers.") or not hasattr(config, "to_dict"):
+        return None
+    dtype = next(model.parameters()).dtype
+    attn = str(getattr(config, "_attn_implementation", None) or "eager")
+    return {
+        "kind": "hf",
+        "class": type(model).__name__,
+        "config": config.to_dict(),
+        "attn_implementation": attn if attn in ("eager", "sdpa") else "eager",
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
 def token_inputs(vocab_size: int, seq_len: int) -> Callable[[int], tuple[torch.Tensor, ...]]:
     """``example_inputs`` for a token model: fixed pseudo-random ids ``[batch, seq_len]``."""
 

@@ -11,7 +11,13 @@ from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
 from slimtorch.core.info import model_info, update_info
 from slimtorch.models.registry import LoadedModel, load_model, untrusted_factory_message
-from slimtorch.workflows.figures import LLM_WINDOW_TOKENS, LLM_WINDOWS, llm_figures, summary
+from slimtorch.workflows.figures import (
+    LLM_WINDOW_TOKENS,
+    LLM_WINDOWS,
+    decode_figures,
+    llm_figures,
+    summary,
+)
 from slimtorch.workflows.figures import baseline as baseline_figures
 
 
@@ -41,6 +47,7 @@ def evaluate_dir(
     trust_factory: bool = False,
     tokenizer: str | None = None,
     llm_suite: tuple[int, int] = (LLM_WINDOWS, LLM_WINDOW_TOKENS),
+    decode: bool = True,
 ) -> dict[str, Any]:
     """Measure an artifact and, when its source is known, the original model beside it.
     ``width`` serves a ``prune.reorder``-ed artifact on that fraction of its channels.
@@ -49,7 +56,9 @@ def evaluate_dir(
     ``tokenizer`` (a causal LM's ``tokenizer.json`` or ``builtin:NAME``) replaces the one the
     artifact records; with a tokenizer and the original, a causal LM also gets the LLM quality
     suite (:func:`slimtorch.workflows.figures.llm_figures`; ``llm_suite``: windows per text and
-    tokens per window, 0 windows to skip it)."""
+    tokens per window, 0 windows to skip it). ``decode`` adds a causal LM's decoding speed,
+    ``tokens_per_s`` and ``baseline_tokens_per_s``
+    (:func:`slimtorch.workflows.figures.decode_figures`)."""
     ctx = ctx or Context()
     path = api.require_dir(path)
     given = load_model(model).model if model is not None else None
@@ -63,6 +72,7 @@ def evaluate_dir(
     report["source"] = info.source
     if width is not None:
         report["width"] = width
+    original = None
     if baseline and info.source:
         original = _original(info.source, model, trust_factory)
         update_info(
@@ -78,4 +88,6 @@ def evaluate_dir(
         tok = info.tokenizer or model_tokenizer(info.source, original.tokenizer)
         if original.task == "causal-lm" and tok is not None and llm_suite[0] > 0:
             report.update(llm_figures(loaded, original.model, tok, ctx, llm_suite))
+    if decode:
+        report.update(decode_figures(loaded, original.model if original is not None else None))
     return report

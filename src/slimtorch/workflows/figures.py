@@ -19,6 +19,14 @@ from torch import nn
 from slimtorch import api
 from slimtorch.calibrate.text import TOKEN_WINDOWS, tokenizer_file
 from slimtorch.core.context import Context
+from slimtorch.eval.decode import (
+    NEW_TOKENS,
+    PROMPT_TOKENS,
+    cannot_generate,
+    decode_tokens_per_s,
+    is_causal_lm,
+    random_prompt,
+)
 from slimtorch.eval.divergence import DivergenceStats, compare
 from slimtorch.eval.perplexity import model_context
 
@@ -79,3 +87,23 @@ def llm_figures(
             "tokenizer": tokenizer,
         },
     }
+
+
+def decode_figures(model: nn.Module, base: nn.Module | None) -> dict[str, Any]:
+    """Decoding speed of a causal LM (``model``) and of its original (``base``, if given):
+    ``tokens_per_s`` and ``baseline_tokens_per_s`` of greedy decoding, batch 1, KV cache,
+    :data:`~slimtorch.eval.decode.NEW_TOKENS` new tokens after a prompt of
+    :data:`~slimtorch.eval.decode.PROMPT_TOKENS` token ids drawn from the vocabulary with a
+    fixed seed (the same prompt for both). Empty for a model that is not a causal LM; a causal
+    LM whose ``generate()`` cannot run gets ``decode_skipped`` with the reason."""
+    if not is_causal_lm(model):
+        return {}
+    vocab = vocab_size(model)
+    reason = cannot_generate(model) or (None if vocab else "its config has no vocab_size")
+    if reason is not None or vocab is None:
+        return {"decode_skipped": reason}
+    prompt = random_prompt(vocab, PROMPT_TOKENS)
+    figures: dict[str, Any] = {"tokens_per_s": decode_tokens_per_s(model, prompt, NEW_TOKENS)}
+    if base is not None and cannot_generate(base) is None:
+        figures["baseline_tokens_per_s"] = decode_tokens_per_s(base, prompt, NEW_TOKENS)
+    return figures

@@ -35,6 +35,12 @@ def add_parser(sub: Any) -> None:
         " per text (builtin:wikipedia, builtin:austen); 0 skips it",
     )
     p.add_argument("--llm-window-tokens", type=int, default=512, help="tokens per LLM suite window")
+    p.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="skip a causal LM's decoding speed (tokens_per_s: greedy, batch 1, 128 new tokens"
+        " after a 64-token prompt, KV cache)",
+    )
     add_trust(p)
     add_common(p)
 
@@ -53,6 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trust_factory=args.trust_factory,
         tokenizer=args.tokenizer,
         llm_suite=(args.llm_windows, args.llm_window_tokens),
+        decode=not args.no_decode,
     )
 
 

@@ -1,0 +1,54 @@
+"""``slimtorch generate DIR --prompt TEXT``: greedy continuation and tokens per second."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from slimtorch.cli.options import add_common, add_trust
+from slimtorch.cli.render import fmt
+
+
+def add_parser(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "generate", help="greedy text from a saved causal LM, and its tokens per second"
+    )
+    p.add_argument("dir")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="the model's tokenizer: tokenizer.json (or a directory holding it) or builtin:NAME;"
+        " default: the one the artifact records",
+    )
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="run int4 weight-only layers on torch's int4 CPU kernel",
+    )
+    add_trust(p)
+    add_common(p)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from slimtorch.workflows.generate import generate_dir
+
+    return generate_dir(
+        args.dir,
+        args.prompt,
+        args.max_new_tokens,
+        tokenizer=args.tokenizer,
+        model=args.model,
+        trust_factory=args.trust_factory,
+        kernels=args.kernels,
+    )
+
+
+def render(r: dict[str, Any]) -> str:
+    return (
+        f"{r['prompt']}{r['text']}\n\n"
+        f"{r['new_tokens']} new tokens in {fmt(r['seconds'])} s: "
+        f"{fmt(r['tokens_per_s'])} tokens/s (greedy, batch 1, KV cache)"
+    )
