@@ -137,3 +137,25 @@ def test_non_uniform_mlp_names_the_layers() -> None:
 def test_not_a_transformers_model() -> None:
     with pytest.raises(UnsupportedModelError, match="not a Hugging Face transformers model"):
         hf_config_for(tiny_stack())
+
+
+def test_export_copies_the_recorded_tokenizer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from slimtorch.core.info import update_info
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    model = testing_models.tiny_llama()
+    update_info(model, tokenizer=str(tmp_path / "tokenizer.json"))
+    out = export_hf(model, tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (tmp_path / name).read_bytes()
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode("hello world").ids == [1, 2]
+    update_info(model, tokenizer=str(tmp_path / "gone" / "tokenizer.json"))
+    out2 = export_hf(model, tmp_path / "hf2")  # a lost tokenizer is a warning, not a failure
+    assert not (out2 / "tokenizer.json").exists() and "not copied" in caplog.text

@@ -28,7 +28,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from slimtorch.core.errors import UnsupportedModelError
+from slimtorch.calibrate.text import tokenizer_file
+from slimtorch.core.errors import UnsupportedModelError, UserInputError
+from slimtorch.core.info import model_info
 from slimtorch.formats.atomic import check_target, fsync_dir, swap_into_place
 from slimtorch.formats.state import iter_states
 from slimtorch.graph.hf_attention import find_attention
@@ -179,6 +181,31 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _copy_tokenizer(model: nn.Module, out: Path) -> list[str]:
+    """Copy the tokenizer the model's info records (``tokenizer.json`` and the small files
+    transformers reads beside it) into ``out``, so the directory is complete; returns what was
+    copied. A recorded tokenizer that cannot be found is a warning, not an error: the weights
+    are still right."""
+    spec = model_info(model).tokenizer
+    if not spec:
+        return []
+    try:
+        source = tokenizer_file(spec)
+    except UserInputError as exc:
+        log.warning("export_hf: the recorded tokenizer %r is not copied: %s", spec, exc)
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        found = source if name == "tokenizer.json" else source.parent / name
+        if found.is_file():
+            shutil.copyfile(found, out / name)
+            copied.append(name)
+    return copied
+
+
 def export_hf(model: nn.Module, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` to ``out_dir`` so that ``from_pretrained(out_dir)`` loads it; atomic.
 
@@ -194,6 +221,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, overwrite: bool = False) ->
     try:
         model.save_pretrained(tmp, state_dict=hf_state_dict(model))  # type: ignore[operator]
         hf._config_from_dict(cfg).save_pretrained(tmp)  # the pruned sizes replace config.json
+        _copy_tokenizer(model, tmp)
         _fsync_tree(tmp)
         swap_into_place(tmp, path, overwrite)
     finally:
