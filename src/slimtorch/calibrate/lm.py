@@ -53,6 +53,18 @@ def check_vocab(ids: torch.Tensor, vocab_size: int | None, tokenizer: str | None
         )
 
 
+def logits_of(output: Any) -> torch.Tensor:
+    """The tensor in a model's output: itself, its ``.logits`` (Hugging Face), or its first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output:
+        return logits_of(output[0])
+    raise TypeError(f"cannot find the output tensor in a {type(output).__name__}")
+
+
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits [B, L, V]`` predicting ``ids [B, L]`` one step ahead."""
     if logits.dim() != 3 or logits.shape[:2] != ids.shape:
@@ -94,11 +106,7 @@ class CausalLMTask:
 
     def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The logits ``[B, L, V]`` of ``model`` on the batch's ids."""
-        out: Any = model(batch[0])
-        logits = getattr(out, "logits", None)
-        if logits is None:
-            logits = out[0] if isinstance(out, (tuple, list)) else out
-        return logits  # type: ignore[no-any-return]
+        return logits_of(model(batch[0]))
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return self.loss_from_output(self.forward(model, batch), batch)

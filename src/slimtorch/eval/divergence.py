@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimtorch.calibrate.lm import logits_of
 from slimtorch.core.errors import UserInputError
 
 ROWS = 128  # positions per float64 log-softmax chunk: [128, V] at a time
@@ -122,10 +123,11 @@ class DivergenceStats:
 
 
 def _logits(output: Any) -> torch.Tensor:
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        logits = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+    try:
+        logits = logits_of(output)
+    except TypeError:
+        logits = None
+    if logits is None or logits.dim() != 3:
         raise UserInputError(
             "KL divergence needs causal LMs returning logits [batch, tokens, vocab] (e.g."
             " transformers *ForCausalLM)"

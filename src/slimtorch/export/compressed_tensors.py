@@ -58,8 +58,8 @@ from slimtorch.export.ct_layout import (  # noqa: F401  (pack_int32/unpack_int32
     signed_grid,
     unpack_int32,
 )
-from slimtorch.export.hf import _fsync_tree, hf_config_for
-from slimtorch.formats.atomic import MODEL_FILE, check_target, swap_into_place
+from slimtorch.export.hf import hf_config_for
+from slimtorch.formats.atomic import MODEL_FILE, check_target, fsync_tree, swap_into_place
 from slimtorch.formats.state import QuantState, iter_states
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def export_compressed_tensors(
     try:
         _write(model, tmp, tensors, cfg)
         copied = _copy_tokenizer(Path(tokenizer) if tokenizer else tokenizer_dir(model), tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         swap_into_place(tmp, path, overwrite)
     finally:
         if tmp.exists():

@@ -17,7 +17,6 @@ Such models are saved with ``slimtorch.save`` and loaded with ``slimtorch.load``
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import uuid
 from collections import defaultdict
@@ -31,7 +30,7 @@ from torch import nn
 from slimtorch.calibrate.text import tokenizer_file
 from slimtorch.core.errors import UnsupportedModelError, UserInputError
 from slimtorch.core.info import model_info
-from slimtorch.formats.atomic import check_target, fsync_dir, swap_into_place
+from slimtorch.formats.atomic import check_target, fsync_tree, swap_into_place
 from slimtorch.formats.state import iter_states
 from slimtorch.graph.hf_attention import find_attention
 from slimtorch.models import hf
@@ -162,14 +161,6 @@ def hf_config_for(model: nn.Module) -> dict[str, Any]:
     return cfg
 
 
-def _fsync_tree(path: Path) -> None:
-    for entry in path.iterdir():
-        if entry.is_file():
-            with open(entry, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(path)
-
-
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s state dict as transformers stores it: the weight of every Conv1D that
     slimtorch ran as a Linear (runtime.conv1d) transposed back to ``[in, out]``."""
@@ -222,7 +213,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, overwrite: bool = False) ->
         model.save_pretrained(tmp, state_dict=hf_state_dict(model))  # type: ignore[operator]
         hf._config_from_dict(cfg).save_pretrained(tmp)  # the pruned sizes replace config.json
         _copy_tokenizer(model, tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         swap_into_place(tmp, path, overwrite)
     finally:
         if tmp.exists():

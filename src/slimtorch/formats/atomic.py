@@ -38,6 +38,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(path: Path) -> None:
+    """fsync every file directly in ``path`` and then ``path`` itself (before a rename)."""
+    for entry in path.iterdir():
+        if entry.is_file():
+            with open(entry, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(path)
+
+
 def check_target(path: Path, overwrite: bool) -> None:
     if not os.path.lexists(path):
         return

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from slimtorch.core.errors import UserInputError
-from slimtorch.formats.atomic import fsync_dir
+from slimtorch.formats.atomic import fsync_dir, fsync_tree
 from slimtorch.models import hf
 from slimtorch.models.gguf_tokenizer import write_tokenizer_files
 from slimtorch.models.registry import LoadedModel
@@ -315,10 +315,7 @@ def cached_directory(path: str | Path) -> Path:
     try:
         log.info("converting %s to a Hugging Face directory in %s (once)", path, final)
         convert(path, tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
+        fsync_tree(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -348,13 +345,7 @@ def architecture(path: str | Path) -> dict[str, Any]:
     if cached is not None:
         return hf.read_architecture(cached)
     fields = read_config(open_reader(path), path)
-    return {
-        "kind": "hf",
-        "class": "LlamaForCausalLM",
-        "config": LlamaConfig(**fields).to_dict(),
-        "attn_implementation": "sdpa",
-        "dtype": "float32",
-    }
+    return hf.spec("LlamaForCausalLM", LlamaConfig(**fields).to_dict(), "sdpa", "float32")
 
 
 def load_gguf(path: str | Path) -> LoadedModel:

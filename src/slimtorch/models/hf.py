@@ -86,6 +86,18 @@ def _model_class(architectures: list[str]) -> type | None:
     return None
 
 
+def spec(cls_name: str, config: dict[str, Any], attn: str, dtype: str) -> dict[str, Any]:
+    """The ``{"kind": "hf", ...}`` architecture spec that :func:`from_config` rebuilds; an
+    attention kernel outside :data:`ATTENTION_KERNELS` is recorded as ``eager``."""
+    return {
+        "kind": "hf",
+        "class": cls_name,
+        "config": config,
+        "attn_implementation": attn if attn in ATTENTION_KERNELS else "eager",
+        "dtype": dtype,
+    }
+
+
 def read_architecture(path: str | Path) -> dict[str, Any]:
     """The architecture spec of the model in ``path`` (reads only its config, no weights)."""
     path = Path(path)
@@ -116,13 +128,7 @@ def read_architecture(path: str | Path) -> dict[str, Any]:
     config_dict = config.to_dict()
     dtype = config_dict.get("dtype") or config_dict.get("torch_dtype") or "float32"
     dtype_name = _dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype)
-    return {
-        "kind": "hf",
-        "class": cls.__name__,
-        "config": config_dict,
-        "attn_implementation": _attn_implementation(cls),
-        "dtype": dtype_name,
-    }
+    return spec(cls.__name__, config_dict, _attn_implementation(cls), dtype_name)
 
 
 def _config_from_dict(config: dict[str, Any]) -> Any:
@@ -174,15 +180,9 @@ def hf_architecture(model: nn.Module) -> dict[str, Any] | None:
     module = type(model).__module__
     if config is None or not module.startswith("transformers.") or not hasattr(config, "to_dict"):
         return None
-    dtype = next(model.parameters()).dtype
     attn = str(getattr(config, "_attn_implementation", None) or "eager")
-    return {
-        "kind": "hf",
-        "class": type(model).__name__,
-        "config": config.to_dict(),
-        "attn_implementation": attn if attn in ("eager", "sdpa") else "eager",
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+    dtype = _dtype_name(next(model.parameters()).dtype)
+    return spec(type(model).__name__, config.to_dict(), attn, dtype)
 
 
 def token_inputs(vocab_size: int, seq_len: int) -> Callable[[int], tuple[torch.Tensor, ...]]:

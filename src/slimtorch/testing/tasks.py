@@ -19,23 +19,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from slimtorch.calibrate.lm import logits_of, next_token_loss
 from slimtorch.calibrate.loader import BatchTask, LossFn
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
 
 LossName = Literal["cross_entropy", "mse", "next_token"]
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The tensor in a model's output: itself, its ``.logits`` (Hugging Face), or its first item."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output:
-        return logits_of(output[0])
-    raise TypeError(f"cannot find the output tensor in a {type(output).__name__}")
 
 
 def cross_entropy(output: Any, targets: torch.Tensor) -> torch.Tensor:
@@ -50,8 +39,7 @@ def mse(output: Any, targets: torch.Tensor) -> torch.Tensor:
 
 def next_token(output: Any, tokens: torch.Tensor) -> torch.Tensor:
     """Causal language modelling: logits at position t predict token t + 1."""
-    logits = logits_of(output)[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    return next_token_loss(logits_of(output), tokens)
 
 
 LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse, "next_token": next_token}
