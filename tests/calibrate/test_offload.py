@@ -107,6 +107,35 @@ def test_offloaded_equals_in_memory_and_resumes(checkpoint: Path, tmp_path: Path
         assert torch.equal(again.tensors[name], t), name
 
 
+class _Recording(_Wanda):
+    """Wanda that keeps each layer's input statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def compress(self, name: str, block: nn.Module, stats: dict[str, Any]) -> None:
+        self.seen.update({f"{name}.{k}": acc.value for k, acc in stats.items()})
+        super().compress(name, block, stats)
+
+
+def test_in_memory_calibration_ignores_the_models_kv_cache() -> None:
+    """With ``use_cache`` on (a Hugging Face LLM's default), a KV cache kept between the two
+    passes over a block fed the next block the keys/values of the block before compression."""
+    seen = []
+    for use_cache in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(_config()).eval()
+        model.config.use_cache = use_cache
+        recording = _Recording()
+        run_sequential(model, _batches(), recording, Context(progress=False))
+        assert model.config.use_cache is use_cache  # restored
+        seen.append(recording.seen)
+    assert seen[0].keys() == seen[1].keys() and len(seen[0]) == 3 * 7
+    for key, value in seen[0].items():
+        assert torch.equal(seen[1][key], value), key
+
+
 _FREED_MEMORY_SCRIPT = """
 import os, torch
 from slimtorch.calibrate.offload import return_freed_memory

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -101,3 +102,96 @@ def test_offloaded_gptq_equals_in_memory(checkpoint: Path, tmp_path: Path) -> No
     assert off.states.keys() == mem.states.keys() and len(off.states) == 2 * 7
     model = st.load(tmp_path / "off")
     assert model(torch.randint(0, 2048, (1, 8))).logits.shape == (1, 8, 2048)
+
+
+def _stored_parts(path: Path) -> dict[str, tuple[Any, ...]]:
+    """Each stored part of an artifact's model.safetensors: dtype, shape, sha256 of its bytes."""
+    import hashlib
+    import json
+    import struct
+
+    raw = (path / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__")
+    return {
+        k: (v["dtype"], v["shape"], hashlib.sha256(raw[8 + n + a : 8 + n + b]).hexdigest())
+        for k, v in header.items()
+        for a, b in [v["data_offsets"]]
+    }
+
+
+_HEADS = {"method": "quantize.rtn", "bits": 8, "granularity": "per_channel",
+          "targets": ["Embedding", "lm_head", "embed_out"], "missing": "skip"}  # fmt: skip
+_GPTQ = {"method": "quantize.gptq", "bits": 4, "group_size": 16,
+         "calibration": {"samples": 4, "batch_size": 2}}  # fmt: skip
+
+
+@pytest.mark.parametrize("stages", [[_GPTQ, _HEADS], [_HEADS, _GPTQ]], ids=["after", "before"])
+def test_offloaded_quantizes_a_tied_embedding_once_as_in_memory(
+    stages: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The w4a16 presets' second stage (8-bit embeddings / LM head) runs in the offloaded path
+    too: same tensors and states as in memory, the tied weight stored once, same bytes. Before
+    GPTQ it also changes what GPTQ calibrates on, in both paths."""
+    import slimtorch as st
+    from slimtorch.calibrate.tasks import make_task
+    from slimtorch.formats.artifact import read_artifact, read_manifest
+    from slimtorch.models.hf import load_directory
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_cache=False, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    recipe = {"stages": stages}
+    compress_large(tmp_path / "ckpt", load_recipe(recipe), tmp_path / "off", None, 10**10,
+                   tmp_path / "w", Context(), tokenizer="builtin:austen-lm")  # fmt: skip
+    loaded = load_directory(tmp_path / "ckpt")
+    result = st.compress(loaded.model, recipe, data=make_task("causal-lm", None))
+    st.save(result.model, tmp_path / "mem")
+    off, mem = read_artifact(tmp_path / "off"), read_artifact(tmp_path / "mem")
+    assert off.tensors.keys() == mem.tensors.keys() and off.states.keys() == mem.states.keys()
+    for name, t in mem.tensors.items():
+        assert torch.equal(off.tensors[name], t), name
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= off.states.keys()
+    assert off.states["lm_head.weight"].quant.bits == 8  # type: ignore[union-attr]
+    manifests = read_manifest(tmp_path / "off"), read_manifest(tmp_path / "mem")
+    assert (
+        manifests[0]["aliases"]
+        == manifests[1]["aliases"]
+        == {"lm_head.weight": "model.embed_tokens.weight"}
+    )
+    # the same stored parts, byte for byte; only their order in the file (the header) differs
+    parts = [_stored_parts(tmp_path / d) for d in ("off", "mem")]
+    assert parts[0] == parts[1]
+    model = st.load(tmp_path / "off")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_missing_targets_are_checked_on_the_whole_model(checkpoint: Path, tmp_path: Path) -> None:
+    """``missing: error`` (the default) fails up front when no layer anywhere matches, and a
+    target only outside the blocks (the LM head) is no error: it is quantized there."""
+    from slimtorch.core.errors import TargetError
+    from slimtorch.formats.artifact import read_artifact
+
+    nothing = load_recipe({"stages": [{"method": "quantize.rtn", "targets": ["nope"]}]})
+    with pytest.raises(TargetError):
+        compress_large(checkpoint, nothing, tmp_path / "o", None, 10**10, tmp_path / "w",
+                       Context(), tokenizer="builtin:austen-lm")  # fmt: skip
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+    head = load_recipe({"stages": [{"method": "quantize.rtn", "targets": ["lm_head"]}]})
+    compress_large(checkpoint, head, tmp_path / "o", None, 10**10, tmp_path / "w", Context(),
+                   tokenizer="builtin:austen-lm")  # fmt: skip
+    assert set(read_artifact(tmp_path / "o").states) == {"lm_head.weight"}
+
+
+def test_checkpoint_dir_finds_the_weights_of_a_model_spec(checkpoint: Path, tmp_path: Path) -> None:
+    """--max-memory reads a Hugging Face directory: the one given, a .gguf file's cached
+    conversion or a builtin's (builtin:smollm2-135m); nothing for a builtin without one."""
+    from slimtorch.models.registry import checkpoint_dir
+
+    assert checkpoint_dir(str(checkpoint)) == checkpoint
+    assert checkpoint_dir("builtin:lenet5-fashion") is None
+    assert checkpoint_dir(str(tmp_path)) is None  # no config.json

@@ -1,15 +1,17 @@
 """Sequential compression of a checkpoint bigger than memory: one block at a time, resumable.
 
 The model is built with its parameters on the ``meta`` device (no memory), so only its small
-buffers exist. The layers before the first block (embeddings) are read from the safetensors
-shards, the calibration batches run up to block 0, and those layers are written out and freed.
+buffers exist. The layers outside the blocks (embeddings, LM head) are read from the
+safetensors shards, the calibration batches run up to block 0, and those layers are freed.
 Then each block is read from the shards, compressed by the recipe's layer-wise stages (each
 observes the block's inputs, then compresses), written as its own small artifact, run to
 produce the next block's inputs, and freed. Peak memory is about one block, its statistics and
 the calibration activations. After every block, the next inputs and the progress are saved
 atomically in ``work_dir``: an interrupted run started again with the same arguments continues
-after the last finished block and produces the identical artifact. Finally the parts are joined
-into one artifact (:func:`slimtorch.formats.concat.concat_artifacts`).
+after the last finished block and produces the identical artifact. Then the layers outside the
+blocks are written: streamed as they are, or, when the recipe has data-free stages (RTN of the
+embeddings and LM head), read again and compressed by those stages as in memory. Finally the
+parts are joined into one artifact (:func:`slimtorch.formats.concat.concat_artifacts`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from slimtorch.calibrate.capture import (
 )
 from slimtorch.calibrate.sequential import (
     BlockCompressor,
+    DataFree,
     find_blocks,
     next_inputs,
     observe_block,
@@ -161,6 +164,32 @@ def _block_artifact(block: nn.Module, prefix: str, path: Path) -> None:
     write_artifact(path, tensors, states, {}, overwrite=True)
 
 
+def _module_artifact(parts: tuple[dict[str, torch.Tensor], dict[str, Any]], path: Path) -> None:
+    write_artifact(path, parts[0], parts[1], {}, overwrite=True)
+
+
+def _outside_stages(
+    model: nn.Module, container: str, stages: Sequence[BlockCompressor]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Apply the data-free stages (``DataFree``: RTN) to the layers outside the blocks, as the
+    in-memory run does: on the model with its block list emptied, so that targets match the
+    same full names (``lm_head``, ``model.embed_tokens``) and a tied embedding and LM head are
+    quantized once. Returns those layers' tensors and compression states."""
+    parent_name, _, leaf = container.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    held = parent._modules[leaf]
+    parent._modules[leaf] = nn.ModuleList()
+    try:
+        for stage in stages:
+            assert isinstance(stage, DataFree)
+            stage.fn(model)
+        tensors = {k: v.detach() for k, v in model.state_dict().items()}
+        states = {(f"{m}.{p}" if m else p): s for m, _, p, s in iter_states(model)}
+    finally:
+        parent._modules[leaf] = held
+    return tensors, states
+
+
 def _save_hidden(inputs: Sequence[Inputs], path: Path) -> None:
     tensors = {f"h{i}": hidden_of(call).contiguous() for i, call in enumerate(inputs)}
     tmp = path.with_suffix(".tmp")
@@ -210,14 +239,14 @@ def compress_offloaded(
     plan.work_dir.mkdir(parents=True, exist_ok=True)
     done = _progress(plan)
     _materialize_outside(model, blocks, ckpt, ties)
+    data_free = [isinstance(c, DataFree) for c in compressors]
+    if not all(data_free):  # data-free stages before the first calibrated one change its inputs
+        _outside_stages(model, blocks.container, compressors[: data_free.index(False)])
     modules = [model.get_submodule(n) for n in blocks.names]
     calls = capture_block_inputs(model, modules, batches, forward)  # blocks still on meta
     inputs = calls[0]
     buffers = _outside_buffers(model, blocks.container)
     release(model)
-    head = plan.work_dir / "outside"
-    if not head.exists():
-        _outside_artifact(model, blocks.container, ckpt, ties, buffers, head)
     return_freed_memory()
     if done >= 0 and done + 1 < len(modules):
         saved = load_file(str(plan.work_dir / "inputs.safetensors"))
@@ -241,6 +270,15 @@ def compress_offloaded(
         _mark(plan, i)
         release(block)
         return_freed_memory()
+    head = plan.work_dir / "outside"
+    if not head.exists():
+        outside = [c for c in compressors if isinstance(c, DataFree)]
+        if outside:  # RTN of the embeddings / LM head: the layers outside the blocks at once
+            _materialize_outside(model, blocks, ckpt, ties)
+            _module_artifact(_outside_stages(model, blocks.container, outside), head)
+            release(model)
+        else:  # dense: streamed from the checkpoint one tensor at a time
+            _outside_artifact(model, blocks.container, ckpt, ties, buffers, head)
     parts = [head] + [plan.work_dir / f"block{i:05d}" for i in range(len(blocks.names))]
     manifest = concat_artifacts(parts, plan.out, plan.manifest, overwrite=plan.overwrite)
     shutil.rmtree(plan.work_dir, ignore_errors=True)
@@ -270,15 +308,17 @@ def _materialize_outside(
     model: nn.Module, blocks: Any, ckpt: Checkpoint, ties: dict[str, str]
 ) -> None:
     for name in _outside_params(model, blocks.container):
+        if name in ties:
+            continue  # a tied LM head: the tensor it shares, read once (below)
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         param = module._parameters[leaf]
         if param is None or param.device.type != "meta":
             continue
-        key = name if name in ckpt.where else ties.get(name, name)
-        if key not in ckpt.where:
+        stored = [k for k in (name, *(a for a, t in ties.items() if t == name)) if k in ckpt.where]
+        if not stored:
             raise UserInputError(f"{ckpt.root}: tensor {name!r} is not in the checkpoint")
-        module._parameters[leaf] = nn.Parameter(ckpt.get(key).to(torch.float32))
+        module._parameters[leaf] = nn.Parameter(ckpt.get(stored[0]).to(torch.float32))
     for alias, target in ties.items():
         if not alias.startswith(blocks.container + "."):
             owner, _, leaf = alias.rpartition(".")

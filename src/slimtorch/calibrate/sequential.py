@@ -211,8 +211,15 @@ def run_sequential(
     forward: Forward = _call,
     on_block_done: Callable[[int, str], None] | None = None,
 ) -> list[str]:
-    """Compress ``model`` block by block (see the module docstring); returns the block names."""
+    """Compress ``model`` block by block (see the module docstring); returns the block names.
+    Without a KV cache: one kept between the passes over a block (observe, then the next
+    block's inputs) would feed the keys and values of the block before compression to the
+    second pass, so the next block would not see the compressed block's output."""
     was_training = model.training
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:
+        config.use_cache = False  # type: ignore[union-attr]
     model.eval()
     try:
         blocks = find_blocks(model)
@@ -235,6 +242,8 @@ def run_sequential(
         return blocks.names
     finally:
         model.train(was_training)
+        if cached:
+            config.use_cache = cached  # type: ignore[union-attr]
 
 
 def _one_block(

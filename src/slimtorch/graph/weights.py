@@ -125,6 +125,8 @@ def select_weights(
 def check_finite(ref: WeightRef) -> None:
     """Refuse NaN or Inf weights with an error naming the layer."""
     w = ref.weight.detach()
+    if w.is_meta:  # no values yet (a model built without its weights)
+        return
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise UnsupportedModelError(

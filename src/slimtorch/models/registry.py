@@ -41,6 +41,8 @@ class BuiltinModel:
     # True when --data is also what the evaluator measures (image classifiers); False when the
     # training data is of another kind than ``data`` (MiniLM trains on sentences, tests on Lee)
     evaluates_training_data: bool = True
+    # a Hugging Face directory of its weights (safetensors) that --max-memory reads block by block
+    checkpoint: Callable[[], Path] | None = None
 
 
 MODELS: Registry[BuiltinModel] = Registry("builtin model", plugins=True)
@@ -100,6 +102,23 @@ def load_model(spec: str) -> LoadedModel:
         " a local Hugging Face model directory, a Llama-family .gguf file, or"
         " package.module:factory"
     )
+
+
+def checkpoint_dir(spec: str) -> Path | None:
+    """The Hugging Face directory (config.json + safetensors) holding the weights of ``spec``:
+    the directory itself, a ``.gguf`` file's cached conversion, a builtin's checkpoint; None
+    for anything else (a builtin without one, a factory)."""
+    if spec.startswith("builtin:"):
+        find = builtin_info(spec.split(":", 1)[1]).checkpoint
+        return find() if find is not None else None
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from slimtorch.models import gguf
+
+        return gguf.cached_directory(path)
+    return None
 
 
 def _builtin_names() -> list[str]:

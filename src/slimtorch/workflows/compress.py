@@ -21,7 +21,7 @@ from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError
 from slimtorch.core.info import update_info
 from slimtorch.core.methods import Task
-from slimtorch.models.registry import LoadedModel, load_model
+from slimtorch.models.registry import LoadedModel, checkpoint_dir, load_model
 from slimtorch.recipe import Recipe, load_recipe
 from slimtorch.workflows.figures import (
     LLM_WINDOW_TOKENS,
@@ -148,11 +148,12 @@ def _maybe_offloaded(
     from slimtorch.workflows import offloaded
 
     budget = offloaded.parse_bytes(str(options.max_memory))
-    path = Path(model)
-    if not (path.is_dir() and (path / "config.json").is_file()):
+    path = checkpoint_dir(model)  # a builtin's or a .gguf file's cached directory too
+    if path is None:
         raise ConfigError(
-            "--max-memory compresses a local Hugging Face checkpoint block by block; give"
-            " --model a directory with config.json and *.safetensors"
+            "--max-memory compresses a Hugging Face checkpoint block by block; give --model a"
+            " directory with config.json and *.safetensors, a Llama-family .gguf file, or a"
+            " builtin with such a checkpoint (builtin:smollm2-135m)"
         )
     dense = offloaded.checkpoint_fp32_bytes(path)
     if dense <= budget // 2:
@@ -168,6 +169,7 @@ def _maybe_offloaded(
         ctx,
         options.force,
         tokenizer=options.tokenizer,
+        source=model,
     )
     on_disk = api.artifact_size(out)
     return {

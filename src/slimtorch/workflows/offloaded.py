@@ -3,7 +3,10 @@
 When the checkpoint does not fit in ``--max-memory``, the recipe runs through
 :func:`slimtorch.calibrate.offload.compress_offloaded`: one block in memory at a time, written
 out as it finishes, resumable from ``--work-dir``. Every stage must be layer-wise (GPTQ, AWQ,
-SmoothQuant, SparseGPT, Wanda, RTN); the result is the artifact the in-memory run writes.
+SmoothQuant, SparseGPT, Wanda, RTN); RTN also quantizes the layers outside the blocks (the
+w4a16 presets' 8-bit embeddings and LM head, stored once when tied). The result holds the
+tensors the in-memory run writes (tests/workflows/test_workflow_offloaded.py, and on
+builtin:smollm2-135m with a kill and a resume, tests/workflows/test_offloaded_smollm2.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from slimtorch.calibrate.text import missing_tokenizer, model_tokenizer
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.core.methods import Run
+from slimtorch.graph.weights import select_weights
 from slimtorch.models.hf import from_config, read_architecture
 from slimtorch.recipe import Recipe
 from slimtorch.runtime.conv1d import Conv1DLinear, linearize_conv1d
@@ -65,11 +69,16 @@ def _resident_now() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def estimate_peak(model: nn.Module, samples: int, length: int, hessians: bool) -> dict[str, int]:
-    """Rough peak of an offloaded run: the memory in use now plus the larger of the capture
-    phase and one block's work. A lower bound: the temporaries of quantizing and encoding a
-    block come on top (freed memory is handed back to the OS after each block; measured on a
-    4.1 GB checkpoint with RTN 4-bit: 1.37 GB peak, see BENCHMARKS.md)."""
+def estimate_peak(
+    model: nn.Module, samples: int, length: int, hessians: bool, outside_stages: bool = False
+) -> dict[str, int]:
+    """Rough peak of an offloaded run: the memory in use now plus the largest of the capture
+    phase, one block's work and, with ``outside_stages`` (data-free stages such as the w4a16
+    presets' 8-bit embeddings), compressing the layers outside the blocks. A lower bound: the
+    temporaries of quantizing and encoding come on top (on SmolLM2's 113 MB tied embedding
+    about 5 more copies of it), and so does tokenizing the calibration text (freed memory is
+    handed back to the OS after each block; measured on a 4.1 GB checkpoint with RTN 4-bit:
+    1.37 GB peak; SmolLM2 w4a16-gptq with --max-memory 1GB: 1.19 GB peak)."""
     blocks = find_blocks(model)
     block = model.get_submodule(blocks.names[0])
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)  # type: ignore[union-attr]
@@ -80,13 +89,17 @@ def estimate_peak(model: nn.Module, samples: int, length: int, hessians: bool) -
         if isinstance(m, nn.Linear)
     )
     outside = _param_bytes(model) - len(blocks.names) * _param_bytes(block)
+    inside = {id(p) for p in model.get_submodule(blocks.container).parameters()}
+    largest = max((p.numel() * 4 for p in model.parameters() if id(p) not in inside), default=0)
+    at_end = outside + largest if outside_stages else 0  # + one quantized copy
     return {
         "block": _param_bytes(block),
         "statistics": stats,
         "activations": acts,
         "outside_blocks": outside,
+        "outside_stages": at_end,
         "process": _resident_now(),
-        "peak": max(outside + acts, _param_bytes(block) + stats + acts) + _resident_now(),
+        "peak": max(outside + acts, _param_bytes(block) + stats + acts, at_end) + _resident_now(),
     }
 
 
@@ -111,6 +124,15 @@ def check_vocab(config: Any, batches: list[Any]) -> None:
         )
 
 
+def check_targets(model: nn.Module, recipe: Recipe) -> None:
+    """``missing: error`` against the whole model (still on ``meta``), as the in-memory run
+    checks it: block by block a stage only sees one part (a block, or the layers outside)."""
+    for stage in recipe.stages:
+        config = stage.config
+        if getattr(config, "missing", "skip") == "error":
+            select_weights(model, config.targets, config.ignore)  # TargetError: exit 2
+
+
 def _linear_config(model: nn.Module, name: str) -> dict[str, Any]:
     layer = model.get_submodule(name)
     assert isinstance(layer, Conv1DLinear)
@@ -127,10 +149,12 @@ def compress_large(
     ctx: Context,
     force: bool = False,
     tokenizer: str | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Compress the checkpoint in ``model_dir`` block by block; returns the artifact manifest.
     Its text is tokenized with ``tokenizer`` (``--tokenizer``), else the ``tokenizer.json``
-    beside its ``config.json``; a UserInputError names --tokenizer when it has neither."""
+    beside its ``config.json``; a UserInputError names --tokenizer when it has neither.
+    ``source`` is the ``--model`` the user gave (a builtin's name), recorded in the metadata."""
     root = Path(model_dir)
     not_layerwise = [s.spec.name for s in recipe.stages if s.spec.layerwise is None]
     if not_layerwise:
@@ -142,13 +166,16 @@ def compress_large(
     with empty_parameters():
         model = from_config(arch)
     swapped = linearize_conv1d(model)  # GPT-2's Conv1D run as Linear, recorded in the manifest
+    check_targets(model, recipe)
     config: Any = getattr(model, "config", None)
     if getattr(config, "use_cache", None):
         config.use_cache = False  # a KV cache is not needed to calibrate
-    cal = getattr(recipe.stages[0].config, "calibration", None)
+    # the first stage that calibrates sets the calibration data of all
+    cal = next((c for s in recipe.stages if (c := getattr(s.config, "calibration", None))), None)
     samples, batch = (cal.samples, cal.batch_size) if cal is not None else (8, 8)
     hessians = any(s.spec.name in ("quantize.gptq", "prune.sparsegpt") for s in recipe.stages)
-    est = estimate_peak(model, samples, 256, hessians)
+    data_free = any(not s.spec.needs_data for s in recipe.stages)  # RTN: also outside the blocks
+    est = estimate_peak(model, samples, 256, hessians, outside_stages=data_free)
     if est["peak"] > max_memory:
         sizes = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in est.items())
         raise ConfigError(
@@ -174,7 +201,7 @@ def compress_large(
             {"name": n, "type": "Conv1DLinear", "config": _linear_config(model, n)} for n in swapped
         ],
         "metadata": {
-            "source": str(root),
+            "source": source or str(root),
             "recipe": recipe_dict,
             "recipe_name": recipe.name,
             "dense_bytes": checkpoint_fp32_bytes(root),

@@ -71,6 +71,7 @@ MODELS.add(
         data="builtin:wikipedia",
         example_inputs=example_inputs,
         task="causal-lm",
+        checkpoint=model_dir,
     ),
 )
 TOKENIZERS.add(NAME, lambda: model_dir() / "tokenizer.json")

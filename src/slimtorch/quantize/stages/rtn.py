@@ -112,21 +112,16 @@ def quantize_refs(
 
 
 def _rtn_blockwise(config: RTNConfig, run: Run) -> DataFree:
-    """Offloaded compression: quantize each block as it streams by (names inside a block); an
-    ``auto`` group size is chosen at the first block and kept for the others."""
+    """Offloaded compression: quantize each block as it streams by, then the layers outside the
+    blocks (embeddings, LM head: the offloaded run calls it on the model without its blocks).
+    A part with no target is skipped (the offloaded run checks ``missing: error`` against the
+    whole model up front); an ``auto`` group size is chosen at the first part and kept."""
     chosen: list[int] = []
-    skipped: list[bool] = []
+    each = config.model_copy(update={"missing": "skip"})
 
-    def one(block: nn.Module) -> None:
-        fixed = config.model_copy(update={"group_size": chosen[0]}) if chosen else config
-        spec = quantize_selected(block, fixed, run)
-        if spec is None and not skipped:
-            skipped.append(True)
-            log.warning(
-                "quantize.rtn: block by block (--max-memory), targets %s match nothing inside"
-                " the blocks; layers outside them (embeddings, LM head) stay dense",
-                config.targets,
-            )
+    def one(part: nn.Module) -> None:
+        fixed = each.model_copy(update={"group_size": chosen[0]}) if chosen else each
+        spec = quantize_selected(part, fixed, run)
         if spec is not None and spec.group_size is not None and not chosen:
             chosen.append(spec.group_size)
 
