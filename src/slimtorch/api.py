@@ -137,8 +137,10 @@ def load(
 
     ``width`` in (0, 1] serves a model compressed with ``prune.reorder`` on the first
     ``width`` of its channels in every group (its most important ones): smaller and faster.
-    ``kernels=True`` runs int4 weight-only Linear layers (w4a16 presets) on torch's int4 CPU
-    kernel: less memory and faster decoding, outputs within about 1e-2 relative.
+    ``kernels=True`` runs weight-only quantized Linear layers on torch's CPU kernels: 2-4-bit
+    group weights (w4a16 presets) on the int4 kernel, 5-8-bit per-channel ones (their 8-bit LM
+    head, the int8 preset) on the int8 kernel: less memory and faster decoding (bf16
+    activations: logits within about 1e-2 relative of the dequantized model).
 
     Loading runs no code the artifact names. A model saved from ``package.module:factory`` (or
     a class slimtorch does not know) loads only when you pass ``model`` (an ``nn.Module``, whose

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from slimtorch.artifact.kernels import use_int4_kernels
+from slimtorch.artifact.kernels import use_kernels
 from slimtorch.artifact.resized import apply_resized
 from slimtorch.artifact.widths import narrow
 from slimtorch.core.errors import ArtifactError, UserInputError
@@ -95,7 +95,8 @@ def load_artifact(
     """Rebuild the model saved at ``path``: no pickle, outputs identical to the saved model.
 
     ``width`` (0, 1] runs a ``prune.reorder``-ed model on its most important channels only;
-    ``kernels`` runs int4 weight-only Linears on the int4 CPU kernel (:func:`use_int4_kernels`).
+    ``kernels`` runs weight-only quantized Linears on torch's int4 / int8 CPU kernels
+    (:func:`~slimtorch.artifact.kernels.use_kernels`).
     ``model`` (an ``nn.Module``, filled in place, or a zero-argument factory) replaces rebuilding
     the recorded architecture: its weights are replaced by the artifact's. A ``factory``
     architecture without ``model`` needs ``trust_factory=True``: it then imports and calls the
@@ -124,5 +125,5 @@ def load_artifact(
     if width is not None and width != 1:
         net = narrow(net, width)
     if kernels:
-        use_int4_kernels(net)
+        use_kernels(net)
     return net.eval()

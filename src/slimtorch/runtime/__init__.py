@@ -15,11 +15,13 @@ from slimtorch.runtime.conv1d import Conv1DLinear, linearize_conv1d
 from slimtorch.runtime.fused import FusedIdentity, FusedLayer
 from slimtorch.runtime.int4 import Int4WeightOnlyLinear
 from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available, quantize_weight_int8
+from slimtorch.runtime.int8_weight import Int8WeightOnlyLinear
 from slimtorch.runtime.lowrank import LowRankConv2d, LowRankLinear
 
 RUNTIME_MODULES: Registry[type[nn.Module]] = Registry("runtime module")
 RUNTIME_MODULES.add("Int8DynamicLinear", Int8DynamicLinear)
 RUNTIME_MODULES.add("Int4WeightOnlyLinear", Int4WeightOnlyLinear)
+RUNTIME_MODULES.add("Int8WeightOnlyLinear", Int8WeightOnlyLinear)
 RUNTIME_MODULES.add("FusedLayer", FusedLayer)
 RUNTIME_MODULES.add("FusedIdentity", FusedIdentity)
 RUNTIME_MODULES.add("LowRankLinear", LowRankLinear)
@@ -34,6 +36,7 @@ __all__ = [
     "FusedLayer",
     "Int4WeightOnlyLinear",
     "Int8DynamicLinear",
+    "Int8WeightOnlyLinear",
     "LowRankConv2d",
     "LowRankLinear",
     "linearize_conv1d",

@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--kernels",
         action="store_true",
-        help="run int4 weight-only layers on torch's int4 CPU kernel",
+        help="run weight-only quantized layers on torch's int4 / int8 CPU kernels (faster)",
     )
     add_trust(p)
     add_common(p)
