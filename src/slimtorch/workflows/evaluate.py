@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtorch import api
+from slimtorch.artifact.kernels import use_kernels
 from slimtorch.calibrate.text import model_tokenizer, tokenizer_file
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
@@ -48,6 +49,7 @@ def evaluate_dir(
     tokenizer: str | None = None,
     llm_suite: tuple[int, int] = (LLM_WINDOWS, LLM_WINDOW_TOKENS),
     decode: bool = True,
+    kernels: bool = True,
 ) -> dict[str, Any]:
     """Measure an artifact and, when its source is known, the original model beside it.
     ``width`` serves a ``prune.reorder``-ed artifact on that fraction of its channels.
@@ -58,7 +60,10 @@ def evaluate_dir(
     suite (:func:`slimtorch.workflows.figures.llm_figures`; ``llm_suite``: windows per text and
     tokens per window, 0 windows to skip it). ``decode`` adds a causal LM's decoding speed,
     ``tokens_per_s`` and ``baseline_tokens_per_s``
-    (:func:`slimtorch.workflows.figures.decode_figures`)."""
+    (:func:`slimtorch.workflows.figures.decode_figures`), measured as the artifact is served:
+    with ``kernels`` (default) on a second copy whose weight-only quantized layers run on
+    torch's int4 / int8 CPU kernels (``decode_kernel_layers`` counts them; quality figures
+    always come from the exactly dequantized model)."""
     ctx = ctx or Context()
     path = api.require_dir(path)
     given = load_model(model).model if model is not None else None
@@ -89,5 +94,9 @@ def evaluate_dir(
         if original.task == "causal-lm" and tok is not None and llm_suite[0] > 0:
             report.update(llm_figures(loaded, original.model, tok, ctx, llm_suite))
     if decode:
-        report.update(decode_figures(loaded, original.model if original is not None else None))
+        served = loaded
+        if kernels:
+            served = api.load(path, width=width, model=given, trust_factory=trust_factory)
+            report["decode_kernel_layers"] = len(use_kernels(served))
+        report.update(decode_figures(served, original.model if original is not None else None))
     return report

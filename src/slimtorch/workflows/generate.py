@@ -26,7 +26,8 @@ def generate_dir(
     most ``max_new_tokens`` tokens, stopping at the end-of-sequence token), tokenized with
     ``tokenizer`` (a ``tokenizer.json``, a directory holding one, or ``builtin:NAME``; default:
     the one the artifact records). ``model``/``trust_factory`` as for ``slimtorch eval``;
-    ``kernels`` runs int4 weight-only layers on torch's int4 CPU kernel. Returns ``prompt``,
+    ``kernels`` runs 2-4-bit weight-only layers on torch's int4 CPU kernel and 8-bit ones on
+    its int8 kernel. Returns ``prompt``,
     ``text`` (the continuation), ``new_tokens``, ``seconds``, ``tokens_per_s``, ``tokenizer``."""
     if max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")

@@ -41,6 +41,11 @@ def add_parser(sub: Any) -> None:
         help="skip a causal LM's decoding speed (tokens_per_s: greedy, batch 1, 128 new tokens"
         " after a 64-token prompt, KV cache)",
     )
+    p.add_argument(
+        "--no-kernels",
+        action="store_true",
+        help="time decoding on the dequantized float model, not on torch's int4/int8 kernels",
+    )
     add_trust(p)
     add_common(p)
 
@@ -60,6 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer=args.tokenizer,
         llm_suite=(args.llm_windows, args.llm_window_tokens),
         decode=not args.no_decode,
+        kernels=not args.no_kernels,
     )
 
 
