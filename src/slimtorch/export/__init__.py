@@ -4,6 +4,7 @@
     export(model, to="onnx", out="model.onnx")                # checked in onnxruntime
     export(model, to="hf", out="model-hf/")                   # transformers reloads it
     export(model, to="compressed-tensors", out="model-ct/")   # packed int4/int8 weights
+    export(model, to="gguf", out="model.gguf")                # llama.cpp, checked there
 
 Each exporter verifies what it wrote against the model on example inputs: ``inputs=`` or, by
 default, the ones slimtorch knows for the model (its recorded ``input``, a builtin's, or a
@@ -66,11 +67,27 @@ def _compressed_tensors(
     return export_checked(model, inputs, out, overwrite)
 
 
+def _gguf(
+    model: nn.Module,
+    inputs: Sequence[Any],
+    out: str | Path,
+    overwrite: bool = False,
+    *,
+    requantize: str | None = None,
+) -> dict[str, Any]:
+    """GGUF file for llama.cpp, read back and checked in llama.cpp when installed
+    (:func:`slimtorch.export.gguf.export_checked`)."""
+    from slimtorch.export.gguf import export_checked
+
+    return export_checked(model, inputs, out, overwrite, requantize)
+
+
 EXPORTERS.add("onnx", _onnx)
 EXPORTERS.add("hf", _hf)
 EXPORTERS.add("compressed-tensors", _compressed_tensors)
+EXPORTERS.add("gguf", _gguf)
 
-TARGETS: tuple[str, ...] = ("onnx", "hf", "compressed-tensors")  # in the order --help shows
+TARGETS: tuple[str, ...] = ("onnx", "hf", "compressed-tensors", "gguf")  # in the order --help shows
 
 
 def options_of(to: str) -> list[str]:
@@ -93,8 +110,9 @@ def export(
 
     ``inputs`` are the example inputs the written file is checked on (default: the ones
     slimtorch knows for ``model``, with batch size ``batch``). ``options`` go to the exporter
-    (``onnx``: ``opset``, ``quantized``, ``strict``, ``decode``). Returns the exporter's
-    JSON-able report; raises :class:`ConfigError` for an unknown ``to`` or option.
+    (``onnx``: ``opset``, ``quantized``, ``strict``, ``decode``; ``gguf``: ``requantize``).
+    Returns the exporter's JSON-able report; raises :class:`ConfigError` for an unknown ``to``
+    or option.
     """
     exporter = EXPORTERS.get(to)  # unknown: "unknown export target ...; Known ...: ..."
     unknown = sorted(set(options) - set(options_of(to)))

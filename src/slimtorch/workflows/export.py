@@ -25,6 +25,7 @@ class ExportOptions:
     dense: bool = False  # onnx: every weight as dense float
     strict: bool = False  # onnx: fail when a compressed weight cannot be stored low-bit
     decode: str = "load"  # onnx: "load" decodes low-bit weights at load time, "run" at every run
+    requantize: str | None = None  # gguf: the GGUF type for grids with no exact block type
     force: bool = False  # replace ``out`` if it exists
     model: str | None = None  # the architecture of an artifact of a Python factory (a model spec)
     trust_factory: bool = False  # let the artifact's recorded factory run (trusted files only)
@@ -43,12 +44,18 @@ def export_dir(
     options = options or ExportOptions()
     if options.batch < 1:
         raise UserInputError(f"--batch must be at least 1, got {options.batch}")
+    if options.requantize is not None and to != "gguf":
+        raise UserInputError(f"--requantize applies to --to gguf, not --to {to}")
     given = load_model(options.model).model if options.model else None
     model = api.load(api.require_dir(path), model=given, trust_factory=options.trust_factory)
     arch = model_info(model).architecture or {}
     # a builtin may be a transformers model too (builtin:smollm2-135m is a LlamaForCausalLM)
     is_transformers = type(model).__module__.startswith("transformers.")
-    if to in ("hf", "compressed-tensors") and arch.get("kind") != "hf" and not is_transformers:
+    if (
+        to in ("hf", "compressed-tensors", "gguf")
+        and arch.get("kind") != "hf"
+        and not is_transformers
+    ):
         raise UnsupportedModelError(
             f"{path} holds a {arch.get('kind') or 'non-Hugging Face'} model"
             f" ({type(model).__name__}); --to {to} writes transformers models only: use"
@@ -62,11 +69,12 @@ def export_dir(
             " slimtorch.core.info.update_info(model, input={'shape': [...], 'dtype':"
             " 'float32'|'int64'}) before slimtorch.save"
         )
-    onnx_options: dict[str, Any] = {
+    all_options: dict[str, Any] = {
         "opset": options.opset,
         "quantized": not options.dense,
         "strict": options.strict,
         "decode": options.decode,
+        "requantize": options.requantize,
     }
-    taken = {k: v for k, v in onnx_options.items() if k in options_of(to)}  # onnx: all of them
+    taken = {k: v for k, v in all_options.items() if k in options_of(to)}
     return export(model, to, out, inputs=inputs, overwrite=options.force, **taken)

@@ -1,8 +1,10 @@
-"""``slimtorch export DIR --to onnx|hf|compressed-tensors --out OUT``: an artifact for other runtimes.
+"""``slimtorch export DIR --to onnx|hf|compressed-tensors|gguf --out OUT``: an artifact for other
+runtimes.
 
     slimtorch export out/ --to onnx --out model.onnx      # verified in onnxruntime
     slimtorch export out/ --to hf --out model-hf/         # transformers' from_pretrained loads it
     slimtorch export out/ --to compressed-tensors --out model-ct/   # packed int4/int8 weights
+    slimtorch export out/ --to gguf --out model.gguf      # llama.cpp; checked there if installed
 
 Example inputs come from what the artifact records (builtin models, Hugging Face configs, or
 the ``input`` shape recorded with ``slimtorch compress --input-shape``).
@@ -21,11 +23,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand to the ``sub`` subparsers of the main parser."""
     p: argparse.ArgumentParser = sub.add_parser(
         "export",
-        help="export an artifact to ONNX (checked in onnxruntime) or a transformers directory",
+        help="export an artifact to ONNX (checked in onnxruntime), a transformers directory or"
+        " a GGUF file (llama.cpp)",
     )
     p.add_argument("dir", help="a slimtorch artifact directory (the --out of compress)")
     p.add_argument("--to", required=True, choices=TARGETS, help="the format to write")
-    p.add_argument("--out", required=True, help="the .onnx file, or the directory to write")
+    p.add_argument(
+        "--out", required=True, help="the .onnx or .gguf file, or the directory to write"
+    )
     p.add_argument(
         "--batch",
         type=int,
@@ -53,6 +58,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         " the file (small file, dense float in memory, float speed); 'run' keeps them low-bit"
         " in memory (DequantizeLinear/MatMulNBits, decoded at every run: slower). Both exact",
     )
+    p.add_argument(
+        "--requantize",
+        metavar="TYPE",
+        help="--to gguf: quantize weights whose grid has no exact GGUF block type again into"
+        " TYPE (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16, F32); default: refuse them, naming"
+        " the layer",
+    )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_trust(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -69,6 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dense=args.dense,
         strict=args.strict,
         decode=args.decode,
+        requantize=args.requantize,
         force=args.force,
         model=args.model,
         trust_factory=args.trust_factory,
@@ -108,10 +121,37 @@ def _render_hf(result: dict[str, Any], fits: str) -> str:
     )
 
 
+def _render_gguf(result: dict[str, Any]) -> str:
+    types = ", ".join(f"{n} {t}" for t, n in result["tensors"].items())
+    diffs = ", ".join(f"{k} {v:.3g}" for k, v in result["max_abs_diff_by_type"].items())
+    lines = [
+        f"wrote {result['out']} ({result['class']}, {result['bytes']:,} bytes, file type"
+        f" {result['file_type']}): {types}",
+        f"read back as written ({result['codes_kept']} weights keep slimtorch's codes); max"
+        f" |difference| from the model's weights: {diffs}",
+        f"fp16 rounding: scales {result['scale_rounding_max_abs']:.3g}, Q4_1/Q5_1 offsets"
+        f" {result['offset_rounding_max_abs']:.3g}",
+    ]
+    if result["requantized"]:
+        lines.append(f"requantized to {result['requantize']}: {', '.join(result['requantized'])}")
+    check = result["llama_cpp"]
+    if isinstance(check, str):
+        lines.append(f"llama.cpp: {check}")
+    else:
+        lines.append(
+            f"llama.cpp on {check['tokens']} tokens: top-1 agreement"
+            f" {check['top1_agreement']:.3f}, max |logit diff| {check['max_abs_logit_diff']:.3g}"
+            f" (mean {check['mean_abs_logit_diff']:.3g}), mean KLD {check['kld_mean']:.3g}"
+        )
+    return "\n".join(lines)
+
+
 def render(result: dict[str, Any]) -> str:
     """Plain-text summary of :func:`run`'s result."""
     if result["format"] == "compressed-tensors":
         return _render_ct(result)
+    if result["format"] == "gguf":
+        return _render_gguf(result)
     fits = (
         f"outputs match to {result['max_abs_diff']:.3g}"
         f" (tolerance {result['atol']} + {result['rtol']} x |value|)"
