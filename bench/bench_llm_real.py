@@ -268,14 +268,17 @@ def llama_cpp_figures(path: Path, base: Any, threads: int) -> dict[str, Any]:
 def run_slimtorch(row: Row, args: argparse.Namespace, calib: Any) -> dict[str, Any]:
     import slimtorch as st
     from slimtorch.core.context import Context
+    from slimtorch.core.info import update_info
 
     recipe = _bits(*row.recipe) if isinstance(row.recipe, tuple) else row.recipe
-    model = load_base().model
+    loaded = load_base()
+    model = loaded.model
+    update_info(model, architecture=loaded.architecture, source=MODEL, tokenizer=MODEL)
     with harness.stopwatch() as sw:
         result = st.compress(model, recipe, data=fixed_task(calib), ctx=Context(progress=False))
     out_dir = args.work / row.key
     shutil.rmtree(out_dir, ignore_errors=True)
-    st.save(result, out_dir)
+    st.save(result.model, out_dir)
     figures: dict[str, Any] = {"seconds": round(sw.seconds, 1), "bytes": dir_bytes(out_dir)}
     loaded = st.load(out_dir)
     base = load_base().model

@@ -147,3 +147,25 @@ def test_fake_quantize_dtype_and_values() -> None:
 def test_bad_specs(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         QuantSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_full_range_symmetric_grid_is_llama_cpps_q4_0(gaussian: torch.Tensor) -> None:
+    """All 16 codes: each group's largest-magnitude weight lands exactly on code -8 (the
+    scale's sign is chosen for it), and the error is lower than the 15-level grid's."""
+    full = QuantSpec(bits=4, granularity="per_group", group_size=32, full_range=True)
+    q = quantize_weight(gaussian, full)
+    codes = q.codes.reshape(96, -1, 32).float()
+    assert int(codes.min()) == -8 and int(codes.max()) == 7
+    assert bool((q.scale < 0).any()) and bool((q.scale > 0).any())
+    blocks = gaussian.reshape(96, -1, 32)
+    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert torch.allclose(extreme, -8 * q.scale.reshape(96, -1), rtol=1e-3)  # fp16 scales
+    restricted = quantize_weight(gaussian, QuantSpec(bits=4, granularity="per_group", group_size=32))
+    assert sqnr_db(gaussian, dequantize(q, gaussian.shape)) > sqnr_db(
+        gaussian, dequantize(restricted, gaussian.shape)
+    )
+
+
+def test_full_range_is_refused_for_asymmetric_grids() -> None:
+    with pytest.raises(ConfigError, match="full_range"):
+        QuantSpec(bits=4, symmetric=False, signed=False, full_range=True)

@@ -38,6 +38,10 @@ class QuantSpec:
     granularity: Granularity = "per_channel"
     group_size: int | None = None
     observer: Observer = "minmax"
+    # symmetric grids only: use all 2**bits signed codes, as llama.cpp's Q4_0 does - the scale
+    # takes the sign that puts each block's largest-magnitude weight on the extra negative code
+    # (scale = -extreme / 2**(bits-1), so it may be negative); else scale = amax / (2**(bits-1)-1)
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -56,6 +60,11 @@ class QuantSpec:
             )
         if self.observer not in ("minmax", "mse"):
             raise ConfigError(f"observer={self.observer!r}; use 'minmax' or 'mse'")
+        if self.full_range and not (self.symmetric and self.signed):
+            raise ConfigError(
+                "full_range applies to symmetric signed grids only; set symmetric: true, or"
+                " drop full_range (an asymmetric grid already uses every code)"
+            )
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -92,15 +101,21 @@ def expand_params(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.T
 
 
 def affine_scale(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Scale of the grid covering ``[lo, hi]`` (always widened to include 0); never 0 or NaN."""
+    """Scale of the grid covering ``[lo, hi]`` (always widened to include 0); never 0 or NaN
+    (negative for a ``full_range`` block whose extreme is positive)."""
     qmin, qmax = spec.qrange
-    if spec.symmetric:
+    if spec.symmetric and spec.full_range:
+        # the extreme of larger magnitude lands on code -2**(bits-1): scale = -extreme / 2**(b-1)
+        extreme = torch.where(hi.abs() >= lo.abs(), hi, lo)
+        scale = -extreme / 2 ** (spec.bits - 1)
+    elif spec.symmetric:
         amax = torch.maximum(hi.abs(), lo.abs())
         scale = amax / (2 ** (spec.bits - 1) - 1)
     else:
         scale = (hi.clamp(min=0) - lo.clamp(max=0)) / (qmax - qmin)
     # an all-zero block (or a range underflowing float32) gets scale 1: its codes are the zero point
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    usable = (scale != 0) & torch.isfinite(scale)
+    return torch.where(usable, scale, torch.ones_like(scale))
 
 
 def affine_zero_point(lo: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

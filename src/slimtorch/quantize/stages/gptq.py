@@ -41,6 +41,11 @@ class GPTQConfig(LayerwiseConfig):
     granularity: Literal["per_channel", "per_group"] = "per_group"
     group_size: GroupSize = Field(128, description=AUTO_RULE)
     observer: Literal["minmax", "mse"] = "minmax"
+    full_range: bool = Field(
+        False,
+        description="symmetric grids: use all 2**bits codes (llama.cpp's Q4_0 grid: the scale's"
+        " sign puts each group's largest-magnitude weight on the extra negative code)",
+    )
     damp: float = Field(0.01, gt=0, le=1, description="fraction of mean diag(H) added")
     block_size: int = Field(128, ge=1, description="lazy-update block of columns")
     act_order: bool = Field(False, description="quantize columns by decreasing diag(H)")
@@ -50,6 +55,8 @@ class GPTQConfig(LayerwiseConfig):
     def _storable(self) -> GPTQConfig:
         if isinstance(self.group_size, int) and self.group_size < 8:
             raise ValueError(f"group_size={self.group_size}; use 8 or more, or 'auto'")
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range needs symmetric: true (asymmetric grids use every code)")
         if self.act_order and self.granularity == "per_group" and not self.static_groups:
             raise ValueError(
                 "act_order with per-group grids needs static_groups: true (otherwise a group's"
@@ -68,6 +75,7 @@ class GPTQConfig(LayerwiseConfig):
             granularity=self.granularity,
             group_size=int(self.group_size) if per_group else None,
             observer=self.observer,
+            full_range=self.full_range,
         )
 
 

@@ -37,11 +37,18 @@ class AffineOptions(StageConfig):
     symmetric: bool = True
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
     group_size: GroupSize = Field(128, description=AUTO_RULE)
+    full_range: bool = Field(
+        False,
+        description="symmetric grids: use all 2**bits codes (llama.cpp's Q4_0 grid: the scale's"
+        " sign puts each group's largest-magnitude weight on the extra negative code)",
+    )
 
     @model_validator(mode="after")
     def _group(self) -> AffineOptions:
         if isinstance(self.group_size, int) and self.group_size < 1:
             raise ValueError(f"group_size={self.group_size}; use 1 or more, or 'auto'")
+        if self.full_range and not (self.symmetric and self.signed):
+            raise ValueError("full_range needs symmetric: true and signed: true")
         return self
 
     def spec(
@@ -61,6 +68,7 @@ class AffineOptions(StageConfig):
             granularity=self.granularity,
             group_size=group,
             observer=observer,
+            full_range=self.full_range,
         )
 
 
