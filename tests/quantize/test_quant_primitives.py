@@ -160,7 +160,9 @@ def test_full_range_symmetric_grid_is_llama_cpps_q4_0(gaussian: torch.Tensor) ->
     blocks = gaussian.reshape(96, -1, 32)
     extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
     assert torch.allclose(extreme, -8 * q.scale.reshape(96, -1), rtol=1e-3)  # fp16 scales
-    restricted = quantize_weight(gaussian, QuantSpec(bits=4, granularity="per_group", group_size=32))
+    restricted = quantize_weight(
+        gaussian, QuantSpec(bits=4, granularity="per_group", group_size=32)
+    )
     assert sqnr_db(gaussian, dequantize(q, gaussian.shape)) > sqnr_db(
         gaussian, dequantize(restricted, gaussian.shape)
     )
