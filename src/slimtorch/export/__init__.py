@@ -76,10 +76,10 @@ def _gguf(
     requantize: str | None = None,
 ) -> dict[str, Any]:
     """GGUF file for llama.cpp, read back and checked in llama.cpp when installed
-    (:func:`slimtorch.export.gguf.export_checked`)."""
-    from slimtorch.export.gguf import export_checked
+    (:func:`slimtorch.export.gguf.export_gguf`)."""
+    from slimtorch.export.gguf import export_gguf
 
-    return export_checked(model, inputs, out, overwrite, requantize)
+    return export_gguf(model, inputs, out, overwrite, requantize)
 
 
 EXPORTERS.add("onnx", _onnx)

@@ -63,7 +63,7 @@ from slimtorch.core.info import model_info
 from slimtorch.export.gguf_blocks import BLOCK, NotRepresentable, grid_blocks
 from slimtorch.formats.atomic import fsync_dir
 from slimtorch.formats.state import get_state
-from slimtorch.models.gguf import _GLOBAL, _LAYER
+from slimtorch.models.gguf import _GLOBAL, _LAYER, gguf_module
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,6 @@ _FILE_TYPES = {
     "Q5_1": "MOSTLY_Q5_1",
     "Q8_0": "MOSTLY_Q8_0",
 }
-
-
-def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise UserInputError(
-            "--to gguf needs the gguf package: `pip install 'slimtorch[hf]'`"
-        ) from None
-    return gguf
 
 
 @dataclass
@@ -190,7 +180,7 @@ def permute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
 
 def _requantize(values: np.ndarray, ggml_type: str) -> tuple[np.ndarray, np.ndarray]:
     """``values`` quantized by ``gguf.quants.quantize`` and what they decode to."""
-    gguf = _gguf()
+    gguf = gguf_module()
     qtype = gguf.GGMLQuantizationType[ggml_type]
     data = gguf.quants.quantize(values, qtype)
     decoded = np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
@@ -421,7 +411,7 @@ def _file_type(planned: list[Planned]) -> str:
 def _write_metadata(
     writer: Any, config: Any, name: str, planned: list[Planned], tok: dict[str, Any] | None
 ) -> str:
-    gguf = _gguf()
+    gguf = gguf_module()
     heads = int(config.num_attention_heads)
     hidden = int(config.hidden_size)
     head_dim = int(_get(config, "head_dim", hidden // heads))
@@ -501,7 +491,7 @@ def _llama3_factors(config: Any, scaling: dict[str, Any]) -> np.ndarray:
 
 
 def _write(path: Path, model: nn.Module, config: Any, planned: list[Planned], tok: Any) -> str:
-    gguf = _gguf()
+    gguf = gguf_module()
     writer = gguf.GGUFWriter(str(path), "llama")
     try:
         name = str(model_info(model).source or type(model).__name__)
@@ -528,7 +518,7 @@ def _write(path: Path, model: nn.Module, config: Any, planned: list[Planned], to
 def verify_file(path: Path, planned: list[Planned]) -> dict[str, Any]:
     """Read ``path`` back with ``gguf.GGUFReader``: every tensor must decode to exactly the
     values intended; returns the largest difference from the model's weights per GGUF type."""
-    gguf = _gguf()
+    gguf = gguf_module()
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
     if (
@@ -616,7 +606,7 @@ def export_gguf(
 ) -> dict[str, Any]:
     """Write ``model`` (a Llama-family causal LM) as the GGUF file ``out``, check it (see the
     module docstring) and move it into place; returns a JSON-able report."""
-    gguf = _gguf()
+    gguf = gguf_module()
     if requantize is not None:
         requantize = requantize.upper()
         if requantize not in REQUANTIZE_TYPES:
@@ -692,14 +682,3 @@ def _gguf_version() -> str | None:
         return version("gguf")
     except PackageNotFoundError:  # pragma: no cover
         return None
-
-
-def export_checked(
-    model: nn.Module,
-    inputs: Sequence[Any],
-    out: str | Path,
-    overwrite: bool = False,
-    requantize: str | None = None,
-) -> dict[str, Any]:
-    """:func:`export_gguf` (the exporter registered as ``gguf``)."""
-    return export_gguf(model, inputs, out, overwrite, requantize)

@@ -54,7 +54,8 @@ _GLOBAL = {
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def _gguf() -> Any:
+def gguf_module() -> Any:
+    """The ``gguf`` package (UserInputError with the install line when missing)."""
     try:
         import gguf
     except ImportError:
@@ -76,7 +77,7 @@ def open_reader(path: str | Path) -> Any:
     if not path.is_file():
         raise UserInputError(f"no GGUF file at {path}; give the path of a .gguf file")
     try:
-        return _gguf().GGUFReader(str(path))
+        return gguf_module().GGUFReader(str(path))
     except (ValueError, OSError, KeyError) as exc:
         raise UserInputError(f"{path} is not a readable GGUF file ({exc})") from None
 
@@ -230,7 +231,7 @@ def hf_name(name: str) -> str:
 
 def read_state_dict(reader: Any, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Every tensor dequantized to fp32 under its transformers name (Q/K un-permuted)."""
-    dequantize = _gguf().quants.dequantize
+    dequantize = gguf_module().quants.dequantize
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     state: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
