@@ -70,15 +70,15 @@ class Row:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _bits(preset: str, bits: int) -> dict[str, Any]:
-    """A w4a16 preset at ``bits`` bits (its first stage's ``bits`` changed)."""
+def _variant(preset: str, changes: int | dict[str, Any]) -> dict[str, Any]:
+    """A preset with its first stage's options changed (an int: its ``bits``)."""
     import yaml
 
     import slimtorch.recipe
 
     path = Path(slimtorch.recipe.__file__).parent / "presets" / f"{preset}.yaml"
     recipe: dict[str, Any] = yaml.safe_load(path.read_text())
-    recipe["stages"][0]["bits"] = bits
+    recipe["stages"][0].update({"bits": changes} if isinstance(changes, int) else changes)
     return recipe
 
 
@@ -87,6 +87,12 @@ ROWS: dict[str, Row] = {
     for r in (
         Row("rtn-w4", "slimtorch", "RTN w4 g64 (w4a16-rtn)", recipe="w4a16-rtn"),
         Row("gptq-w4", "slimtorch", "GPTQ w4 g64 (w4a16-gptq)", recipe="w4a16-gptq"),
+        Row(
+            "gptq-w4-mse",
+            "slimtorch",
+            "GPTQ w4 g64, H-weighted mse scales",
+            recipe=("w4a16-gptq", {"observer": "mse"}),
+        ),
         Row("awq-w4", "slimtorch", "AWQ w4 g64 (w4a16-awq)", recipe="w4a16-awq"),
         Row("rtn-w3", "slimtorch", "RTN w3 g64", recipe=("w4a16-rtn", 3)),
         Row("gptq-w3", "slimtorch", "GPTQ w3 g64", recipe=("w4a16-gptq", 3)),
@@ -101,6 +107,20 @@ ROWS: dict[str, Row] = {
             "slimtorch",
             "GPTQ as GGUF Q4_0 (gguf-q4_0-gptq)",
             recipe="gguf-q4_0-gptq",
+            gguf=True,
+        ),
+        Row(
+            "gguf-q4_0-gptq-minmax",
+            "slimtorch",
+            "GPTQ as GGUF Q4_0, min-max scales (the preset before observer: mse)",
+            recipe=("gguf-q4_0-gptq", {"observer": "minmax"}),
+            gguf=True,
+        ),
+        Row(
+            "gguf-q4_0-gptq-dyn",
+            "slimtorch",
+            "GPTQ as GGUF Q4_0, groups fitted in the loop (no act_order)",
+            recipe=("gguf-q4_0-gptq", {"act_order": False, "static_groups": False}),
             gguf=True,
         ),
         Row(
@@ -270,7 +290,7 @@ def run_slimtorch(row: Row, args: argparse.Namespace, calib: Any) -> dict[str, A
     from slimtorch.core.context import Context
     from slimtorch.core.info import update_info
 
-    recipe = _bits(*row.recipe) if isinstance(row.recipe, tuple) else row.recipe
+    recipe = _variant(*row.recipe) if isinstance(row.recipe, tuple) else row.recipe
     loaded = load_base()
     model = loaded.model
     update_info(model, architecture=loaded.architecture, source=MODEL, tokenizer=MODEL)

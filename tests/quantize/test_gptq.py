@@ -134,3 +134,27 @@ def test_gptq_bad_inputs() -> None:
         gptq_quantize(w, h, PER_CHANNEL_4, mask=torch.ones(4, 7, dtype=torch.bool))
     with pytest.raises(UnsupportedModelError, match="increase damp"):
         gptq_quantize(w, -torch.eye(8), PER_CHANNEL_4)
+
+
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_mse_observer_weighs_columns_by_the_hessian_diagonal(static_groups: bool) -> None:
+    """A diagonal H propagates no error, so GPTQ is round-to-nearest on the ranges the mse
+    search picks with each column's error weighted by ``H_jj`` (not the unweighted ones)."""
+    from slimtorch.quantize.observers import mse_range
+    from slimtorch.quantize.primitives import fake_quantize_blocks, round_scale_fp16, to_blocks
+
+    g = torch.Generator().manual_seed(3)
+    spec = QuantSpec(bits=4, granularity="per_group", group_size=16, observer="mse",
+                     full_range=True)  # fmt: skip
+    w = torch.randn(24, 64, generator=g)
+    d = (0.1 + 5 * torch.rand(64, generator=g)) ** 2
+    res = gptq_quantize(w, torch.diag(d), spec, block_size=16, static_groups=static_groups)
+    blocks = to_blocks(w, spec)
+    for weights in (to_blocks(d.unsqueeze(0), spec), None):
+        lo, hi = mse_range(blocks, spec, weights=weights)
+        scale = round_scale_fp16(-torch.where(hi.abs() >= lo.abs(), hi, lo) / 8)[0]
+        expected = fake_quantize_blocks(blocks, -8 * scale, -8 * scale, spec).reshape(w.shape)
+        if weights is not None:
+            assert torch.equal(res.weight, expected)
+        else:
+            assert not torch.equal(res.weight, expected)

@@ -51,3 +51,20 @@ def test_mse_on_zero_and_masked_blocks() -> None:
     d = dequantize(q, w.shape)
     assert torch.isfinite(d).all()
     assert bool((d[0] == 0).all()) and bool((d[1, :8] == 0).all())
+
+
+def test_weighted_mse_minimises_the_weighted_error() -> None:
+    g = torch.Generator().manual_seed(2)
+    spec = QuantSpec(bits=4, granularity="per_group", group_size=32, full_range=True)
+    blocks = to_blocks(torch.randn(16, 128, generator=g), spec)
+    weights = to_blocks((torch.rand(1, 128, generator=g) * 10) ** 2, spec)  # [1, groups, 32]
+
+    def weighted_err(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return ((fake_quantize_blocks(blocks, lo, hi, spec) - blocks).pow(2) * weights).sum(-1)
+
+    plain = weighted_err(*mse_range(blocks, spec))
+    weighted = weighted_err(*mse_range(blocks, spec, weights=weights))
+    assert bool((weighted <= plain).all())
+    assert float(weighted.sum()) < float(plain.sum())
+    ones = mse_range(blocks, spec, weights=torch.ones_like(weights))
+    assert all(torch.equal(a, b) for a, b in zip(ones, mse_range(blocks, spec)))

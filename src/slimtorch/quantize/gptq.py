@@ -10,7 +10,10 @@ processed in blocks of ``block_size`` with the error of each block applied lazil
 
 The grid (:class:`ColumnGrid`) is the one ``quantize.rtn`` uses (same observer, same fp16 scale
 rounding), fitted per group when the loop reaches the group's first column, or up front on the
-original weight with ``static_groups``. With ``H = I`` the result equals round-to-nearest exactly.
+original weight with ``static_groups``. With the ``mse`` observer the range search weighs each
+column's error by ``H_jj`` (the column's mean squared input, as llama.cpp's importance matrix
+does), since that is what the layer's output sees. With ``H = I`` the result equals
+round-to-nearest exactly.
 """
 
 from __future__ import annotations
@@ -109,8 +112,11 @@ class ColumnGrid:
         order: torch.Tensor | None = None,
         static: bool = False,
         device: torch.device | str | None = None,
+        importance: torch.Tensor | None = None,
     ) -> None:
+        """``importance`` ``[in]`` (original column order): weights of the ``mse`` range search."""
         self.spec = spec
+        self.importance = importance
         gs = spec.group_size if spec.granularity == "per_group" and spec.group_size else in_features
         self.width = min(gs, in_features)
         groups = math.ceil(in_features / self.width)
@@ -136,7 +142,12 @@ class ColumnGrid:
 
     def fit_static(self, w: torch.Tensor) -> None:
         """Fit every group up front on ``w`` ``[out, in]`` (original column order)."""
-        lo, hi = observe(to_blocks(w, self.spec), self.spec)
+        weights = None
+        if self.importance is not None and self.spec.granularity != "per_tensor":
+            weights = to_blocks(self.importance.unsqueeze(0).to(w.dtype), self.spec)
+        elif self.importance is not None:
+            weights = to_blocks(self.importance.to(w.dtype).expand_as(w), self.spec)
+        lo, hi = observe(to_blocks(w, self.spec), self.spec, weights)
         self._set(lo, hi, slice(None))
 
     def needs_fit(self, k: int) -> bool:
@@ -144,8 +155,15 @@ class ColumnGrid:
 
     def fit(self, k: int, window: torch.Tensor) -> None:
         """Fit the group starting at loop step ``k`` on ``window``: its columns' current values."""
-        blocks = window.reshape(1, 1, -1) if self.scale.shape[0] == 1 else window.unsqueeze(1)
-        lo, hi = observe(blocks, self.spec)
+        per_tensor = self.scale.shape[0] == 1
+        blocks = window.reshape(1, 1, -1) if per_tensor else window.unsqueeze(1)
+        weights = None
+        if self.importance is not None:
+            steps = torch.arange(k, k + window.shape[1], device=window.device)
+            cols = steps if self.order is None else self.order[steps]
+            imp = self.importance[cols].to(window.dtype)
+            weights = imp.expand_as(window).reshape(1, 1, -1) if per_tensor else imp.view(1, 1, -1)
+        lo, hi = observe(blocks, self.spec, weights)
         g = self.loop_group[k]
         self._set(lo, hi, slice(g, g + 1))
 
@@ -206,7 +224,8 @@ def gptq_quantize(
     if keep is not None:
         w = w * keep
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
-    grid = ColumnGrid(spec, w.shape[0], w.shape[1], order, static_groups, w.device)
+    importance = torch.diagonal(h).to(torch.float32) if spec.observer == "mse" else None
+    grid = ColumnGrid(spec, w.shape[0], w.shape[1], order, static_groups, w.device, importance)
     if static_groups:
         grid.fit_static(w)
     if order is not None:

@@ -4,6 +4,10 @@
 (100 candidates) and keeps, per block, the one with the least squared quantization error;
 ``c = 1`` (min-max) is a candidate, so its error is never worse. Blocks are ``[rows, groups,
 size]`` (see ``primitives.to_blocks``); pruned and padding entries are zero and add no error.
+
+``weights`` (broadcast against the blocks, e.g. ``[1, groups, size]``) make the error a weighted
+sum: GPTQ passes the Hessian's diagonal (the mean squared input of each column, what llama.cpp's
+importance matrix holds), so the range is chosen for the error the layer's output sees.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ def mse_range(
     spec: QuantSpec,
     grid: int = MSE_GRID,
     min_shrink: float = MSE_MIN_SHRINK,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block range ``(c*min, c*max)`` minimising the squared error of quantization."""
+    """Per-block range ``(c*min, c*max)`` minimising the (``weights``-weighted) squared error."""
     lo, hi = minmax_range(blocks)
     # descending, so ties keep the widest range (min-max itself at c = 1)
     factors = torch.linspace(1.0, min_shrink, grid, dtype=blocks.dtype, device=blocks.device)
@@ -38,7 +43,10 @@ def mse_range(
     for start in range(0, grid, chunk):
         c = factors[start : start + chunk].view(-1, *([1] * lo.dim()))  # [k, 1, 1]
         q = fake_quantize_blocks(blocks.unsqueeze(0), c * lo, c * hi, spec)
-        err = (q - blocks).pow_(2).sum(dim=-1)  # [k, rows, groups]
+        err = (q - blocks).pow_(2)
+        if weights is not None:
+            err = err.mul_(weights)
+        err = err.sum(dim=-1)  # [k, rows, groups]
         chunk_err, idx = err.min(dim=0)
         better = chunk_err < best_err
         best_err = torch.where(better, chunk_err, best_err)
@@ -46,8 +54,10 @@ def mse_range(
     return best_c * lo, best_c * hi
 
 
-def observe(blocks: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The range ``spec.observer`` picks for every block."""
+def observe(
+    blocks: torch.Tensor, spec: QuantSpec, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range ``spec.observer`` picks for every block (``weights``: see ``mse_range``)."""
     if spec.observer == "mse":
-        return mse_range(blocks, spec)
+        return mse_range(blocks, spec, weights=weights)
     return minmax_range(blocks)
