@@ -77,6 +77,8 @@ def compress(
         raise ConfigError(f"stages {names} need training data: pass --data (data= in Python)")
     dense = dense_safetensors_bytes(model.state_dict())
     work = model if inplace else copy.deepcopy(model)
+    if ctx.device != "cpu":  # calibration batches go to ctx.device: so must the model
+        work = work.to(ctx.device)
     swapped = linearize_conv1d(work)  # GPT-2's Conv1D as Linear: every stage then finds it
     if swapped:
         log.info("%d Hugging Face Conv1D layers run as Linear (weights transposed)", len(swapped))

@@ -101,7 +101,7 @@ def group_scores(
     for member in group.members:
         score = member_score(model.get_submodule(member.module), member, criterion)
         if score is not None:
-            total += score
+            total += score.to(total.device)  # CUDA weights: summed on the CPU
             used = True
     if not used and criterion != "l1":
         return group_scores(model, group, "l1")

@@ -106,7 +106,7 @@ def _stack(matrices: Sequence[torch.Tensor], m: int, n: int) -> torch.Tensor:
             " (convert conv weights with channel_matrix)"
         )
     _check_columns(widths.pop(), n, m)
-    return torch.cat([w.detach().abs().to(torch.float32) for w in matrices])
+    return torch.cat([w.detach().abs().to("cpu", torch.float32) for w in matrices])
 
 
 def _group_parts(

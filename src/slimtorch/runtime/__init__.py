@@ -3,6 +3,8 @@
 ``RUNTIME_MODULES`` maps a type name to its module class, so the artifact loader can rebuild a
 module from ``{"type": name, "config": module.config()}`` and then ``load_state_dict`` its buffers.
 Every class registered here has ``config() -> dict`` and ``from_config(dict)``.
+Which kernel runs on which device (CPU, CUDA by compute capability) and the fallback messages:
+:mod:`slimtorch.runtime.device`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from torch import nn
 from slimtorch.core.registry import Registry
 from slimtorch.runtime.attention import PrunedMultiheadAttention
 from slimtorch.runtime.conv1d import Conv1DLinear, linearize_conv1d
+from slimtorch.runtime.fp8 import Fp8Linear
 from slimtorch.runtime.fused import FusedIdentity, FusedLayer
 from slimtorch.runtime.int4 import Int4WeightOnlyLinear
 from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available, quantize_weight_int8
 from slimtorch.runtime.int8_weight import Int8WeightOnlyLinear
 from slimtorch.runtime.lowrank import LowRankConv2d, LowRankLinear
+from slimtorch.runtime.sparse24 import SemiStructuredLinear, use_semi_structured
 
 RUNTIME_MODULES: Registry[type[nn.Module]] = Registry("runtime module")
 RUNTIME_MODULES.add("Int8DynamicLinear", Int8DynamicLinear)
@@ -28,10 +32,13 @@ RUNTIME_MODULES.add("LowRankLinear", LowRankLinear)
 RUNTIME_MODULES.add("LowRankConv2d", LowRankConv2d)
 RUNTIME_MODULES.add("PrunedMultiheadAttention", PrunedMultiheadAttention)
 RUNTIME_MODULES.add("Conv1DLinear", Conv1DLinear)
+RUNTIME_MODULES.add("Fp8Linear", Fp8Linear)
+RUNTIME_MODULES.add("SemiStructuredLinear", SemiStructuredLinear)
 
 __all__ = [
     "RUNTIME_MODULES",
     "Conv1DLinear",
+    "Fp8Linear",
     "FusedIdentity",
     "FusedLayer",
     "Int4WeightOnlyLinear",
@@ -39,7 +46,9 @@ __all__ = [
     "Int8WeightOnlyLinear",
     "LowRankConv2d",
     "LowRankLinear",
+    "SemiStructuredLinear",
     "linearize_conv1d",
     "onednn_available",
     "quantize_weight_int8",
+    "use_semi_structured",
 ]

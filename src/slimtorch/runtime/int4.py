@@ -19,8 +19,11 @@ Kernels (``kernel = "auto"`` picks the first that applies; set ``module.kernel``
   whole groups; a group that is a multiple of 32 but not a kernel size is split into kernel-size
   groups with repeated parameters. Accuracy: bfloat16 rounding of activations and of the scales,
   about 3e-3 relative error against the float32 dequantized product.
+  On a CUDA device of compute capability >= 8.0 the same name runs torch's CUDA tinygemm,
+  ``_weight_int4pack_mm`` (same arithmetic, its own packing: :mod:`slimtorch.runtime.int4_cuda`).
 * ``dequant``: pure PyTorch, float32: ``F.linear(x, dequantized_weight())`` (the dequantized
-  weight is cached). Used where the op is missing, off CPU, or for group sizes the op cannot run.
+  weight is cached). Used where the op is missing (a GPU older than Ampere: logged once), or
+  for group sizes the op cannot run.
 
 The kernel's packed copy is derived from the buffers, cached, and rebuilt when they change.
 At batch 1 a layer's kernel call takes ~30 us (576x576, one thread), so the per-call Python is
@@ -40,6 +43,8 @@ from torch import Tensor, nn
 
 from slimtorch.core.errors import ArtifactError, ConfigError, UserInputError
 from slimtorch.formats.state import QuantState, code_range, to_matrix
+from slimtorch.runtime import int4_cuda
+from slimtorch.runtime.device import fallback, int4_cuda_available
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +242,12 @@ class Int4WeightOnlyLinear(nn.Module):
     def _kernel_for(self, x: Tensor) -> Kernel:
         if self.kernel != "auto":
             return self.kernel
-        ok = x.device.type == "cpu" and tinygemm_available()
+        if x.device.type == "cuda":
+            ok = int4_cuda_available(x.device)
+            if not ok:
+                fallback("int4 tinygemm", x.device, "needs compute capability >= 8.0")
+        else:
+            ok = x.device.type == "cpu" and tinygemm_available()
         return "tinygemm" if ok and kernel_group(self.group_size) is not None else "dequant"
 
     def _cached(self, kernel: Kernel) -> dict[str, Tensor]:
@@ -261,7 +271,10 @@ class Int4WeightOnlyLinear(nn.Module):
         n_pad = -out % 16
         k_pad = groups * self.group_size
         codes = F.pad(self.codes().to(torch.int32), (0, k_pad - self.in_features, 0, n_pad))
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        if codes.device.type == "cuda":
+            packed = int4_cuda.convert_cuda(codes)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         rep = self.group_size // kg
         scale = self.scales.to(torch.float32).repeat_interleave(rep, dim=1)
         zero = (_MID - self.zero_points.to(torch.float32)).repeat_interleave(rep, dim=1) * scale
@@ -283,20 +296,22 @@ class Int4WeightOnlyLinear(nn.Module):
             and key[2] is z
             and key[3] == (q._version, s._version, z._version, self.kernel)
         ):
-            return self._plan if x.device.type == "cpu" else None
+            return self._plan if x.device.type == q.device.type else None
         if self._kernel_for(x) != "tinygemm":
             return None
         c = self._cached("tinygemm")
         kg = kernel_group(self.group_size)
         assert kg is not None  # checked when the cache was built
-        self._plan = (c["packed"], c["sz"], kg, c["packed"].shape[1] * 2)
+        self._plan = (c["packed"], c["sz"], kg, self.scales.shape[1] * self.group_size)
         self._plan_key = (q, s, z, (q._version, s._version, z._version, self.kernel))
         return self._plan
 
     def _forward_tinygemm(self, x: Tensor) -> Tensor:
         plan = self._tinygemm_plan(x)
         if plan is None:
-            raise ConfigError("the tinygemm kernel does not run this input (CPU only)")
+            raise ConfigError(
+                "the tinygemm kernel does not run this input (CPU, or CUDA of capability >= 8.0)"
+            )
         return self._run_tinygemm(x, plan, torch.float32)
 
     def _run_tinygemm(
@@ -306,7 +321,10 @@ class Int4WeightOnlyLinear(nn.Module):
         xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
         if k_pad != self.in_features:
             xb = F.pad(xb, (0, k_pad - self.in_features))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, kg, sz)
+        if packed.device.type == "cuda":
+            y = int4_cuda.matmul_cuda(xb.contiguous(), packed, kg, sz)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, kg, sz)
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
         if self.bias is not None:
