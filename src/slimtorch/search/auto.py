@@ -30,6 +30,7 @@ from slimtorch.search import outdir, pareto
 from slimtorch.search.allocate import allocate, swaps
 from slimtorch.search.candidates import Planner
 from slimtorch.search.profiles import load_profile, parse_size
+from slimtorch.search.ray_runner import RayRunner, RaySettings
 from slimtorch.search.setup import Baseline, measure_baseline, scan_or_proxy, size_model
 from slimtorch.search.space import Config, RecipeOptions, choice_key, parse_choice_key
 from slimtorch.search.trials import LocalProcessRunner, Runner, SerialRunner, TrialStore
@@ -75,6 +76,8 @@ class AutoOptions:
     entropy: str = "huffman"
     fractions: tuple[float, ...] = (1.0, 0.8, 0.6)
     input: dict[str, Any] | None = None
+    runner: str = "local"  # local: this machine's processes; ray: Ray tasks (see ray_runner)
+    ray: RaySettings = field(default_factory=RaySettings)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -201,7 +204,12 @@ class _State:
         return limit is not None and time.monotonic() - self.started >= limit
 
 
-def _runner(options: AutoOptions) -> Runner:
+def make_runner(options: AutoOptions) -> Runner:
+    """The runner ``options.runner`` names (nothing starts until its first trial)."""
+    if options.runner == "ray":
+        return RayRunner(options.ray, options.workers, options.threads)
+    if options.runner != "local":
+        raise ConfigError(f"--runner must be local or ray, got {options.runner!r}")
     if options.workers <= 1:
         return SerialRunner()
     return LocalProcessRunner(options.workers, options.threads)
@@ -262,6 +270,7 @@ def auto_search(
     check_budgets(budgets)
     if options.runtime not in ("torch", "onnx"):
         raise ConfigError(f"--runtime must be torch or onnx, got {options.runtime!r}")
+    runner = runner or make_runner(options)  # before OUT is touched: a missing Ray exits clean
     out = Path(out)
     outdir.prepare(out, options.resume, options.force)
     base, loaded = measure_baseline(model, out, options)
@@ -280,7 +289,6 @@ def auto_search(
     )
     target = max_bytes if max_bytes is not None else base.dense_bytes // 4
     plan = Planner(model, out, options, sizes, costs, recipe_options, target)
-    runner = runner or _runner(options)
     status = "interrupted"
     try:
         uniform = plan.uniform()

@@ -8,7 +8,7 @@ A trial *spec* is a plain JSON dict, so any scheduler can ship it::
 
 :func:`run_trial` is a top-level function of that dict alone: it compresses the model, saves the
 artifact atomically into ``out``, and measures bytes on disk, latency and quality of the
-*reloaded* artifact. A process pool calls it; so can ``ray.remote(run_trial)`` (docs/auto.md).
+*reloaded* artifact. A process pool calls it; so does a Ray task (:mod:`.ray_runner`).
 It never raises: a failure comes back as ``{"status": "failed", "error": ...}``.
 """
 

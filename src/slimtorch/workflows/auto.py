@@ -16,6 +16,7 @@ from slimtorch.core.errors import ConfigError
 from slimtorch.search import outdir
 from slimtorch.search.auto import AutoOptions, Budgets, auto_search
 from slimtorch.search.profiles import parse_duration
+from slimtorch.search.ray_runner import RaySettings
 
 
 @dataclass
@@ -37,6 +38,8 @@ class AutoJob:
     runtime: str = "torch"
     seed: int = 0
     verbose: bool = True  # log each trial
+    runner: str = "local"  # local (this machine's processes) or ray (Ray tasks)
+    ray: RaySettings | None = None  # --ray-address, --ray-cpus-per-trial, --ray-gpus-per-trial
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -60,6 +63,8 @@ def auto_to_dir(job: AutoJob) -> dict[str, Any]:
         seed=job.seed,
         prune=None,  # type: ignore[arg-type]  # None: the grid follows the model's size
         quant=None,  # type: ignore[arg-type]
+        runner=job.runner,
+        ray=job.ray or RaySettings(),
     )
     budgets = Budgets(job.max_size, job.max_latency_ms, job.max_drop)
     if job.verbose:

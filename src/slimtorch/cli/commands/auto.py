@@ -4,6 +4,8 @@
         --max-size 20x --max-drop 1.0 --out runs/lenet5
     slimtorch auto --model builtin:minilm --max-size 4x --max-drop 0.01 --workers 1 --out runs/minilm
     slimtorch auto --model builtin:lenet5-fashion --profile mcu --out runs/mcu
+    slimtorch auto --model builtin:lenet5-fashion --max-size 20x --runner ray \\
+        --ray-address auto --out /shared/runs/lenet5
 
 Rerunning the same command resumes (finished trials are not repeated); ``--force`` starts over.
 The best artifact meeting every budget is ``OUT/best`` (docs/auto.md describes every file).
@@ -39,13 +41,30 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="discard a search in --out, start over")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--runner",
+        choices=["local", "ray"],
+        default="local",
+        help="run trials as local processes or as Ray tasks (pip install 'slimtorch[ray]')",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster to join: auto (a `ray start --head` here) or ray://host:10001;"
+        " default: start a local Ray instance",
+    )
+    p.add_argument(
+        "--ray-cpus-per-trial",
+        type=float,
+        help="CPUs each trial reserves (default: its torch threads, 1)",
+    )
+    p.add_argument("--ray-gpus-per-trial", type=float, default=0.0, help="GPUs each trial reserves")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return p
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``slimtorch auto``; returns the report of OUT (auto.json plus Pareto rows)."""
-    from slimtorch.workflows.auto import AutoJob, auto_to_dir
+    from slimtorch.workflows.auto import AutoJob, RaySettings, auto_to_dir
 
     job = AutoJob(
         model=args.model,
@@ -63,6 +82,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runtime=args.runtime,
         seed=args.seed,
         verbose=not args.json,
+        runner=args.runner,
+        ray=RaySettings(args.ray_address, args.ray_cpus_per_trial, args.ray_gpus_per_trial),
     )
     return auto_to_dir(job)
 
