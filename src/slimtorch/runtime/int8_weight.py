@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtorch.core.errors import ArtifactError, ConfigError, UserInputError
+from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.formats.state import QuantState, to_matrix
+from slimtorch.runtime.shapes import LinearShape
 
 Kernel = Literal["auto", "int8pack", "dequant"]
 # _weight_int8pack_mm reads past the row ends (segfaults) unless in_features % 16 == 0 (torch
@@ -48,7 +49,7 @@ def int8pack_available() -> bool:
         return False
 
 
-class Int8WeightOnlyLinear(nn.Module):
+class Int8WeightOnlyLinear(LinearShape, nn.Module):
     """``nn.Linear`` replacement with 8-bit per-output-channel quantized weights."""
 
     weight_int8: Tensor
@@ -127,25 +128,6 @@ class Int8WeightOnlyLinear(nn.Module):
             )
         codes = to_matrix(q.codes)
         return cls.from_quantized(codes, q.scale, q.zero_point.to(torch.float32), bias)
-
-    def config(self) -> dict[str, Any]:
-        """JSON-serialisable constructor arguments (buffers come from the state dict)."""
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> Int8WeightOnlyLinear:
-        """Rebuild an empty module from :meth:`config` output; then ``load_state_dict``."""
-        try:
-            return cls(int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg["bias"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(
-                f"bad Int8WeightOnlyLinear config {cfg!r} ({exc}); it needs in_features,"
-                " out_features and bias - re-save the artifact"
-            ) from None
 
     def extra_repr(self) -> str:
         return (

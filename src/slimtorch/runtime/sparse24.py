@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtorch.core.errors import ArtifactError, ConfigError, UserInputError
+from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.graph.weights import replace_module
 from slimtorch.runtime.device import fallback, semi_structured_available
+from slimtorch.runtime.shapes import LinearShape
 
 Kernel = Literal["auto", "semi_structured", "dense"]
 
@@ -44,7 +45,7 @@ def kernel_shape_ok(out_features: int, in_features: int) -> bool:
     return out_features % MIN_ROWS == 0 and in_features % MIN_COLS == 0
 
 
-class SemiStructuredLinear(nn.Module):
+class SemiStructuredLinear(LinearShape, nn.Module):
     """``nn.Linear`` replacement for a 2:4-sparse weight."""
 
     weight: Tensor
@@ -78,23 +79,6 @@ class SemiStructuredLinear(nn.Module):
         if linear.bias is not None and mod.bias is not None:
             mod.bias.copy_(linear.bias.detach().to(torch.float32).cpu())
         return mod.to(w.device)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> SemiStructuredLinear:
-        try:
-            return cls(int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg["bias"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(
-                f"bad SemiStructuredLinear config {cfg!r} ({exc}); it needs in_features,"
-                " out_features and bias - re-save the artifact"
-            ) from None
 
     def extra_repr(self) -> str:
         return (
