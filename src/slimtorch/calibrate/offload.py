@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from slimtorch.calibrate import distributed
 from slimtorch.calibrate.capture import (
     Forward,
     Inputs,
@@ -231,6 +232,11 @@ def compress_offloaded(
 ) -> dict[str, Any]:
     """Compress ``model`` (built under :func:`empty_parameters`) block by block from ``ckpt``;
     writes the artifact ``plan.out`` and returns its manifest."""
+    if distributed.active() is not None:
+        raise ConfigError(
+            "offloaded compression (--max-memory, resume) runs in one process for now;"
+            " run it without torchrun / --nproc"
+        )
     blocks = find_blocks(model)
     if blocks.names == [""]:
         raise UserInputError("offloaded compression needs a model with repeated blocks")

@@ -14,6 +14,13 @@ the character LSTM) is one block.
 Methods implement :class:`BlockCompressor`: which statistics to collect for which layers of a
 block (``observe``), and how to compress the block from them (``compress``). Statistics see each
 targeted layer's *input* (for a Linear: ``x`` of ``x @ W.T``; for an LSTM, its input sequence).
+
+Under ``torchrun`` (:mod:`slimtorch.calibrate.distributed`) every rank runs its shard of the
+batches, the statistics are combined across ranks, and a compressor's ``split`` attribute says
+how its work is shared: ``"layers"`` (independent layers, each compressed by one owner rank:
+``compress_layers`` and a ``layers`` table), ``"block"`` (the default: the whole block by one
+rank; the others call ``skip`` if it has one), ``"replicated"`` (cheap and data-free: every
+rank). Owners send their results, so every rank enters the next block with the same weights.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from slimtorch.calibrate import distributed
 from slimtorch.calibrate.capture import (
     Forward,
     Inputs,
@@ -221,11 +229,14 @@ def run_sequential(
     if cached:
         config.use_cache = False  # type: ignore[union-attr]
     model.eval()
+    comm = distributed.active()
     try:
+        if comm is not None:
+            batches = distributed.shard(list(batches), comm)
         blocks = find_blocks(model)
         if blocks.names == [""]:
             inputs = capture_first_inputs(model, model, batches, forward)
-            _one_block(model, "", inputs, compressor)
+            compress_block(model, "", inputs, compressor, comm)
             return [""]
         modules = [model.get_submodule(n) for n in blocks.names]
         calls = capture_block_inputs(model, modules, batches, forward)
@@ -233,7 +244,9 @@ def run_sequential(
         bar = ctx.progress_bar(list(enumerate(blocks.names)), "blocks", len(blocks.names))
         for i, name in bar:
             block = modules[i]
-            _one_block(block, name, inputs, compressor)
+            if comm is not None:
+                distributed.check_fault(comm, i)
+            compress_block(block, name, inputs, compressor, comm)
             if i + 1 < len(blocks.names):
                 inputs = next_inputs(block, inputs, calls[i + 1])
                 calls[i] = calls[i + 1] = []  # free what only these blocks needed
@@ -246,14 +259,24 @@ def run_sequential(
             config.use_cache = cached  # type: ignore[union-attr]
 
 
-def _one_block(
-    block: nn.Module, name: str, inputs: Sequence[Inputs], compressor: BlockCompressor
+def compress_block(
+    block: nn.Module,
+    name: str,
+    inputs: Sequence[Inputs],
+    compressor: BlockCompressor,
+    comm: distributed.Comm | None = None,
 ) -> None:
+    """Observe ``block`` on ``inputs`` and compress it; with ``comm`` (a distributed run),
+    combine the statistics of every rank first and share the compression out (module
+    docstring)."""
     stats = compressor.observe(name, block)
     if stats:
         observe_block(block, inputs, stats)
-    compressor.compress(name, block, stats)
-    log.debug("compressed block %s", name or "<model>")
+    if comm is None:
+        compressor.compress(name, block, stats)
+        log.debug("compressed block %s", name or "<model>")
+        return
+    distributed.compress_shared(block, name, compressor, stats, comm)
 
 
 class CalibrationOptions(StrictModel):
@@ -337,6 +360,8 @@ def block_linears(block: nn.Module, block_name: str, config: StageConfig) -> dic
 
 class DataFree:
     """A block compressor that needs no statistics: ``fn(block)`` compresses the block."""
+
+    split = "replicated"  # a distributed run: cheap and data-free, every rank runs it
 
     def __init__(self, fn: Callable[[nn.Module], None]) -> None:
         self.fn = fn

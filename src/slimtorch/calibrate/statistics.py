@@ -1,14 +1,17 @@
 """Streaming statistics of a layer's inputs, fed one batch at a time by the calibration pipeline.
 
 Every accumulator takes inputs shaped ``[..., in_features]`` (any rank: ``[tokens, in]``,
-``[batch, seq, in]``, ...); each row of the last axis is one sample (one token). Sums are kept
-in the accumulator's dtype, so feeding a dataset batch by batch gives the same statistics as
-feeding it at once (up to floating-point summation order).
+``[batch, seq, in]``, ...); each row of the last axis is one sample (one token). Each batch's
+contribution is computed in the accumulator's dtype and the running sums are kept in float64
+(read back in the accumulator's dtype), so the order in which batches are summed, in one
+process or across the ranks of a distributed run (:meth:`reduce`), changes the result at most
+in the float64 rounding (docs/distributed.md states the bound; usually not at all).
 
     HessianAccumulator    H = 2/n * sum x x^T              GPTQ, SparseGPT
     InputNormAccumulator  sum_t x_tj^2 per input channel     Wanda, OWL
     AbsMaxAccumulator     max_t |x_tj| per input channel     SmoothQuant
     AbsMeanAccumulator    mean_t |x_tj| per input channel    AWQ
+    FirstRowsAccumulator  the first ``limit`` rows            AWQ / SmoothQuant searches
 
 The Hessian helpers below (:func:`check_hessian`, :func:`dead_inputs`, :func:`inverse_cholesky`)
 are shared by the second-order methods (GPTQ in ``quantize``, SparseGPT in ``prune``).
@@ -16,7 +19,7 @@ are shared by the second-order methods (GPTQ in ``quantize``, SparseGPT in ``pru
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -24,6 +27,32 @@ from slimtorch.core.errors import ConfigError, UnsupportedModelError, UserInputE
 
 AccumDtype = Literal["float32", "float64"]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class Reducer(Protocol):
+    """Combines the partial statistics of every process of a distributed run (every process
+    calls the same methods in the same order; see ``slimtorch.calibrate.distributed``)."""
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum over the processes."""
+
+    def maximum(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum over the processes."""
+
+    def total(self, n: int) -> int:
+        """Sum of an integer over the processes."""
+
+    def first_rows(self, rows: torch.Tensor, limit: int) -> torch.Tensor:
+        """The rows of every process concatenated in rank order, the first ``limit`` kept."""
+
+
+def _add64(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    part = part.to(torch.float64)
+    return part if total is None else total.add_(part)
+
+
+def _reduce_sum(total: torch.Tensor | None, shape: tuple[int, ...], comm: Reducer) -> torch.Tensor:
+    return comm.sum(torch.zeros(shape, dtype=torch.float64) if total is None else total)
 
 
 class _ChannelAccumulator:
@@ -74,12 +103,17 @@ class HessianAccumulator(_ChannelAccumulator):
 
     def update(self, x: torch.Tensor) -> None:
         rows = self._rows(x)
-        xtx = rows.T @ rows
-        self._sum = xtx if self._sum is None else self._sum.add_(xtx)
+        self._sum = _add64(self._sum, rows.T @ rows)
+
+    def reduce(self, comm: Reducer) -> None:
+        """Sum the partial statistics of every process (every process ends with the total)."""
+        n = self.in_features
+        self._sum = _reduce_sum(self._sum, (n, n), comm)
+        self.count = comm.total(self.count)
 
     def hessian(self) -> torch.Tensor:
         """The ``[in, in]`` Hessian in the accumulation dtype."""
-        return self._require_data(self._sum) * (2.0 / self.count)
+        return (self._require_data(self._sum) * (2.0 / self.count)).to(self.dtype)
 
 
 class InputNormAccumulator(_ChannelAccumulator):
@@ -90,12 +124,15 @@ class InputNormAccumulator(_ChannelAccumulator):
         self._sq: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        sq = self._rows(x).pow(2).sum(dim=0)
-        self._sq = sq if self._sq is None else self._sq.add_(sq)
+        self._sq = _add64(self._sq, self._rows(x).pow(2).sum(dim=0))
+
+    def reduce(self, comm: Reducer) -> None:
+        self._sq = _reduce_sum(self._sq, (self.in_features,), comm)
+        self.count = comm.total(self.count)
 
     def sq_norm(self) -> torch.Tensor:
         """``[in]``: ``||X_j||_2^2`` over all rows seen."""
-        return self._require_data(self._sq).clone()
+        return self._require_data(self._sq).to(self.dtype, copy=True)
 
     def mean_sq(self) -> torch.Tensor:
         """``[in]``: mean of ``x_j^2`` per row (the norm divided by the number of rows)."""
@@ -116,6 +153,12 @@ class AbsMaxAccumulator(_ChannelAccumulator):
         amax = rows.abs().amax(dim=0)
         self._max = amax if self._max is None else torch.maximum(self._max, amax)
 
+    def reduce(self, comm: Reducer) -> None:
+        zero = torch.zeros(self.in_features, dtype=self.dtype)  # |x| >= 0: a neutral maximum
+        found = comm.maximum(zero if self._max is None else self._max)
+        self.count = comm.total(self.count)
+        self._max = found if self.count else None
+
     def absmax(self) -> torch.Tensor:
         return self._require_data(self._max).clone()
 
@@ -128,11 +171,42 @@ class AbsMeanAccumulator(_ChannelAccumulator):
         self._sum: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        s = self._rows(x).abs().sum(dim=0)
-        self._sum = s if self._sum is None else self._sum.add_(s)
+        self._sum = _add64(self._sum, self._rows(x).abs().sum(dim=0))
+
+    def reduce(self, comm: Reducer) -> None:
+        self._sum = _reduce_sum(self._sum, (self.in_features,), comm)
+        self.count = comm.total(self.count)
 
     def absmean(self) -> torch.Tensor:
-        return self._require_data(self._sum) / self.count
+        return (self._require_data(self._sum) / self.count).to(self.dtype)
+
+
+class FirstRowsAccumulator:
+    """Keeps the first ``limit`` rows of a layer's inputs (flattened to ``[rows, in]``, float32):
+    the searches of AWQ and SmoothQuant run on them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.rows: list[torch.Tensor] = []
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        take = min(self.limit - self.count, flat.shape[0])
+        if take > 0:
+            self.rows.append(flat[:take].clone())
+            self.count += take
+
+    def reduce(self, comm: Reducer) -> None:
+        """The first ``limit`` rows over the processes in rank order: with the calibration
+        batches split into contiguous shards in rank order, the rows one process keeps."""
+        mine = torch.cat(self.rows) if self.rows else torch.zeros(0, 0)
+        rows = comm.first_rows(mine, self.limit)
+        self.rows = [rows] if rows.shape[0] else []
+        self.count = int(rows.shape[0])
+
+    def matrix(self) -> torch.Tensor:
+        return torch.cat(self.rows)
 
 
 def check_hessian(hessian: torch.Tensor, in_features: int) -> None:

@@ -1,7 +1,8 @@
 """The `slimtorch` command: a table of commands, each parsing its flags, calling one workflow
 (``slimtorch.workflows``) and rendering the result (``slimtorch.cli.commands``).
 
-Exit codes: 0 success, 2 bad user input (message, no traceback), 1 internal error.
+Exit codes: 0 success, 2 bad user input (message, no traceback), 1 internal error (a failed
+distributed run: 1 with one message, or 2 when a rank failed on bad input).
 """
 
 from __future__ import annotations
@@ -71,14 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(words)
+    args.argv = words  # `compress --nproc N` starts torchrun with these words
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = COMMANDS[args.command]
     try:
         result = command.run(args)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

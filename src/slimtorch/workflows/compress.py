@@ -1,7 +1,9 @@
 """Compress a model spec to an artifact directory and measure it against the original.
 
 In memory by default; with ``max_memory`` a Hugging Face checkpoint bigger than half of it is
-compressed block by block (:mod:`slimtorch.workflows.offloaded`).
+compressed block by block (:mod:`slimtorch.workflows.offloaded`). Under torchrun
+(:mod:`slimtorch.workflows.compress_distributed`) every rank calibrates its shard of the data
+and rank 0 alone evaluates and writes the artifact.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from slimtorch import api
+from slimtorch.calibrate import distributed
 from slimtorch.calibrate.lm import check_vocab
 from slimtorch.calibrate.tasks import make_task, takes_tokenizer
 from slimtorch.calibrate.text import missing_tokenizer, model_tokenizer
@@ -101,6 +104,9 @@ def compress_to_dir(
     if out.exists() and not force:
         raise ConfigError(f"output directory {out} exists; pass --force to replace it")
     rec = load_recipe(recipe)
+    comm = distributed.active()
+    if comm is not None:
+        check_distributable(rec, options)
     if options.max_memory is not None:
         report = _maybe_offloaded(model, rec, out, options, ctx)
         if report is not None:
@@ -120,8 +126,12 @@ def compress_to_dir(
         input=_input_spec(options),
         tokenizer=tokenizer,
     )
-    before = api.evaluate(loaded.model, ctx=ctx, latency_batch=latency_batch)
+    lead = comm is None or comm.rank == 0  # rank 0 alone measures and writes
+    before = api.evaluate(loaded.model, ctx=ctx, latency_batch=latency_batch) if lead else {}
     result = api.compress(loaded.model, rec, task, ctx)
+    traffic = distributed.traffic(comm) if comm is not None else None
+    if not lead:
+        return {"model": model, "recipe": rec.name, "out": None, "distributed": traffic}
     api.save(result.model, out, force=force)
     reloaded = api.load(out, trust_factory=True)  # written just above from the user's --model
     measured = api.evaluate(reloaded, ctx=ctx, latency_batch=latency_batch)
@@ -135,10 +145,30 @@ def compress_to_dir(
             **baseline(before),
         }
     )
+    if traffic is not None:
+        report["distributed"] = traffic
     if loaded.task == "causal-lm" and tokenizer is not None and options.llm_windows > 0:
         suite = (options.llm_windows, options.llm_window_tokens)
         report.update(llm_figures(reloaded, loaded.model, tokenizer, ctx, suite))
     return report
+
+
+def check_distributable(rec: Recipe, options: CompressOptions) -> None:
+    """What a torchrun job can run: layer-wise stages calibrate on their shard of the data;
+    a training stage would train one copy per rank. ``--max-memory`` (offloading, resume) is
+    not distributed yet."""
+    if options.max_memory is not None:
+        raise ConfigError(
+            "--max-memory (offloaded, resumable compression) runs in one process for now; drop"
+            " --nproc / torchrun, or drop --max-memory when the model fits in every rank's memory"
+        )
+    trains = [s.spec.name for s in rec.stages if s.spec.needs_data and s.spec.layerwise is None]
+    if trains:
+        raise ConfigError(
+            f"stages {trains} train on the data; a distributed run shares the calibration of"
+            " layer-wise stages only (quantize.gptq/awq/smoothquant/rtn, prune.sparsegpt/wanda):"
+            " run this recipe in one process"
+        )
 
 
 def _maybe_offloaded(

@@ -84,7 +84,7 @@ def estimate_peak(
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)  # type: ignore[union-attr]
     acts = 2 * samples * length * hidden * 4
     stats = sum(
-        (m.in_features**2 * 4 if hessians else m.in_features * 8)
+        (m.in_features**2 * 8 if hessians else m.in_features * 8)  # float64 sums
         for m in block.modules()
         if isinstance(m, nn.Linear)
     )

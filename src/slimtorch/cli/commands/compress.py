@@ -54,11 +54,22 @@ def add_parser(sub: Any) -> None:
         " per text (builtin:wikipedia, builtin:austen); 0 skips it",
     )
     p.add_argument("--llm-window-tokens", type=int, default=512, help="tokens per LLM suite window")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="calibrate on N processes of this machine (starts torchrun; layer-wise stages;"
+        " docs/distributed.md). Under torchrun itself leave it out",
+    )
     add_common(p)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from slimtorch.workflows import compress_distributed as dist
     from slimtorch.workflows.compress import CompressOptions, compress_to_dir
+
+    if args.nproc != 1:
+        return dist.launch(getattr(args, "argv", []), args.nproc, args.out)
 
     options = CompressOptions(
         data=args.data,
@@ -72,8 +83,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         llm_windows=args.llm_windows,
         llm_window_tokens=args.llm_window_tokens,
     )
-    return compress_to_dir(args.model, args.recipe, args.out, options, context(args))
+    ctx = context(args)
+    if dist.distributed.launched():  # a rank of a torchrun job
+        return dist.as_rank(
+            lambda: compress_to_dir(args.model, args.recipe, args.out, options, ctx), ctx.device
+        )
+    return compress_to_dir(args.model, args.recipe, args.out, options, ctx)
 
 
 def render(r: dict[str, Any]) -> str:
+    if r.get("out") is None:  # a torchrun rank other than 0: rank 0 reports and writes
+        return f"{r['model']}: this rank's calibration shard done (rank 0 writes the artifact)"
     return f"{r['model']} -> {r['out']} (recipe {r['recipe']})\n" + before_after(r)

@@ -76,6 +76,8 @@ def _full(block: str, key: str) -> str:
 
 
 class SparseGPTCompressor:
+    split = "layers"  # a distributed run: each layer compressed by one rank
+
     def __init__(self, config: SparseGPTConfig) -> None:
         self.config = config
         self.layers: dict[str, tuple[nn.Module, str]] = {}
@@ -87,8 +89,14 @@ class SparseGPTCompressor:
         }
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
+        self.compress_layers(name, block, stats, list(self.layers))
+
+    def compress_layers(
+        self, name: str, block: nn.Module, stats: dict[str, Accumulator], keys: list[str]
+    ) -> None:
         c = self.config
-        for lname, (layer, param) in self.layers.items():
+        for lname in keys:
+            layer, param = self.layers[lname]
             acc = stats[lname]
             assert isinstance(acc, HessianAccumulator)
             weight = matrix_weight(layer, param)
@@ -105,6 +113,8 @@ class SparseGPTCompressor:
 
 
 class WandaCompressor:
+    split = "layers"  # a distributed run: each layer pruned by one rank
+
     def __init__(self, config: WandaConfig, sparsities: dict[str, float] | None = None) -> None:
         self.config = config
         self.sparsities = sparsities or {}
@@ -124,9 +134,15 @@ class WandaCompressor:
         self.ratios[name] = outlier_ratio(weights, norms, self.config.owl_threshold)
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
+        self.compress_layers(name, block, stats, list(self.layers))
+
+    def compress_layers(
+        self, name: str, block: nn.Module, stats: dict[str, Accumulator], keys: list[str]
+    ) -> None:
         c = self.config
         sparsity = self.sparsities.get(name, c.sparsity)
-        for lname, (layer, param) in self.layers.items():
+        for lname in keys:
+            layer, param = self.layers[lname]
             mask = wanda_mask(
                 matrix_weight(layer, param).detach(), _sq_norm(stats[lname]), sparsity, n=c.n, m=c.m,
                 prior=_prior(layer, param),
@@ -140,7 +156,10 @@ def _sq_norm(acc: Accumulator) -> torch.Tensor:
 
 
 class _OutlierScan(WandaCompressor):
-    """First OWL pass: outlier ratios of the dense model, nothing pruned."""
+    """First OWL pass: outlier ratios of the dense model, nothing pruned (every rank of a
+    distributed run computes them from the same combined statistics)."""
+
+    split = "replicated"
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         self.outliers(name, stats)

@@ -80,6 +80,8 @@ class GPTQConfig(LayerwiseConfig):
 
 
 class GPTQCompressor:
+    split = "layers"  # a distributed run: each layer compressed by one rank
+
     def __init__(self, config: GPTQConfig) -> None:
         self.config = config
         self.first = True
@@ -94,8 +96,14 @@ class GPTQCompressor:
         }
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
+        self.compress_layers(name, block, stats, list(self.layers))
+
+    def compress_layers(
+        self, name: str, block: nn.Module, stats: dict[str, Accumulator], keys: list[str]
+    ) -> None:
         c = self.config
-        for lname, (layer, param) in self.layers.items():
+        for lname in keys:
+            layer, param = self.layers[lname]
             acc = stats[lname]
             assert isinstance(acc, HessianAccumulator)
             weight = matrix_weight(layer, param)

@@ -16,7 +16,6 @@ import logging
 import re
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -26,6 +25,7 @@ from slimtorch.calibrate.sequential import (
     block_linears,
     run_layerwise,
 )
+from slimtorch.calibrate.statistics import FirstRowsAccumulator
 from slimtorch.core.errors import UnsupportedModelError
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import WeightState, apply_state
@@ -42,23 +42,7 @@ log = logging.getLogger(__name__)
 _QK = re.compile(r"(^|\.)(q|k|q_proj|k_proj|query|key|q_lin|k_lin)$")
 
 
-class _Rows:
-    """Keeps up to ``limit`` rows of a layer's inputs (flattened to ``[rows, in]``)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.rows: list[torch.Tensor] = []
-        self.count = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        take = min(self.limit - self.count, flat.shape[0])
-        if take > 0:
-            self.rows.append(flat[:take].clone())
-            self.count += take
-
-    def matrix(self) -> torch.Tensor:
-        return torch.cat(self.rows)
+_Rows = FirstRowsAccumulator
 
 
 class _ScalingCompressor:
@@ -81,6 +65,13 @@ class _ScalingCompressor:
         groups = scale_groups(block, layers, self.producers)
         self.producers = None
         self.apply(name, block, groups, rows)
+
+    def skip(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
+        """A distributed run's other ranks: another rank compresses this block (and sends it);
+        drop the hooks ``observe`` set here."""
+        if self.producers is not None:
+            self.producers.remove()
+            self.producers = None
 
     def apply(self, name: str, block: nn.Module, groups: Any, rows: dict[str, _Rows]) -> None:
         raise NotImplementedError
