@@ -20,7 +20,8 @@ The calibration set is drawn once (``--samples`` windows of 256 tokens of the Au
 training split, seed ``--seed``: exactly the windows bench_llm.py's stages draw) and saved to
 ``--work``/calib.safetensors; the held-out ids (the GPTQ-protocol evaluator's, 126,070 tokens)
 to heldout.safetensors. Every (method, implementation) runs in its own process with
-``--threads`` threads, times only its compression call, and scores the result with
+``--threads`` threads (gptqmodel: ``GPTQMODEL_CPU_WORKERS=--gptqmodel-workers``, default 2, the
+least its CPU pool accepts), times only its compression call, and scores the result with
 ``slimtorch.eval.perplexity.perplexity_of_ids`` on those ids. Methods run one after another,
 each method's implementations back to back, so they see the same machine load.
 
@@ -79,9 +80,9 @@ def command(impl: str, method: str, args: argparse.Namespace, files: dict[str, P
     return cmd
 
 
-def run(cmd: list[str], threads: int, log: Path) -> dict[str, Any]:
+def run(cmd: list[str], threads: int, log: Path, workers: int) -> dict[str, Any]:
     """One runner process; its ``RESULT`` row, or an ``error`` with the output's last lines."""
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(workers), "OMP_NUM_THREADS": str(threads)}
     with harness.stopwatch() as sw:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
@@ -156,6 +157,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--gptqmodel-workers", type=int, default=2,
+        help="GPTQMODEL_CPU_WORKERS (modules gptqmodel quantizes at once; it needs 2 on CPU)",
+    )  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-llm-peers"))
     parser.add_argument("--profile-dir", type=Path, default=None)
     parser.add_argument("--profile", nargs="*", default=["ours"], help="impls to cProfile")
@@ -186,6 +191,7 @@ def main() -> None:
         "seed": args.seed,
         "threads": args.threads,
         "batch_size": args.batch_size,
+        "gptqmodel_cpu_workers": args.gptqmodel_workers,
         "machine": env["machine"],
         "torch": env["torch"],
         "paper_commits": PAPER_COMMITS,
@@ -198,7 +204,7 @@ def main() -> None:
             if METHODS[key].kind not in SUPPORTS.get(impl, {METHODS[key].kind}):
                 continue
             cmd = command(impl, key, args, files)
-            row = run(cmd, args.threads, args.work / f"{impl}_{key}.log")
+            row = run(cmd, args.threads, args.work / f"{impl}_{key}.log", args.gptqmodel_workers)
             row.setdefault("method", METHODS[key].label)
             row.setdefault("implementation", impl)
             row.setdefault("key", key)
