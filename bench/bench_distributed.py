@@ -1,0 +1,168 @@
+"""Data-parallel calibration on torch.distributed: wall time with 1 and N processes, the bytes
+each rank sends per block, and whether the result is the same bits (issue 16 point 4).
+
+    .venv/bin/python bench/bench_distributed.py [--nproc 2] [--models austen-lm llama-1b-2l]
+
+For each model, ``st.compress(model, w4a16-gptq)`` is timed (calibration + GPTQ only: no model
+load, no evaluation, no saving) in one plain process and under ``torchrun --standalone
+--nproc_per_node N`` (gloo, one thread per process). Every run prints the SHA-256 of the
+compressed model's state dict (weights and quantization states), so the table says whether N
+processes gave exactly the single-process bits.
+
+* ``austen-lm``: builtin:austen-lm (4 layers, hidden 256), builtin:austen text, the preset's
+  128 windows in batches of 8;
+* ``llama-1b-2l``: a random-init Llama-3.2-1B-shaped config (hidden 2048, MLP 8192, 32/8 heads)
+  cut to 2 layers, vocabulary 32,000, 16 windows of 256 random token ids (seed 0), batch 4.
+
+On this 2-core machine the ideal for 2 processes is 2x (both the forward passes and the GPTQ
+solves are split); other jobs on the machine move single runs by tens of percent. Results:
+bench/results/distributed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import harness
+
+RESULTS = harness.result_path("distributed.json")
+MODELS = ("austen-lm", "llama-1b-2l")
+
+
+def build(name: str) -> tuple[Any, Any, Any]:
+    """``(model, recipe, task)`` of a benchmark model."""
+    import torch
+
+    from slimtorch.calibrate.lm import CausalLMTask
+
+    if name == "austen-lm":
+        from slimtorch.calibrate.tasks import make_task
+        from slimtorch.calibrate.text import model_tokenizer
+        from slimtorch.models.registry import load_model
+
+        loaded = load_model("builtin:austen-lm")
+        tok = model_tokenizer("builtin:austen-lm", loaded.tokenizer, None)
+        return loaded.model, "w4a16-gptq", make_task(loaded.task, "builtin:austen", tok)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(
+        0, config.vocab_size, (16 * 256,), generator=torch.Generator().manual_seed(0)
+    )
+    import yaml
+
+    import slimtorch.recipe
+
+    path = Path(slimtorch.recipe.__file__).parent / "presets" / "w4a16-gptq.yaml"
+    rec: dict[str, Any] = yaml.safe_load(path.read_text())
+    rec["stages"][0]["calibration"] = {"samples": 16, "batch_size": 4}
+    return model, rec, CausalLMTask(ids, window=256)
+
+
+def digest(model: Any) -> str:
+    """SHA-256 over the state dict and every quantization state's tensors, in name order."""
+    import torch
+
+    from slimtorch.formats.state import iter_states
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    for name, _, param, state in sorted(iter_states(model), key=lambda item: (item[0], item[2])):
+        for key, value in sorted(vars(state).items()):
+            if isinstance(value, torch.Tensor):
+                h.update(f"{name}.{param}.{key}".encode())
+                h.update(value.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def child(name: str) -> None:
+    """One process (or one rank under torchrun): time the compression, print a RESULT line."""
+    import torch
+
+    import slimtorch as st
+    from slimtorch.calibrate import distributed
+
+    torch.set_num_threads(1)
+    comm = distributed.init_from_env("cpu") if distributed.launched() else None
+    model, recipe, task = build(name)
+    if comm is not None:
+        comm.barrier()
+    start = time.perf_counter()
+    result = st.compress(model, recipe, task)
+    if comm is not None:
+        comm.barrier()
+    wall = time.perf_counter() - start
+    traffic = distributed.traffic(comm) if comm is not None else None
+    if comm is None or comm.rank == 0:
+        row = {"model": name, "processes": comm.world if comm else 1,
+               "compress_s": round(wall, 2), "sha256": digest(result.model), "traffic": traffic}  # fmt: skip
+        print("RESULT " + json.dumps(row), flush=True)
+    if comm is not None:
+        distributed.shutdown()
+
+
+def run(name: str, nproc: int) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    me = [str(Path(__file__).resolve()), "--child", name]
+    if nproc == 1:
+        cmd = [sys.executable, *me]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", *me]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])  # type: ignore[no-any-return]
+    tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
+    return {"model": name, "processes": nproc, "error": " | ".join(tail)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    rows = []
+    for name in args.models:
+        for n in (1, args.nproc):
+            row = run(name, n)
+            print(json.dumps({k: v for k, v in row.items() if k != "traffic"}), flush=True)
+            rows.append(row)
+    for name in args.models:
+        one = next((r for r in rows if r["model"] == name and r["processes"] == 1), {})
+        for r in rows:
+            if r["model"] == name and r["processes"] != 1 and "compress_s" in r and one:
+                r["speedup"] = round(one["compress_s"] / r["compress_s"], 2)
+                r["same_bits_as_one_process"] = r["sha256"] == one.get("sha256")
+    result = {"command": "python " + " ".join(sys.argv), "rows": rows,
+              "environment": harness.environment()}  # fmt: skip
+    harness.write_result(args.out, result, indent=2)
+    for r in rows:
+        sent = r.get("traffic") or {}
+        per_block = sent.get("bytes_sent_per_block")
+        print(r["model"], r["processes"], r.get("compress_s"), r.get("speedup"),
+              r.get("same_bits_as_one_process"), per_block and [b[0] for b in per_block])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
