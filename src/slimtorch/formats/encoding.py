@@ -26,8 +26,6 @@ import torch
 from slimtorch.formats import coded
 from slimtorch.formats.packing import pack_mask, unpack_mask
 from slimtorch.formats.quant_parts import (
-    check_code_range,
-    code_offset,
     codebook_parts,
     decode_quant,
     dtype_from_name,
@@ -37,6 +35,7 @@ from slimtorch.formats.quant_parts import (
     quant_meta,
     quant_params,
     side_parts,
+    unsigned_codes,
 )
 from slimtorch.formats.state import (
     WeightState,
@@ -126,14 +125,13 @@ def _candidates(
 
 
 def _coded_inputs(
-    target: torch.Tensor, state: WeightState | None
+    target: torch.Tensor, state: WeightState | None, name: str
 ) -> tuple[torch.Tensor | None, int, torch.Tensor | None] | None:
     """``(unsigned codes or None, bits, kept mask or None)`` for the ``coded`` encoding."""
     q = state.quant if state else None
     mask = state.mask if state and state.mask is not None else None
-    if q is not None:
-        codes = q.codes.reshape(-1).to(torch.int64) - code_offset(q)
-        return codes, q.bits, mask
+    if q is not None:  # range-checked; uint8 symbols at <= 8 bits (the only coded case)
+        return unsigned_codes(q.codes.reshape(-1), q, name), q.bits, mask
     if target.dtype not in _MASKABLE or target.numel() == 0 or target.dtype == torch.bool:
         return None
     return None, 0, mask if mask is not None else target != 0
@@ -149,12 +147,10 @@ def _best(
 
     q = state.quant if state else None
     fixed = min(_candidates(target, state, name), key=lambda c: cost(c[1]), default=None)
-    inputs = _coded_inputs(target, state)
     plan = None
-    if inputs is not None and (q is None or q.bits <= 8):
+    inputs = _coded_inputs(target, state, name) if q is None or q.bits <= 8 else None
+    if inputs is not None:
         codes, bits, mask = inputs
-        if codes is not None:
-            check_code_range(codes + code_offset(q), q, name)  # type: ignore[arg-type]
         side = cost(side_parts(q, name))
         found = [
             p
@@ -172,6 +168,36 @@ def _best(
     codes, bits, mask = inputs
     parts, extra = coded.encode(plan, codes, bits, mask, None if codes is not None else target)
     return "coded", parts, extra
+
+
+ROWS_AT_ONCE = 4096
+
+
+def _compare_by_rows(state: WeightState, t: torch.Tensor) -> tuple[bool, int] | None:
+    """For a 2-D affine-quantized weight without a mask: whether ``t`` equals its state's
+    values, and how many of those are nonzero, dequantizing :data:`ROWS_AT_ONCE` rows at a time
+    (a 113 MB embedding needs no second full-size copy). None where this does not apply."""
+    q = state.quant
+    if state.mask is not None or q is None or q.scheme != "affine" or t.dim() != 2:
+        return None
+    rows = t.shape[0]
+    if (
+        q.scale.dim() != 2
+        or q.zero_point.shape != q.scale.shape
+        or q.scale.shape[0] not in (1, rows)
+    ):
+        return None
+    same, nonzero = True, 0
+    for a in range(0, rows, ROWS_AT_ONCE):
+        b = min(a + ROWS_AT_ONCE, rows)
+        whole = q.scale.shape[0] == 1  # per tensor: one scale for every row
+        scale = q.scale if whole else q.scale[a:b]
+        zero_point = q.zero_point if whole else q.zero_point[a:b]
+        part = WeightState(quant=replace(q, codes=q.codes[a:b], scale=scale, zero_point=zero_point))
+        values = effective_weight(part, t[a:b])
+        same = same and torch.equal(values, t[a:b])
+        nonzero += int(torch.count_nonzero(values))
+    return same, nonzero
 
 
 def encode_tensor(
@@ -194,10 +220,15 @@ def encode_tensor(
         raise ValueError(f"{name}: {t.layout} tensors cannot be saved; convert with .to_dense()")
     if state is not None:
         state = _checked_state(state, t.shape, name)
-    target = t
+    target, nonzero = t, None
     if state is not None and (state.mask is not None or state.quant is not None):
-        target = effective_weight(state, t)
-        if not torch.equal(target, t):
+        sliced = _compare_by_rows(state, t)
+        if sliced is None:
+            target = effective_weight(state, t)
+            same = torch.equal(target, t)
+        else:  # the stored parts never need the values: only the codes (no full-size copy)
+            same, nonzero = sliced
+        if not same:
             log.warning(
                 "%s: the tensor differs from the values of its compression state; saving the"
                 " state's values (re-apply the state after changing the weight)",
@@ -216,7 +247,7 @@ def encode_tensor(
         "shape": list(t.shape),
         "dtype": dtype_name(t.dtype),
         "numel": t.numel(),
-        "nonzero": int((target != 0).sum()),
+        "nonzero": int(torch.count_nonzero(target)) if nonzero is None else nonzero,
         "bytes": parts_bytes(parts),
         **quant_meta(q),
         "has_state": state is not None or None,

@@ -71,12 +71,25 @@ def check_code_range(codes: torch.Tensor, q: QuantState, name: str) -> None:
         )
 
 
-def encode_codes(codes: torch.Tensor, q: QuantState, name: str) -> torch.Tensor:
+def unsigned_codes(codes: torch.Tensor, q: QuantState, name: str) -> torch.Tensor:
+    """``codes`` (flat, range-checked) shifted to unsigned symbols ``code - code_offset(q)``:
+    uint8 up to 8 bits (they lie in ``[0, 2**bits)``), int32 above. A new tensor, built with
+    one int16 temporary (an int64 route took 8 bytes per weight, twice)."""
     check_code_range(codes, q, name)
-    shifted = codes - code_offset(q)
+    offset = code_offset(q)
+    if q.bits > 8:
+        return codes.reshape(-1).to(torch.int32) - offset
+    shifted = codes.reshape(-1).to(torch.int16, copy=True)
+    if offset:
+        shifted.sub_(offset)
+    return shifted.to(torch.uint8)
+
+
+def encode_codes(codes: torch.Tensor, q: QuantState, name: str) -> torch.Tensor:
+    shifted = unsigned_codes(codes, q, name)
     if q.bits <= 8:
         return pack_bits(shifted, q.bits)
-    return shifted.to(torch.int32)
+    return shifted
 
 
 def encode_scale(q: QuantState, name: str) -> torch.Tensor:
@@ -96,7 +109,7 @@ def encode_scale(q: QuantState, name: str) -> torch.Tensor:
 def encode_quant(
     q: QuantState, mask: torch.Tensor | None, kept_only: bool, name: str
 ) -> tuple[str, Parts]:
-    codes = q.codes.reshape(-1).to(torch.int32)
+    codes = q.codes.reshape(-1)
     if mask is not None and kept_only:
         codes = codes[mask]
     parts = {"codes": encode_codes(codes, q, name), "scale": encode_scale(q, name)}

@@ -101,6 +101,8 @@ def dequantize(q: QuantState, shape: Sequence[int]) -> torch.Tensor:
         if q.codebook is None:
             raise ValueError("a codebook quantization state has no codebook")
         return q.codebook.to(torch.float32)[q.codes.to(torch.int64)].reshape(tuple(shape))
+    if q.scheme == "affine" and q.bits <= 16:
+        return from_matrix(_affine_values(q), shape)
     codes = to_matrix(q.codes.to(torch.int32))
     in_features = codes.shape[1]
     scale = q.expand(q.scale.to(torch.float32), in_features)
@@ -114,6 +116,26 @@ def dequantize(q: QuantState, shape: Sequence[int]) -> torch.Tensor:
     else:  # pragma: no cover - guarded by the Literal type
         raise ValueError(f"unknown quantization scheme {q.scheme!r}")
     return from_matrix(m, shape)
+
+
+def _affine_values(q: QuantState) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` as float32 ``[out, in]`` in one buffer: the codes and
+    zero points are small integers (``bits <= 16``), exact in float32, so subtracting them as
+    floats gives the values the int32 difference would, and the product is the same float32
+    product; a group's parameters are broadcast over a view instead of repeated to full size.
+    Temporaries: none as big as the weight (the int32 route took three more of its size)."""
+    codes = q.codes.to(torch.int32) if q.codes.is_floating_point() else q.codes
+    m = to_matrix(codes.to(torch.float32, copy=True))
+    zp = q.zero_point.to(torch.int32).to(torch.float32)
+    scale = q.scale.to(torch.float32)
+    rows, in_features = m.shape
+    size = q.group_size or 0
+    if q.granularity == "per_group" and size and in_features % size == 0 and m.is_contiguous():
+        grouped = m.view(rows, in_features // size, size)
+        grouped.sub_(zp.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+        return m
+    m.sub_(q.expand(zp, in_features))
+    return m.mul_(q.expand(scale, in_features))
 
 
 def codebook_state(codes: torch.Tensor, codebook: torch.Tensor, bits: int) -> QuantState:

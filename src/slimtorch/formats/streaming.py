@@ -237,7 +237,7 @@ def dense_meta(tensor: torch.Tensor) -> dict[str, Any]:
         "shape": list(tensor.shape),
         "dtype": dtype_name(tensor.dtype),
         "numel": tensor.numel(),
-        "nonzero": int((tensor != 0).sum()),
+        "nonzero": int(torch.count_nonzero(tensor)),
         "bytes": tensor.numel() * tensor.element_size(),
         "parts": ["data"],
     }
