@@ -35,7 +35,6 @@ import importlib.util
 import json
 import logging
 import shutil
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +58,13 @@ from slimtorch.export.ct_layout import (  # noqa: F401  (pack_int32/unpack_int32
     unpack_int32,
 )
 from slimtorch.export.hf import hf_config_for
-from slimtorch.formats.atomic import MODEL_FILE, check_target, fsync_tree, swap_into_place
+from slimtorch.formats.atomic import (
+    MODEL_FILE,
+    check_target,
+    fsync_tree,
+    swap_into_place,
+    temp_sibling,
+)
 from slimtorch.formats.state import QuantState, iter_states
 
 log = logging.getLogger(__name__)
@@ -207,7 +212,7 @@ def export_compressed_tensors(
     path = Path(out_dir)
     check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temp_sibling(path)
     tmp.mkdir()
     try:
         _write(model, tmp, tensors, cfg)

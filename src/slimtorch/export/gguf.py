@@ -47,7 +47,6 @@ import importlib.util
 import logging
 import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ from torch import nn
 from slimtorch.core.errors import ArtifactError, UnsupportedModelError, UserInputError
 from slimtorch.core.info import model_info
 from slimtorch.export.gguf_blocks import BLOCK, NotRepresentable, grid_blocks
-from slimtorch.formats.atomic import fsync_dir
+from slimtorch.formats.atomic import fsync_dir, temp_sibling
 from slimtorch.formats.state import get_state
 from slimtorch.models.gguf import _GLOBAL, _LAYER, gguf_module
 
@@ -628,7 +627,7 @@ def export_gguf(
     tok = tokenizer_metadata(tok_path, int(config.vocab_size))
     planned = plan_tensors(model, config, requantize)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temp_sibling(path)
     try:
         file_type = _write(tmp, model, config, planned, tok)
         diff = verify_file(tmp, planned)

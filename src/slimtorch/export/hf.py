@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import uuid
 from collections import defaultdict
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 from slimtorch.calibrate.text import tokenizer_file
 from slimtorch.core.errors import UnsupportedModelError, UserInputError
 from slimtorch.core.info import model_info
-from slimtorch.formats.atomic import check_target, fsync_tree, swap_into_place
+from slimtorch.formats.atomic import check_target, fsync_tree, swap_into_place, temp_sibling
 from slimtorch.formats.state import iter_states
 from slimtorch.graph.hf_attention import find_attention
 from slimtorch.models import hf
@@ -208,7 +207,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, overwrite: bool = False) ->
     if iter_states(model):
         log.warning("export_hf writes dense float weights; compression states are not kept")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temp_sibling(path)
     try:
         model.save_pretrained(tmp, state_dict=hf_state_dict(model))  # type: ignore[operator]
         hf._config_from_dict(cfg).save_pretrained(tmp)  # the pruned sizes replace config.json

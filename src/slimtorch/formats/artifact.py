@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from slimtorch.formats.atomic import (
     check_target,
     fsync_dir,
     swap_into_place,
+    temp_sibling,
     write_file,
 )
 from slimtorch.formats.encoding import decode_tensor, encode_tensor
@@ -166,7 +166,7 @@ def write_artifact(
         text = json.dumps(final, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"manifest is not JSON-serializable ({exc}); pass plain data") from exc
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temp_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()

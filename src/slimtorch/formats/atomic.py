@@ -18,6 +18,17 @@ MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 
+def temp_sibling(path: Path) -> Path:
+    """A fresh hidden sibling of ``path`` to build it in (``.NAME.tmp-XXXXXXXXXXXX``)."""
+    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def temp_siblings(path: Path) -> list[Path]:
+    """The build directories :func:`temp_sibling` made for ``path`` that are still there (a
+    writer killed before its rename leaves one)."""
+    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
+
+
 def write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)

@@ -21,7 +21,6 @@ import os
 import shutil
 import struct
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from slimtorch.formats.atomic import (
     check_target,
     fsync_dir,
     swap_into_place,
+    temp_sibling,
     write_file,
 )
 from slimtorch.formats.quant_parts import dtype_name
@@ -161,7 +161,7 @@ class _StreamingDir:
 
     def _open(self, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> None:
         check_target(self.path, self.overwrite)
-        tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp = temp_sibling(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()

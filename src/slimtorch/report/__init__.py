@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtorch.core.errors import UserInputError
-from slimtorch.formats.atomic import fsync_dir, write_file
+from slimtorch.formats.atomic import fsync_dir, temp_sibling, write_file
 
 HTML_FILE = "report.html"
 MARKDOWN_FILE = "report.md"
@@ -55,7 +55,7 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
 def _write_dir(out: Path, files: dict[str, bytes], force: bool, source: Path) -> None:
     """Write ``files`` into a hidden sibling of ``out``, then rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temp_sibling(out)
     tmp.mkdir()
     try:
         for name, data in files.items():

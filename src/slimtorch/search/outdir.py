@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from slimtorch.core.errors import ConfigError
-from slimtorch.formats.atomic import swap_into_place
+from slimtorch.formats.atomic import swap_into_place, temp_sibling
 
 OURS = (
     "auto.json",
@@ -37,7 +36,7 @@ OURS = (
 
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically (temporary file, fsync, rename)."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(path)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
         f.flush()
@@ -79,7 +78,7 @@ def prepare(out: Path, resume: bool | None, force: bool) -> bool:
 def publish_best(out: Path, trial_id: str) -> None:
     """Copy the artifact of ``trial_id`` to ``OUT/best`` atomically."""
     source = out / "trials" / trial_id
-    tmp = out / f".best.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(out / "best")
     shutil.copytree(source, tmp)
     swap_into_place(tmp, out / "best", overwrite=True)
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimtorch.core.errors import ConfigError
+from slimtorch.core.errors import ArtifactError, ConfigError
+from slimtorch.formats.atomic import swap_into_place, temp_sibling
 from slimtorch.search.trials import failed, run_trial
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def land(result: dict[str, Any], out: str) -> dict[str, Any]:
     if files is None:
         return result
     target = Path(out)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(target)
     try:
         for name, data in files.items():
             path = tmp / name
@@ -105,10 +106,8 @@ def land(result: dict[str, Any], out: str) -> dict[str, Any]:
                 raise ValueError(f"artifact file {name!r} escapes its directory")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except (OSError, ValueError) as exc:
+        swap_into_place(tmp, target, overwrite=True)
+    except (OSError, ValueError, ArtifactError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         return failed({"id": result.get("id")}, f"could not write the artifact: {exc}")
     return result

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 
 from slimtorch.core.errors import ArtifactError, ConfigError, TargetError
 from slimtorch.core.registry import nearest
-from slimtorch.formats.atomic import fsync_dir, write_file
+from slimtorch.formats.atomic import fsync_dir, temp_sibling, write_file
 
 SCHEMA_KIND = "slimtorch.sensitivity"
 SCHEMA_VERSION = 1
@@ -228,7 +227,7 @@ def write_text_atomic(path: Path, text: str, atomic: bool = True) -> None:
     if not atomic:
         path.write_text(text)
         return
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temp_sibling(path)
     try:
         write_file(tmp, text.encode())
         os.replace(tmp, path)

@@ -25,6 +25,9 @@ from typing import Any
 from slimtorch.calibrate import distributed
 from slimtorch.calibrate.distributed import DistributedError, PeerLostError
 from slimtorch.core.errors import ConfigError, UserInputError
+from slimtorch.formats.atomic import temp_siblings
+from slimtorch.recipe import load_recipe
+from slimtorch.workflows.compress import CompressOptions, check_distributable
 
 RESULT_ENV = "SLIMTORCH_DIST_RESULT"  # where rank 0 writes its report (for the launcher)
 ERRORS_ENV = "SLIMTORCH_DIST_ERRORS"  # where a failing rank writes its message
@@ -74,18 +77,17 @@ def as_rank(run: Callable[[], dict[str, Any]], device: str) -> dict[str, Any]:
     return report
 
 
-def launch(argv: Sequence[str], nproc: int, out: str | Path) -> dict[str, Any]:
-    """Run ``slimtorch <argv>`` on ``nproc`` local processes under torchrun; rank 0's report."""
+def launch(
+    argv: Sequence[str], nproc: int, out: str | Path, recipe: Any, options: CompressOptions
+) -> dict[str, Any]:
+    """Run ``slimtorch <argv>`` on ``nproc`` local processes under torchrun; rank 0's report.
+    What every rank would refuse (``check_distributable``) is refused before any starts."""
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: give 1 or more processes")
     if distributed.launched():
         raise ConfigError("--nproc starts torchrun itself; under torchrun leave it out")
-    if any(w == "--max-memory" or w.startswith("--max-memory=") for w in argv):
-        raise ConfigError(
-            "--max-memory (offloaded, resumable compression) runs in one process for now;"
-            " drop --nproc, or drop --max-memory when the model fits in every rank's memory"
-        )
-    if Path(out).exists() and "--force" not in argv:
+    check_distributable(load_recipe(recipe), options)
+    if Path(out).exists() and not options.force:
         raise ConfigError(f"output directory {out} exists; pass --force to replace it")
     with tempfile.TemporaryDirectory(prefix="slimtorch-dist-") as tmp:
         env = {**os.environ, RESULT_ENV: str(Path(tmp, "result.json")), ERRORS_ENV: tmp}
@@ -125,5 +127,5 @@ def failure(errors: Path, log: str, nproc: int) -> tuple[str, int]:
 
 def _drop_partial(out: Path) -> None:
     """A rank killed while writing leaves the atomic writer's hidden build directory."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+    for tmp in temp_siblings(out):
         shutil.rmtree(tmp, ignore_errors=True)

@@ -68,9 +68,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from slimtorch.workflows import compress_distributed as dist
     from slimtorch.workflows.compress import CompressOptions, compress_to_dir
 
-    if args.nproc != 1:
-        return dist.launch(getattr(args, "argv", []), args.nproc, args.out)
-
     options = CompressOptions(
         data=args.data,
         force=args.force,
@@ -83,6 +80,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         llm_windows=args.llm_windows,
         llm_window_tokens=args.llm_window_tokens,
     )
+    if args.nproc != 1:
+        return dist.launch(getattr(args, "argv", []), args.nproc, args.out, args.recipe, options)
     ctx = context(args)
     if dist.distributed.launched():  # a rank of a torchrun job
         return dist.as_rank(

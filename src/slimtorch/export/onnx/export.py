@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import shutil
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +44,7 @@ from slimtorch.export.onnx.verify import (  # ATOL ... tensor_leaves: public, re
     compare_outputs,
     tensor_leaves,
 )
-from slimtorch.formats.atomic import fsync_dir
+from slimtorch.formats.atomic import fsync_dir, temp_sibling
 from slimtorch.formats.state import iter_states
 
 log = logging.getLogger(__name__)
@@ -245,7 +244,7 @@ def export_onnx(
     if states and not quantized:
         log.warning("%d compressed weights are exported as dense float values", len(states))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temp_sibling(out)
     tmp.mkdir()
     try:
         exporter, fallback = _run_exporters(twin, tensors, tmp / out.name, opset)
