@@ -161,21 +161,19 @@ class Comm:
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self.device).contiguous()
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
         import torch.distributed as dist
 
         buf = self._out(t)
         self.sent += buf.numel() * buf.element_size()
-        self._run("all_reduce", dist.all_reduce, buf, op=dist.ReduceOp.SUM)
+        self._run("all_reduce", dist.all_reduce, buf, op=getattr(dist.ReduceOp, op))
         return buf.to(t.device)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(t, "SUM")
 
     def maximum(self, t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        buf = self._out(t)
-        self.sent += buf.numel() * buf.element_size()
-        self._run("all_reduce", dist.all_reduce, buf, op=dist.ReduceOp.MAX)
-        return buf.to(t.device)
+        return self._all_reduce(t, "MAX")
 
     def total(self, n: int) -> int:
         return int(self.sum(torch.tensor([n], dtype=torch.int64)).item())

@@ -192,11 +192,7 @@ def _chunkable(tokenizer: Any) -> bool:
     a cut, which lies between a newline and a non-space character)."""
     if tokenizer.normalizer is not None or tokenizer.pre_tokenizer is None:
         return False
-    listed = getattr(tokenizer, "get_added_tokens_decoder", None)
-    if listed is not None:
-        added = [str(t.content) for t in listed().values()]
-    else:  # older tokenizers: read them from the whole serialized tokenizer
-        added = [str(t.get("content", "")) for t in json.loads(tokenizer.to_str())["added_tokens"]]
+    added = [str(t.content) for t in tokenizer.get_added_tokens_decoder().values()]
     if any("\n" in content for content in added):
         return False
     pre = json.loads(tokenizer.pre_tokenizer.__getstate__())

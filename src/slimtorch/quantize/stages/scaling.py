@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 _QK = re.compile(r"(^|\.)(q|k|q_proj|k_proj|query|key|q_lin|k_lin)$")
 
 
-_Rows = FirstRowsAccumulator
-
-
 class _ScalingCompressor:
     def __init__(self, config: Any, limit: int) -> None:
         self.config = config
@@ -55,12 +52,12 @@ class _ScalingCompressor:
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
         self.layers = block_linears(block, name, self.config)
         self.producers = _Producers(block, set(self.layers))
-        return {n: _Rows(self.limit) for n in self.layers}
+        return {n: FirstRowsAccumulator(self.limit) for n in self.layers}
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         assert self.producers is not None
         self.producers.remove()
-        rows = {n: s for n, s in stats.items() if isinstance(s, _Rows)}
+        rows = {n: s for n, s in stats.items() if isinstance(s, FirstRowsAccumulator)}
         layers: dict[str, nn.Module] = dict(self.layers)
         groups = scale_groups(block, layers, self.producers)
         self.producers = None
@@ -73,7 +70,9 @@ class _ScalingCompressor:
             self.producers.remove()
             self.producers = None
 
-    def apply(self, name: str, block: nn.Module, groups: Any, rows: dict[str, _Rows]) -> None:
+    def apply(
+        self, name: str, block: nn.Module, groups: Any, rows: dict[str, FirstRowsAccumulator]
+    ) -> None:
         raise NotImplementedError
 
 
@@ -111,7 +110,9 @@ class AWQCompressor(_ScalingCompressor):
         self.first = False
         return stats
 
-    def apply(self, name: str, block: nn.Module, groups: Any, rows: dict[str, _Rows]) -> None:
+    def apply(
+        self, name: str, block: nn.Module, groups: Any, rows: dict[str, FirstRowsAccumulator]
+    ) -> None:
         spec = self.config.spec()
         unseen = [n for n, r in rows.items() if not r.count]
         if unseen:
@@ -145,7 +146,9 @@ class SmoothQuantConfig(LayerwiseConfig):
 
 
 class SmoothQuantCompressor(_ScalingCompressor):
-    def apply(self, name: str, block: nn.Module, groups: Any, rows: dict[str, _Rows]) -> None:
+    def apply(
+        self, name: str, block: nn.Module, groups: Any, rows: dict[str, FirstRowsAccumulator]
+    ) -> None:
         for prev, names in groups:
             prev_mod = block.get_submodule(prev)
             if self.config.producers == "norms" and isinstance(prev_mod, nn.Linear):
