@@ -453,6 +453,41 @@ def table(result: dict[str, Any]) -> str:
     return harness.markdown_table(header, cells, "lrrrrrrrrr") + "\n"
 
 
+def child_row(
+    cmd: list[str], key: str, label: str, impl: str, work: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run one row's child process (``cmd``); the row its ``RESULT`` line printed, or an error
+    row with the end of its output, with ``process_seconds``; its output kept in ``work``."""
+    with harness.stopwatch() as sw:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    (work / f"{key}.out").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    row: dict[str, Any] = {"key": key, "label": label, "impl": impl}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            row = json.loads(line[len("RESULT ") :])
+    if "kld_mean" not in row:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        row["error"] = f"exit {done.returncode}: " + " | ".join(tail)
+    row["process_seconds"] = round(sw.seconds, 1)
+    return row
+
+
+def add_row(
+    result: dict[str, Any], row: dict[str, Any], order: list[str], out: Path,
+    markdown: Path | None, render: Any,
+) -> None:  # fmt: skip
+    """Put ``row`` into ``result`` (replacing its key, in ``order``), write the JSON (and the
+    ``render``-ed markdown) after every row, and print it."""
+    if "baseline_perplexity" in row:
+        result["base_perplexity"] = row["baseline_perplexity"]
+    result["rows"] = [r for r in result["rows"] if r["key"] != row["key"]] + [row]
+    result["rows"].sort(key=lambda r: order.index(r["key"]))
+    harness.write_result(out, result, indent=2)
+    print(json.dumps({k: v for k, v in row.items() if k != "llm_suite"}), flush=True)
+    if markdown is not None:
+        markdown.write_text(render(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
@@ -486,25 +521,8 @@ def main() -> None:
     for key in args.rows:
         cmd = [sys.executable, __file__, "--row", key, "--work", str(args.work),
                "--threads", str(args.threads), "--llama-threads", str(args.llama_threads)]  # fmt: skip
-        with harness.stopwatch() as sw:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        (args.work / f"{key}.out").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
-        row: dict[str, Any] = {"key": key, "label": ROWS[key].label, "impl": ROWS[key].impl}
-        for line in done.stdout.splitlines():
-            if line.startswith("RESULT "):
-                row = json.loads(line[len("RESULT ") :])
-        if "kld_mean" not in row:
-            tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-            row["error"] = f"exit {done.returncode}: " + " | ".join(tail)
-        row["process_seconds"] = round(sw.seconds, 1)
-        if "baseline_perplexity" in row:
-            result["base_perplexity"] = row["baseline_perplexity"]
-        result["rows"] = [r for r in result["rows"] if r["key"] != key] + [row]
-        result["rows"].sort(key=lambda r: list(ROWS).index(r["key"]))
-        harness.write_result(args.out, result, indent=2)
-        print(json.dumps({k: v for k, v in row.items() if k != "llm_suite"}), flush=True)
-        if args.markdown is not None:
-            args.markdown.write_text(table(result))
+        row = child_row(cmd, key, ROWS[key].label, ROWS[key].impl, args.work)
+        add_row(result, row, list(ROWS), args.out, args.markdown, table)
     print(table(result))
 
 

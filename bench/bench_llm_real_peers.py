@@ -402,29 +402,13 @@ def main() -> None:
     austen = Path(sys.prefix) / "share/slimtorch/debian/usr/lib/R/site-library/janeaustenr"
     if austen.is_dir():
         env.setdefault("SLIMTORCH_JANEAUSTENR_DIR", str(austen))
+    bench = real()
     for key in args.rows:
         cmd = [str(args.peers_python), __file__, "--row", key, "--work", str(args.work),
                "--threads", str(args.threads)]  # fmt: skip
-        with harness.stopwatch() as sw:
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        (args.work / f"{key}.out").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
-        row: dict[str, Any] = {"key": key, "label": ROWS[key].label, "impl": ROWS[key].impl}
-        for line in done.stdout.splitlines():
-            if line.startswith("RESULT "):
-                row = json.loads(line[len("RESULT ") :])
-        if "kld_mean" not in row:
-            tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-            row["error"] = f"exit {done.returncode}: " + " | ".join(tail)
-        row["process_seconds"] = round(sw.seconds, 1)
+        row = bench.child_row(cmd, key, ROWS[key].label, ROWS[key].impl, args.work, env)
         row["command"] = " ".join(cmd)
-        if "baseline_perplexity" in row:
-            result["base_perplexity"] = row["baseline_perplexity"]
-        result["rows"] = [r for r in result["rows"] if r["key"] != key] + [row]
-        result["rows"].sort(key=lambda r: list(ROWS).index(r["key"]))
-        harness.write_result(args.out, result, indent=2)
-        print(json.dumps({k: v for k, v in row.items() if k != "llm_suite"}), flush=True)
-        if args.markdown is not None:
-            args.markdown.write_text(table(result))
+        bench.add_row(result, row, list(ROWS), args.out, args.markdown, table)
     print(table(result))
 
 
