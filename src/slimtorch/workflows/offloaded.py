@@ -75,10 +75,10 @@ def estimate_peak(
     """Rough peak of an offloaded run: the memory in use now plus the largest of the capture
     phase, one block's work and, with ``outside_stages`` (data-free stages such as the w4a16
     presets' 8-bit embeddings), compressing the layers outside the blocks. A lower bound: the
-    temporaries of quantizing and encoding come on top (on SmolLM2's 113 MB tied embedding
-    about 2 more copies of it), and so does tokenizing the calibration text (freed memory is
-    handed back to the OS after each block; measured on a 4.1 GB checkpoint with RTN 4-bit:
-    1.37 GB peak; SmolLM2 w4a16-gptq with --max-memory 1GB: 0.78 GiB peak)."""
+    temporaries of quantizing and encoding come on top (measured on SmolLM2's 113 MB tied
+    embedding: +221 MiB in quantize_weight), and so does tokenizing the calibration text
+    (freed memory is handed back to the OS after each block; measured on a 4.1 GB checkpoint
+    with RTN 4-bit: 1.37 GB peak; SmolLM2 w4a16-gptq with --max-memory 1GB: 0.78 GiB peak)."""
     blocks = find_blocks(model)
     block = model.get_submodule(blocks.names[0])
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)  # type: ignore[union-attr]
