@@ -32,6 +32,7 @@ from slimtorch.formats.sizes import artifact_bytes, dense_safetensors_bytes
 from slimtorch.recipe import Recipe, load_recipe
 from slimtorch.recipe.recipe import RecipeLike
 from slimtorch.runtime import linearize_conv1d
+from slimtorch.runtime.moe import unfuse_experts
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ def compress(
     swapped = linearize_conv1d(work)  # GPT-2's Conv1D as Linear: every stage then finds it
     if swapped:
         log.info("%d Hugging Face Conv1D layers run as Linear (weights transposed)", len(swapped))
+    unfused = unfuse_experts(work)  # fused 3-D experts as one Linear each: every stage reaches them
+    if unfused:
+        log.info("%d mixture-of-experts layers run as one Linear per expert", len(unfused))
     run = Run(ctx, task, original=model if not inplace else copy.deepcopy(model).eval())
     report = []
     for i, stage in enumerate(rec.stages):
@@ -95,6 +99,8 @@ def compress(
         report.append({"stage": i + 1, "method": name})
     recipe_dict = {k: v for k, v in rec.to_dict().items() if k != "description"}
     update_info(work, recipe=recipe_dict, recipe_name=rec.name, dense_bytes=dense)
+    if run.data_free:
+        update_info(work, data_free_layers=sorted(set(run.data_free)))
     return CompressResult(work, rec, report, dense)
 
 

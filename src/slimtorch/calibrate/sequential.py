@@ -48,6 +48,7 @@ from slimtorch.core.config import StageConfig, StrictModel
 from slimtorch.core.context import Context
 from slimtorch.core.methods import Run
 from slimtorch.core.targets import Targets
+from slimtorch.runtime.moe import all_experts
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,11 @@ class CalibrationOptions(StrictModel):
 
     samples: int = Field(default=128, ge=1, description="calibration sequences / examples")
     batch_size: int = Field(default=8, ge=1)
+    calibrate_all_experts: bool = Field(
+        default=False,
+        description="mixture-of-experts: every expert also sees every calibration token (its"
+        " statistics); the layer's output stays the router's choice",
+    )
 
 
 class LayerwiseConfig(StageConfig):
@@ -304,7 +310,8 @@ def run_layerwise(
     """The in-memory path of a layer-wise recipe stage: calibrate on the task's data."""
     batches = calibration_batches(run, config.calibration, method)
     task = run.require_task(method)
-    return run_sequential(model, batches, compressor, run.ctx, forward=task.forward)
+    with all_experts(model, config.calibration.calibrate_all_experts):
+        return run_sequential(model, batches, compressor, run.ctx, forward=task.forward)
 
 
 def block_layers(

@@ -19,11 +19,13 @@ are shared by the second-order methods (GPTQ in ``quantize``, SparseGPT in ``pru
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
+from torch import nn
 
 from slimtorch.core.errors import ConfigError, UnsupportedModelError, UserInputError
+from slimtorch.runtime.moe import ExpertMLP
 
 AccumDtype = Literal["float32", "float64"]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -67,6 +69,15 @@ class _ChannelAccumulator:
         self.in_features = in_features
         self.dtype = _DTYPES[dtype]
         self.count = 0  # rows (tokens) seen
+        # no row seen: give neutral statistics instead of refusing (an expert no calibration
+        # token was routed to: its method then runs in its data-free form; see starved_experts)
+        self.data_free = False
+
+    def _neutral(self) -> torch.Tensor | None:
+        """All-ones per-channel statistics when ``data_free`` and no row was seen."""
+        if self.data_free and self.count == 0:
+            return torch.ones(self.in_features, dtype=self.dtype)
+        return None
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``[rows, in_features]`` in the accumulation dtype, after validation."""
@@ -113,7 +124,10 @@ class HessianAccumulator(_ChannelAccumulator):
         self.count = comm.total(self.count)
 
     def hessian(self) -> torch.Tensor:
-        """The ``[in, in]`` Hessian in the accumulation dtype."""
+        """The ``[in, in]`` Hessian in the accumulation dtype (the identity when ``data_free``
+        and no row was seen: GPTQ is then round-to-nearest, SparseGPT magnitude pruning)."""
+        if (ones := self._neutral()) is not None:
+            return torch.diag(ones)
         return (self._require_data(self._sum) * (2.0 / self.count)).to(self.dtype)
 
 
@@ -132,12 +146,14 @@ class InputNormAccumulator(_ChannelAccumulator):
         self.count = comm.total(self.count)
 
     def sq_norm(self) -> torch.Tensor:
-        """``[in]``: ``||X_j||_2^2`` over all rows seen."""
+        """``[in]``: ``||X_j||_2^2`` over all rows seen (ones when ``data_free`` and none)."""
+        if (ones := self._neutral()) is not None:
+            return ones
         return self._require_data(self._sq).to(self.dtype, copy=True)
 
     def mean_sq(self) -> torch.Tensor:
         """``[in]``: mean of ``x_j^2`` per row (the norm divided by the number of rows)."""
-        return self.sq_norm() / self.count
+        return self.sq_norm() / max(self.count, 1)
 
 
 class AbsMaxAccumulator(_ChannelAccumulator):
@@ -280,3 +296,27 @@ def window(w: torch.Tensor, w1: torch.Tensor, i1: int, j: int, width: int) -> to
         end = i1 + w1.shape[1]
         part = torch.cat([part, w[:, end : end + need]], dim=1)
     return part
+
+
+def expert_statistics(block: nn.Module, stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` (layer name in ``block`` -> accumulator), its accumulators of layers that
+    belong to one expert of a mixture-of-experts layer marked ``data_free``: when the router
+    sends no calibration token to that expert they give neutral statistics (identity Hessian,
+    unit input norms), so GPTQ rounds the expert to nearest (RTN on the same grid) and
+    SparseGPT/Wanda prune it by magnitude, instead of failing or producing NaN. Any other
+    layer that saw nothing is still refused when its statistics are read (a data bug)."""
+    for rel, acc in stats.items():
+        parent = rel.split(":")[0].rpartition(".")[0]
+        if isinstance(acc, _ChannelAccumulator) and parent:
+            acc.data_free = isinstance(block.get_submodule(parent), ExpertMLP)
+    return stats
+
+
+def starved(block_name: str, stats: dict[str, Any], keys: list[str]) -> list[str]:
+    """Full names of the ``keys`` whose accumulators fell back to neutral statistics (experts
+    no calibration token reached; see :func:`expert_statistics`), for the run's note."""
+    return [
+        f"{block_name}.{k}" if block_name else k
+        for k in keys
+        if isinstance(acc := stats[k], _ChannelAccumulator) and acc.data_free and not acc.count
+    ]

@@ -46,6 +46,8 @@ class ModelInfo(BaseModel):
     recipe_name: str | None = None
     dense_bytes: int | None = None  # its plain fp32 safetensors size before compression
     offloaded: bool | None = None  # compressed block by block (--max-memory)
+    # layers compressed without calibration data (experts no calibration token reached)
+    data_free_layers: list[str] | None = None
     structured: dict[str, int] | None = None  # prune.structured: flops/params before and after
     widths: list[dict[str, Any]] | None = None  # prune.reorder: channel groups by importance
     width_stats: dict[str, dict[str, list[Any]]] | None = None  # BatchNorm stats per width

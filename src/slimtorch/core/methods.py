@@ -70,6 +70,9 @@ class Run:
     ctx: Context
     task: Task | None = None
     original: nn.Module | None = None
+    # layers a layer-wise stage compressed without calibration data (mixture-of-experts experts
+    # no calibration token was routed to): recorded in the model's info for the run's note
+    data_free: list[str] = field(default_factory=list)
 
     def require_task(self, method: str) -> Task:
         """The task, or a ConfigError telling the user to give training data to ``method``."""

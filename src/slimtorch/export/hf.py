@@ -34,6 +34,7 @@ from slimtorch.formats.state import iter_states
 from slimtorch.graph.hf_attention import find_attention
 from slimtorch.models import hf
 from slimtorch.runtime.conv1d import Conv1DLinear
+from slimtorch.runtime.moe import UnfusedExperts, fused_state
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +163,19 @@ def hf_config_for(model: nn.Module) -> dict[str, Any]:
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s state dict as transformers stores it: the weight of every Conv1D that
-    slimtorch ran as a Linear (runtime.conv1d) transposed back to ``[in, out]``."""
+    slimtorch ran as a Linear (runtime.conv1d) transposed back to ``[in, out]``, and the
+    experts slimtorch ran as one Linear each (runtime.moe) fused back into transformers'
+    3-D ``gate_up_proj`` / ``down_proj``."""
     state = model.state_dict()
     for name, module in model.named_modules():
         if isinstance(module, Conv1DLinear):
             key = f"{name}.weight" if name else "weight"
             state[key] = state[key].t().contiguous()
+        elif isinstance(module, UnfusedExperts):
+            prefix = f"{name}." if name else ""
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+            state.update({prefix + k: v for k, v in fused_state(module).items()})
     return state
 
 

@@ -20,6 +20,7 @@ from slimtorch.runtime.int4 import Int4WeightOnlyLinear
 from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available, quantize_weight_int8
 from slimtorch.runtime.int8_weight import Int8WeightOnlyLinear
 from slimtorch.runtime.lowrank import LowRankConv2d, LowRankLinear
+from slimtorch.runtime.moe import UnfusedExperts
 from slimtorch.runtime.sparse24 import SemiStructuredLinear, use_semi_structured
 
 RUNTIME_MODULES: Registry[type[nn.Module]] = Registry("runtime module")
@@ -34,6 +35,7 @@ RUNTIME_MODULES.add("PrunedMultiheadAttention", PrunedMultiheadAttention)
 RUNTIME_MODULES.add("Conv1DLinear", Conv1DLinear)
 RUNTIME_MODULES.add("Fp8Linear", Fp8Linear)
 RUNTIME_MODULES.add("SemiStructuredLinear", SemiStructuredLinear)
+RUNTIME_MODULES.add("UnfusedExperts", UnfusedExperts)
 
 __all__ = [
     "RUNTIME_MODULES",
@@ -47,6 +49,7 @@ __all__ = [
     "LowRankConv2d",
     "LowRankLinear",
     "SemiStructuredLinear",
+    "UnfusedExperts",
     "linearize_conv1d",
     "onednn_available",
     "quantize_weight_int8",

@@ -3,6 +3,8 @@ artifact can rebuild them (``--model slimtorch.testing.models:tiny_cnn``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -226,6 +228,62 @@ def tiny_llama(
                     p.normal_(0, std)
     arch = {"kind": "hf", "class": "LlamaForCausalLM", "config": config.to_dict()}
     update_info(model, architecture={**arch, "attn_implementation": attn, "dtype": "float32"})
+    return model  # type: ignore[no-any-return]
+
+
+def tiny_moe(
+    kind: str = "mixtral",
+    layers: int = 2,
+    experts: int = 4,
+    top_k: int = 2,
+    vocab: int = 128,
+    hidden: int = 64,
+    intermediate: int = 32,
+    seed: int = 0,
+) -> nn.Module:
+    """A small randomly initialised Hugging Face mixture-of-experts causal LM (``kind``:
+    ``mixtral`` or ``qwen3_moe``; transformers v5 stores its experts as fused 3-D parameters),
+    in eval mode, KV cache off, carrying its ``hf`` architecture. Every 2-D and 3-D weight is
+    drawn from N(0, 0.1) so that outputs and routing are not near-constant."""
+    import transformers
+
+    from slimtorch.core.info import update_info
+
+    torch.manual_seed(seed)
+    config: Any
+    cls: Any
+    common: dict[str, Any] = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_experts_per_tok=top_k,
+        use_cache=False,
+    )
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(
+            intermediate_size=intermediate, num_local_experts=experts, **common
+        )
+        cls = transformers.MixtralForCausalLM
+    elif kind == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            moe_intermediate_size=intermediate,
+            intermediate_size=2 * intermediate,
+            num_experts=experts,
+            **common,
+        )
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        raise ValueError(f"tiny_moe kind {kind!r}: use 'mixtral' or 'qwen3_moe'")
+    model = cls._from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.1)
+    arch = {"kind": "hf", "class": cls.__name__, "config": config.to_dict()}
+    update_info(model, architecture={**arch, "attn_implementation": "sdpa", "dtype": "float32"})
     return model  # type: ignore[no-any-return]
 
 

@@ -24,7 +24,12 @@ from slimtorch.calibrate.sequential import (
     run_layerwise,
     run_sequential,
 )
-from slimtorch.calibrate.statistics import HessianAccumulator, InputNormAccumulator
+from slimtorch.calibrate.statistics import (
+    HessianAccumulator,
+    InputNormAccumulator,
+    expert_statistics,
+    starved,
+)
 from slimtorch.core.errors import ConfigError
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import from_matrix, get_state, to_matrix
@@ -78,15 +83,20 @@ def _full(block: str, key: str) -> str:
 class SparseGPTCompressor:
     split = "layers"  # a distributed run: each layer compressed by one rank
 
-    def __init__(self, config: SparseGPTConfig) -> None:
+    def __init__(self, config: SparseGPTConfig, data_free: list[str] | None = None) -> None:
         self.config = config
+        self.data_free = [] if data_free is None else data_free  # the run's note
         self.layers: dict[str, tuple[nn.Module, str]] = {}
 
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
         self.layers = block_matrices(block, name, self.config)
-        return {
-            n: HessianAccumulator(matrix_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()
-        }
+        return expert_statistics(
+            block,
+            {
+                n: HessianAccumulator(matrix_weight(m, p).shape[1])
+                for n, (m, p) in self.layers.items()
+            },
+        )
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         self.compress_layers(name, block, stats, list(self.layers))
@@ -95,6 +105,9 @@ class SparseGPTCompressor:
         self, name: str, block: nn.Module, stats: dict[str, Accumulator], keys: list[str]
     ) -> None:
         c = self.config
+        if none := starved(name, stats, keys):
+            log.warning("prune.sparsegpt: no calibration token reached %s: magnitude instead", none)
+            self.data_free.extend(none)
         for lname in keys:
             layer, param = self.layers[lname]
             acc = stats[lname]
@@ -115,18 +128,27 @@ class SparseGPTCompressor:
 class WandaCompressor:
     split = "layers"  # a distributed run: each layer pruned by one rank
 
-    def __init__(self, config: WandaConfig, sparsities: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        config: WandaConfig,
+        sparsities: dict[str, float] | None = None,
+        data_free: list[str] | None = None,
+    ) -> None:
         self.config = config
+        self.data_free = [] if data_free is None else data_free  # the run's note
         self.sparsities = sparsities or {}
         self.layers: dict[str, tuple[nn.Module, str]] = {}
         self.ratios: dict[str, float] = {}
 
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
         self.layers = block_matrices(block, name, self.config)
-        return {
-            n: InputNormAccumulator(matrix_weight(m, p).shape[1])
-            for n, (m, p) in self.layers.items()
-        }
+        return expert_statistics(
+            block,
+            {
+                n: InputNormAccumulator(matrix_weight(m, p).shape[1])
+                for n, (m, p) in self.layers.items()
+            },
+        )
 
     def outliers(self, name: str, stats: dict[str, Accumulator]) -> None:
         weights = [matrix_weight(m, p).detach() for m, p in self.layers.values()]
@@ -141,6 +163,9 @@ class WandaCompressor:
     ) -> None:
         c = self.config
         sparsity = self.sparsities.get(name, c.sparsity)
+        if none := starved(name, stats, keys):
+            log.warning("prune.wanda: no calibration token reached %s: magnitude instead", none)
+            self.data_free.extend(none)
         for lname in keys:
             layer, param = self.layers[lname]
             mask = wanda_mask(
@@ -179,7 +204,7 @@ def _owl(model: nn.Module, config: WandaConfig, run: Run) -> dict[str, float]:
 
 
 def _sparsegpt(config: SparseGPTConfig, run: Run) -> SparseGPTCompressor:
-    return SparseGPTCompressor(config)
+    return SparseGPTCompressor(config, run.data_free)
 
 
 def _wanda(config: WandaConfig, run: Run) -> WandaCompressor:
@@ -188,7 +213,7 @@ def _wanda(config: WandaConfig, run: Run) -> WandaCompressor:
             "owl needs a scan of the whole dense model first; it runs in memory only (drop"
             " --max-memory, or set owl: false)"
         )
-    return WandaCompressor(config)
+    return WandaCompressor(config, data_free=run.data_free)
 
 
 @register_method(
@@ -199,7 +224,7 @@ def _wanda(config: WandaConfig, run: Run) -> WandaCompressor:
     layerwise=_sparsegpt,
 )
 def prune_sparsegpt(model: nn.Module, config: SparseGPTConfig, run: Run) -> None:
-    run_layerwise(model, SparseGPTCompressor(config), run, config, "prune.sparsegpt")
+    run_layerwise(model, SparseGPTCompressor(config, run.data_free), run, config, "prune.sparsegpt")
 
 
 @register_method(
@@ -211,4 +236,6 @@ def prune_sparsegpt(model: nn.Module, config: SparseGPTConfig, run: Run) -> None
 )
 def prune_wanda(model: nn.Module, config: WandaConfig, run: Run) -> None:
     sparsities = _owl(model, config, run) if config.owl else None
-    run_layerwise(model, WandaCompressor(config, sparsities), run, config, "prune.wanda")
+    run_layerwise(
+        model, WandaCompressor(config, sparsities, run.data_free), run, config, "prune.wanda"
+    )

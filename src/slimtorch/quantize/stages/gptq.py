@@ -22,7 +22,7 @@ from slimtorch.calibrate.sequential import (
     matrix_weight,
     run_layerwise,
 )
-from slimtorch.calibrate.statistics import HessianAccumulator
+from slimtorch.calibrate.statistics import HessianAccumulator, expert_statistics, starved
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import WeightState, apply_state, get_state, to_matrix
 from slimtorch.quantize.gptq import gptq_quantize
@@ -82,8 +82,9 @@ class GPTQConfig(LayerwiseConfig):
 class GPTQCompressor:
     split = "layers"  # a distributed run: each layer compressed by one rank
 
-    def __init__(self, config: GPTQConfig) -> None:
+    def __init__(self, config: GPTQConfig, run: Run | None = None) -> None:
         self.config = config
+        self.data_free = run.data_free if run is not None else []
         self.first = True
         self.layers: dict[str, tuple[nn.Module, str]] = {}
 
@@ -91,9 +92,13 @@ class GPTQCompressor:
         self.layers = block_matrices(block, name, self.config)
         self.config = fix_group_size(self.config, "quantize.gptq", self.layers, self.first)
         self.first = False
-        return {
-            n: HessianAccumulator(matrix_weight(m, p).shape[1]) for n, (m, p) in self.layers.items()
-        }
+        return expert_statistics(
+            block,
+            {
+                n: HessianAccumulator(matrix_weight(m, p).shape[1])
+                for n, (m, p) in self.layers.items()
+            },
+        )
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         self.compress_layers(name, block, stats, list(self.layers))
@@ -102,6 +107,9 @@ class GPTQCompressor:
         self, name: str, block: nn.Module, stats: dict[str, Accumulator], keys: list[str]
     ) -> None:
         c = self.config
+        if none := starved(name, stats, keys):
+            log.warning("quantize.gptq: no calibration token reached %s: RTN instead", none)
+            self.data_free.extend(none)
         for lname in keys:
             layer, param = self.layers[lname]
             acc = stats[lname]
@@ -125,7 +133,7 @@ class GPTQCompressor:
 
 
 def _compressor(config: GPTQConfig, run: Run) -> GPTQCompressor:
-    return GPTQCompressor(config)
+    return GPTQCompressor(config, run)
 
 
 @register_method(
@@ -136,5 +144,5 @@ def _compressor(config: GPTQConfig, run: Run) -> GPTQCompressor:
     layerwise=_compressor,
 )
 def gptq(model: nn.Module, config: GPTQConfig, run: Run) -> None:
-    blocks = run_layerwise(model, GPTQCompressor(config), run, config, "quantize.gptq")
+    blocks = run_layerwise(model, GPTQCompressor(config, run), run, config, "quantize.gptq")
     log.info("quantize.gptq: %d blocks to %d bits", len(blocks), config.bits)
