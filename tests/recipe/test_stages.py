@@ -53,6 +53,8 @@ NOT_ON_A_TINY_MODEL = {
     "merge.dare": f"{_OTHER_MODELS} (tests/merge/test_merge_stage.py runs it)",
     "share.finetune": "trains the codebooks of an earlier share.kmeans stage and refuses alone"
     " (tests/share/test_share_codebook.py runs the pair)",
+    "prune.experts": "removes experts of mixture-of-experts layers, which no model here has"
+    " (tests/prune/test_experts.py runs it on tiny_moe, saved, loaded and exported)",
     "train.slimmable": "trains the widths an earlier prune.reorder stage recorded and refuses"
     " alone (tests/prune/test_slimmable.py runs the pair)",
 }
