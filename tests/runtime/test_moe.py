@@ -191,3 +191,28 @@ def test_export_hf_fuses_the_experts_back_for_transformers(tmp_path) -> None:  #
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, loaded(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "w4a16-awq",
+        "kmeans4",
+        {"stages": [{"method": "prune.wanda", "sparsity": 0.5, "calibration": {"samples": 4}}]},
+    ],
+    ids=["awq", "kmeans", "wanda"],
+)
+def test_every_weight_method_reaches_every_expert(recipe: object) -> None:
+    import slimtorch as st
+    from slimtorch.formats.state import get_state
+    from slimtorch.testing.tasks import tensor_task
+
+    model = tiny_moe("qwen3_moe")
+    task = tensor_task(_ids(4, 16), loss="next_token")
+    result = st.compress(model, recipe, data=task)  # type: ignore[arg-type]
+    touched = [
+        n
+        for n, m in result.model.named_modules()
+        if ".experts." in n and isinstance(m, torch.nn.Linear) and get_state(m, "weight")
+    ]
+    assert len(touched) == 2 * 4 * 3
