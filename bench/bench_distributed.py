@@ -17,6 +17,15 @@ processes gave exactly the single-process bits.
 On this 2-core machine the ideal for 2 processes is 2x (both the forward passes and the GPTQ
 solves are split); other jobs on the machine move single runs by tens of percent. Results:
 bench/results/distributed.json.
+
+    .venv/bin/python bench/bench_distributed.py --offloaded [--nproc 2] [--samples 32]
+
+runs ``slimtorch compress --model builtin:smollm2-135m --recipe w4a16-gptq (calibration
+--samples in batches of 8) --data builtin:wikipedia --max-memory 1GB`` (offloaded, block by
+block) as one process and with ``--nproc N`` (each rank a torchrun worker, one thread each):
+wall time of the whole command, each process's peak resident memory (its own ``ru_maxrss``),
+and the SHA-256 of the artifact's model.safetensors. Results:
+bench/results/distributed_offloaded.json.
 """
 
 from __future__ import annotations
@@ -50,7 +59,11 @@ def build(name: str) -> tuple[Any, Any, Any]:
 
         loaded = load_model("builtin:austen-lm")
         tok = model_tokenizer("builtin:austen-lm", loaded.tokenizer, None)
-        return loaded.model, "w4a16-gptq", make_task(loaded.task, "builtin:austen", tok)
+        return (
+            loaded.model,
+            "w4a16-gptq",
+            make_task(loaded.task or "causal-lm", "builtin:austen", tok),
+        )
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -132,15 +145,85 @@ def run(name: str, nproc: int) -> dict[str, Any]:
     return {"model": name, "processes": nproc, "error": " | ".join(tail)}
 
 
+def offload_child(argv: list[str]) -> None:
+    """One process or one rank: ``slimtorch <argv>``, then this process's peak memory."""
+    import resource
+
+    from slimtorch.cli.main import main as cli
+
+    code = cli(argv)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row = {"rank": int(os.environ.get("RANK", "0")), "max_rss_bytes": peak, "code": code}
+    print("PEAK " + json.dumps(row), flush=True)
+    sys.exit(code)
+
+
+def offloaded(nproc: int, samples: int, work: Path) -> dict[str, Any]:
+    """``compress --max-memory 1GB`` of builtin:smollm2-135m on 1 and ``nproc`` processes."""
+    import yaml
+
+    import slimtorch.recipe
+
+    preset = Path(slimtorch.recipe.__file__).parent / "presets" / "w4a16-gptq.yaml"
+    rec: dict[str, Any] = yaml.safe_load(preset.read_text())
+    rec["stages"][0]["calibration"] = {"samples": samples, "batch_size": 8}
+    rec["description"] = f"w4a16-gptq on {samples} calibration sequences"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.yaml").write_text(yaml.safe_dump(rec))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rows = []
+    for n in (1, nproc):
+        out = work / f"out{n}"
+        argv = ["compress", "--model", "builtin:smollm2-135m", "--recipe",
+                str(work / "recipe.yaml"), "--data", "builtin:wikipedia", "--max-memory", "1GB",
+                "--out", str(out), "--work-dir", str(work / f"work{n}"), "--force", "--json"]  # fmt: skip
+        me = [str(Path(__file__).resolve()), "--offload-child", *argv]
+        launch = [] if n == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                    f"--nproc_per_node={n}"]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, *launch, *me], capture_output=True, text=True,
+                              env=env)  # fmt: skip
+        wall = time.perf_counter() - start
+        peaks = sorted(
+            (json.loads(line[5:]) for line in done.stdout.splitlines() if line.startswith("PEAK ")),
+            key=lambda r: r["rank"],
+        )
+        row: dict[str, Any] = {"processes": n, "wall_s": round(wall, 1), "code": done.returncode,
+                               "peak_rss_mib_per_rank": [round(r["max_rss_bytes"] / 2**20)
+                                                         for r in peaks]}  # fmt: skip
+        model = out / "model.safetensors"
+        if done.returncode == 0 and model.is_file():
+            row["sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
+        else:
+            row["error"] = (done.stdout + done.stderr)[-2000:]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    same = len({r.get("sha256") for r in rows}) == 1 and "sha256" in rows[0]
+    return {"model": "builtin:smollm2-135m", "samples": samples, "rows": rows,
+            "same_sha256": same}  # fmt: skip
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--offload-child"]:
+        offload_child(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--offloaded", action="store_true", help="smollm2 --max-memory 1GB")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/slimtorch-bench-dist-offload"))
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.offloaded:
+        result = offloaded(args.nproc, args.samples, args.work)
+        result.update({"command": "python " + " ".join(sys.argv),
+                       "environment": harness.environment()})  # fmt: skip
+        harness.write_result(harness.result_path("distributed_offloaded.json"), result, indent=2)
         return
     rows = []
     for name in args.models:

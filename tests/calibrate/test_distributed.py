@@ -170,14 +170,20 @@ def test_a_killed_rank_fails_the_job_with_one_message(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "r.yaml", "text.txt"]
 
 
-def test_offloading_is_refused_before_any_process_starts(
+def test_offloading_composes_and_training_is_refused_before_any_process_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """--max-memory runs under torchrun (tests/calibrate/test_distributed_offload.py); a stage
+    that trains would train one copy per rank: refused (exit 2) before torchrun starts."""
     from slimtorch.cli.main import main
+    from slimtorch.recipe import load_recipe
+    from slimtorch.workflows.compress import CompressOptions, check_distributable
 
-    code = main(["compress", "--model", "builtin:austen-lm", "--recipe", "w4a16-gptq", "--out",
+    check_distributable(load_recipe("w4a16-gptq"), CompressOptions(max_memory="1GB", work_dir="w"))
+    code = main(["compress", "--model", "builtin:austen-lm", "--recipe", "nm24", "--out",
                  str(tmp_path / "o"), "--max-memory", "1GB", "--nproc", "2"])  # fmt: skip
-    assert code == 2 and "--max-memory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "train.finetune" in err and "one process" in err, err
     assert not (tmp_path / "o").exists()
 
 

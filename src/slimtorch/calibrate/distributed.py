@@ -129,10 +129,6 @@ def state_from_header(header: dict[str, Any], tensors: Sequence[torch.Tensor]) -
     return WeightState(mask=got.get("mask"), quant=quant, extra=dict(header["extra"]))
 
 
-def _empty(spec: Sequence[Any]) -> torch.Tensor:
-    return torch.empty(tuple(spec[2]), dtype=getattr(torch, str(spec[1])))
-
-
 # ---------------------------------------------------------------- the process group
 
 
@@ -357,9 +353,8 @@ def send_matrix_state(layer: nn.Module, param: str, src: int, comm: Comm) -> boo
     the receivers have set the weight's values from it."""
     header, tensors = state_header(get_state(layer, param))
     header = comm.broadcast_json(header, src)
-    specs = header.get("tensors", [])
-    mine = tensors if comm.rank == src else [_empty(s) for s in specs]
-    got = [comm.broadcast(t, src) for t in mine]
+    empty = (torch.empty(s[2], dtype=getattr(torch, s[1])) for s in header.get("tensors", []))
+    got = [comm.broadcast(t, src) for t in (tensors if comm.rank == src else empty)]
     if header.get("none"):
         return False
     if comm.rank != src:
@@ -397,5 +392,5 @@ def compress_shared(
         elif hasattr(compressor, "skip"):
             compressor.skip(name, block, stats)
         send_block(block, owner, comm)
-    comm.blocks.append((name, comm.sent - sent))
-    log.debug("compressed block %s; rank %d sent %d bytes", name, comm.rank, comm.sent - sent)
+    last = comm.blocks.pop() if comm.blocks and comm.blocks[-1][0] == name else (name, 0)
+    comm.blocks.append((name, last[1] + comm.sent - sent))  # offloaded: every stage of a block

@@ -7,8 +7,12 @@ Then each block is read from the shards, compressed by the recipe's layer-wise s
 observes the block's inputs, then compresses), written as its own small artifact, run to
 produce the next block's inputs, and freed. Peak memory is about one block, its statistics and
 the calibration activations. After every block, the next inputs and the progress are saved
-atomically in ``work_dir``: an interrupted run started again with the same arguments continues
-after the last finished block and produces the identical artifact. Then the layers outside the
+atomically in ``work_dir`` (:mod:`slimtorch.calibrate.offload_work`): an interrupted run
+started again with the same arguments continues after the last finished block and produces the
+identical artifact. Under torchrun (:mod:`slimtorch.calibrate.distributed`) every rank runs its
+shard of the calibration batches through the block and keeps its own saved inputs, the
+statistics are combined across ranks and each layer is compressed once and broadcast, as in
+memory; rank 0 alone writes the blocks, the progress and the artifact. Then the layers outside the
 blocks are written: streamed as they are, or, when the recipe has data-free stages (RTN of the
 embeddings and LM head), read again and compressed by those stages as in memory. Finally the
 parts are joined into one artifact (:func:`slimtorch.formats.concat.concat_artifacts`).
@@ -19,44 +23,35 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import hashlib
-import json
 import logging
 import shutil
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimtorch.calibrate import distributed
-from slimtorch.calibrate.capture import (
-    Forward,
-    Inputs,
-    _call,
-    capture_block_inputs,
-    hidden_of,
-    with_hidden,
-)
+from slimtorch.calibrate.capture import Forward, _call, capture_block_inputs
+from slimtorch.calibrate.offload_work import OffloadPlan, WorkDir, fingerprint
 from slimtorch.calibrate.sequential import (
     BlockCompressor,
     DataFree,
+    compress_block,
     find_blocks,
     next_inputs,
-    observe_block,
 )
 from slimtorch.core.context import Context
-from slimtorch.core.errors import ConfigError, UserInputError
+from slimtorch.core.errors import UserInputError
 from slimtorch.formats.artifact import write_artifact
-from slimtorch.formats.atomic import write_file
 from slimtorch.formats.concat import concat_artifacts
 from slimtorch.formats.state import clear_state, iter_states
 from slimtorch.formats.streaming import StreamingArtifactWriter, TensorSpec
+
+__all__ = ["Checkpoint", "OffloadPlan", "compress_offloaded", "empty_parameters", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +141,6 @@ def release(module: nn.Module) -> None:
                 )
 
 
-@dataclass(frozen=True)
-class OffloadPlan:
-    """What the run writes: the output artifact, its manifest keys, and the work directory."""
-
-    out: Path
-    manifest: dict[str, Any]
-    work_dir: Path
-    fingerprint: str  # identifies model + recipe + calibration: a resume must match it
-    overwrite: bool = False
-
-
 def _block_artifact(block: nn.Module, prefix: str, path: Path) -> None:
     tensors = {f"{prefix}.{k}": v.detach() for k, v in block.state_dict().items()}
     states = {
@@ -191,36 +175,6 @@ def _outside_stages(
     return tensors, states
 
 
-def _save_hidden(inputs: Sequence[Inputs], path: Path) -> None:
-    tensors = {f"h{i}": hidden_of(call).contiguous() for i, call in enumerate(inputs)}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-
-
-def _progress(plan: OffloadPlan) -> int:
-    """Index of the last finished block (-1: none), after checking the run is the same one."""
-    file = plan.work_dir / "progress.json"
-    if not file.is_file():
-        return -1
-    state = json.loads(file.read_text())
-    if state.get("fingerprint") != plan.fingerprint:
-        raise ConfigError(
-            f"{plan.work_dir} holds a run with other model, recipe or calibration settings;"
-            " delete it or give another --work-dir"
-        )
-    return int(state["done"])
-
-
-def _mark(plan: OffloadPlan, done: int) -> None:
-    text = json.dumps({"fingerprint": plan.fingerprint, "done": done}).encode()
-    write_file(plan.work_dir / "progress.json", text)
-
-
-def fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def compress_offloaded(
     model: nn.Module,
     ckpt: Checkpoint,
@@ -231,19 +185,18 @@ def compress_offloaded(
     forward: Forward = _call,
 ) -> dict[str, Any]:
     """Compress ``model`` (built under :func:`empty_parameters`) block by block from ``ckpt``;
-    writes the artifact ``plan.out`` and returns its manifest."""
-    if distributed.active() is not None:
-        raise ConfigError(
-            "offloaded compression (--max-memory, resume) runs in one process for now;"
-            " run it without torchrun / --nproc"
-        )
+    writes the artifact ``plan.out`` and returns its manifest. Under torchrun every rank calls
+    it with the same arguments; rank 0 writes and returns the manifest, the others ``{}``."""
+    comm = distributed.active()
     blocks = find_blocks(model)
     if blocks.names == [""]:
         raise UserInputError("offloaded compression needs a model with repeated blocks")
     return_freed_memory(mmap_threshold=1 << 20)
     ties = _ties(model)
-    plan.work_dir.mkdir(parents=True, exist_ok=True)
-    done = _progress(plan)
+    if comm is not None:
+        batches = distributed.shard(list(batches), comm)
+    work = WorkDir(plan, comm)
+    done = work.start()
     _materialize_outside(model, blocks, ckpt, ties)
     data_free = [isinstance(c, DataFree) for c in compressors]
     if not all(data_free):  # data-free stages before the first calibrated one change its inputs
@@ -255,27 +208,29 @@ def compress_offloaded(
     release(model)
     return_freed_memory()
     if done >= 0 and done + 1 < len(modules):
-        saved = load_file(str(plan.work_dir / "inputs.safetensors"))
-        inputs = [with_hidden(c, saved[f"h{b}"]) for b, c in enumerate(calls[done + 1])]
+        inputs = work.load_inputs(done + 1, calls[done + 1])
     bar = ctx.progress_bar(list(enumerate(blocks.names)), "blocks", len(blocks.names))
     for i, name in bar:
         if i <= done:
             continue
+        if comm is not None:
+            distributed.check_fault(comm, i)
         block = modules[i]
         materialize(block, name, ckpt, ties)
-        for compressor in compressors:
-            stats = compressor.observe(name, block)
-            if stats:
-                observe_block(block, inputs, stats)
-            compressor.compress(name, block, stats)
-        _block_artifact(block, name, plan.work_dir / f"block{i:05d}")
+        for compressor in compressors:  # with comm: reduced statistics, owners broadcast
+            compress_block(block, name, inputs, compressor, comm)
+        if work.lead:
+            _block_artifact(block, name, plan.work_dir / f"block{i:05d}")
         if i + 1 < len(blocks.names):
             inputs = next_inputs(block, inputs, calls[i + 1])
-            _save_hidden(inputs, plan.work_dir / "inputs.safetensors")
+            work.save_inputs(i + 1, inputs)
         calls[i] = []
-        _mark(plan, i)
+        work.block_done(i)  # a barrier, then rank 0 marks the block done
         release(block)
         return_freed_memory()
+    if not work.lead:
+        work.leave()
+        return {}
     head = plan.work_dir / "outside"
     if not head.exists():
         outside = [c for c in compressors if isinstance(c, DataFree)]

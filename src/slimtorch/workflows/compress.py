@@ -154,14 +154,9 @@ def compress_to_dir(
 
 
 def check_distributable(rec: Recipe, options: CompressOptions) -> None:
-    """What a torchrun job can run: layer-wise stages calibrate on their shard of the data;
-    a training stage would train one copy per rank. ``--max-memory`` (offloading, resume) is
-    not distributed yet."""
-    if options.max_memory is not None:
-        raise ConfigError(
-            "--max-memory (offloaded, resumable compression) runs in one process for now; drop"
-            " --nproc / torchrun, or drop --max-memory when the model fits in every rank's memory"
-        )
+    """What a torchrun job can run: layer-wise stages calibrate on their shard of the data,
+    in memory or offloaded (``--max-memory``, resumable); a training stage would train one
+    copy per rank."""
     trains = [s.spec.name for s in rec.stages if s.spec.needs_data and s.spec.layerwise is None]
     if trains:
         raise ConfigError(
@@ -201,8 +196,12 @@ def _maybe_offloaded(
         tokenizer=options.tokenizer,
         source=model,
     )
+    comm = distributed.active()
+    traffic = distributed.traffic(comm) if comm is not None else None  # rank 0 has written
+    if comm is not None and comm.rank != 0:
+        return {"model": model, "recipe": rec.name, "out": None, "distributed": traffic}
     on_disk = api.artifact_size(out)
-    return {
+    report = {
         "model": model,
         "recipe": rec.name,
         "out": str(out),
@@ -212,3 +211,6 @@ def _maybe_offloaded(
         "compression_ratio": dense / on_disk if on_disk else None,
         "tensors": len(manifest["tensors"]),
     }
+    if traffic is not None:
+        report["distributed"] = traffic
+    return report

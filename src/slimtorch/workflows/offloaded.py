@@ -7,6 +7,8 @@ SmoothQuant, SparseGPT, Wanda, RTN); RTN also quantizes the layers outside the b
 w4a16 presets' 8-bit embeddings and LM head, stored once when tied). The result holds the
 tensors the in-memory run writes (tests/workflows/test_workflow_offloaded.py, and on
 builtin:smollm2-135m with a kill and a resume, tests/workflows/test_offloaded_smollm2.py).
+Under torchrun every rank runs it on its shard of the calibration data (``--max-memory`` is
+each process's budget) and the artifact is the one-process one (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from slimtorch.calibrate import distributed
 from slimtorch.calibrate.offload import (
     Checkpoint,
     OffloadPlan,
@@ -151,7 +154,8 @@ def compress_large(
     tokenizer: str | None = None,
     source: str | None = None,
 ) -> dict[str, Any]:
-    """Compress the checkpoint in ``model_dir`` block by block; returns the artifact manifest.
+    """Compress the checkpoint in ``model_dir`` block by block; returns the artifact manifest
+    (under torchrun: on rank 0; ``{}`` on the others, each of which calibrated its shard).
     Its text is tokenized with ``tokenizer`` (``--tokenizer``), else the ``tokenizer.json``
     beside its ``config.json``; a UserInputError names --tokenizer when it has neither.
     ``source`` is the ``--model`` the user gave (a builtin's name), recorded in the metadata."""
@@ -173,14 +177,18 @@ def compress_large(
     # the first stage that calibrates sets the calibration data of all
     cal = next((c for s in recipe.stages if (c := getattr(s.config, "calibration", None))), None)
     samples, batch = (cal.samples, cal.batch_size) if cal is not None else (8, 8)
+    steps = max(1, -(-samples // batch))
+    comm = distributed.active()
+    world = comm.world if comm is not None else 1
+    held = min(samples, -(-steps // world) * batch)  # one rank's shard of the activations
     hessians = any(s.spec.name in ("quantize.gptq", "prune.sparsegpt") for s in recipe.stages)
     data_free = any(not s.spec.needs_data for s in recipe.stages)  # RTN: also outside the blocks
-    est = estimate_peak(model, samples, 256, hessians, outside_stages=data_free)
+    est = estimate_peak(model, held, 256, hessians, outside_stages=data_free)
     if est["peak"] > max_memory:
         sizes = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in est.items())
         raise ConfigError(
             f"--max-memory {max_memory / 2**20:.0f} MiB is below the estimated peak of one"
-            f" block ({sizes}); raise it or lower `calibration.samples`"
+            f" block ({sizes}; each process's own); raise it or lower `calibration.samples`"
         )
     beside = root / "tokenizer.json"
     tokenizer = model_tokenizer(
@@ -191,7 +199,6 @@ def compress_large(
     task = make_task("causal-lm", data, tokenizer)
     run = Run(ctx, task, original=None)
     compressors = [s.spec.layerwise(s.config, run) for s in recipe.stages]  # type: ignore[misc]
-    steps = max(1, -(-samples // batch))
     batches = list(task.train_batches(ctx, steps, batch))
     check_vocab(config, batches)
     recipe_dict = {k: v for k, v in recipe.to_dict().items() if k != "description"}
@@ -212,7 +219,7 @@ def compress_large(
     }
     out = Path(out)
     work = Path(work_dir) if work_dir else out.parent / f".{out.name}.work"
-    key = fingerprint(arch, recipe_dict, data, samples, batch, ctx.seed, tokenizer)
+    key = fingerprint(arch, recipe_dict, data, samples, batch, ctx.seed, tokenizer, world)
     plan = OffloadPlan(out, manifest, work, key, overwrite=force)
     log.info("offloaded compression of %s: estimated peak %.0f MiB", root, est["peak"] / 2**20)
     return compress_offloaded(

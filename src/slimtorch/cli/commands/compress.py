@@ -35,8 +35,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--input-dtype", default="float32", choices=["float32", "int64"])
     p.add_argument(
         "--max-memory",
-        help="memory budget, e.g. 1GB: a Hugging Face checkpoint bigger than half of it is"
-        " compressed block by block (layer-wise stages only), resumable",
+        help="memory budget, e.g. 1GB (each process's, with --nproc): a Hugging Face checkpoint"
+        " bigger than half of it is compressed block by block (layer-wise stages only),"
+        " resumable",
     )
     p.add_argument(
         "--work-dir", help="progress of an offloaded run (default: beside --out); rerun to resume"
