@@ -216,3 +216,42 @@ def test_every_weight_method_reaches_every_expert(recipe: object) -> None:
         if ".experts." in n and isinstance(m, torch.nn.Linear) and get_state(m, "weight")
     ]
     assert len(touched) == 2 * 4 * 3
+
+
+def test_offloaded_compression_of_an_moe_checkpoint_equals_the_in_memory_one(
+    tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """--max-memory reads the per-expert tensors transformers v5 saves, block by block."""
+    import json
+
+    import slimtorch as st
+    from slimtorch.core.context import Context
+    from slimtorch.formats.artifact import read_artifact
+    from slimtorch.workflows import offloaded
+    from slimtorch.workflows.compress import CompressOptions, compress_to_dir
+
+    tiny_moe("qwen3_moe", vocab=2048, hidden=32, intermediate=16).save_pretrained(tmp_path / "ck")
+    monkeypatch.setattr(offloaded, "_resident_now", lambda: 0)  # see test_distributed_offload
+    stage = {"method": "quantize.gptq", "bits": 4, "group_size": 16}
+    (tmp_path / "r.yaml").write_text(
+        json.dumps({"stages": [{**stage, "calibration": {"samples": 2, "batch_size": 1}}]})
+    )
+    common = {"tokenizer": "builtin:austen-lm", "llm_windows": 0, "data": "builtin:austen"}
+    reports = {}
+    for name, budget in (("off", "1MB"), ("mem", None)):
+        options = CompressOptions(max_memory=budget, work_dir=str(tmp_path / "w"), **common)
+        reports[name] = compress_to_dir(
+            str(tmp_path / "ck"), str(tmp_path / "r.yaml"), tmp_path / name, options,
+            Context(progress=False),
+        )  # fmt: skip
+    assert reports["off"]["offloaded"] is True
+    a, b = read_artifact(tmp_path / "off"), read_artifact(tmp_path / "mem")
+    assert sorted(a.states) == sorted(b.states) and len(a.states) == 2 * (4 + 4 * 3)
+    for key, state in a.states.items():
+        assert state.quant is not None and b.states[key].quant is not None
+        assert torch.equal(state.quant.codes, b.states[key].quant.codes), key
+    with torch.no_grad():
+        x = _ids()
+        torch.testing.assert_close(
+            st.load(tmp_path / "off")(x).logits, st.load(tmp_path / "mem")(x).logits
+        )

@@ -42,6 +42,7 @@ from slimtorch.graph.weights import select_weights
 from slimtorch.models.hf import from_config, read_architecture
 from slimtorch.recipe import Recipe
 from slimtorch.runtime.conv1d import Conv1DLinear, linearize_conv1d
+from slimtorch.runtime.moe import unfuse_experts
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,9 @@ def compress_large(
     arch = read_architecture(root)
     with empty_parameters():
         model = from_config(arch)
+        # fused 3-D experts as one Linear each, on meta like the rest: their tensors are read
+        # by the per-expert names transformers v5 saves (``experts.{i}.gate_proj.weight``)
+        experts = unfuse_experts(model)
     swapped = linearize_conv1d(model)  # GPT-2's Conv1D run as Linear, recorded in the manifest
     check_targets(model, recipe)
     config: Any = getattr(model, "config", None)
@@ -205,7 +209,14 @@ def compress_large(
     manifest = {
         "architecture": arch,
         "modules": [
-            {"name": n, "type": "Conv1DLinear", "config": _linear_config(model, n)} for n in swapped
+            *(
+                {"name": n, "type": "Conv1DLinear", "config": _linear_config(model, n)}
+                for n in swapped
+            ),
+            *(
+                {"name": n, "type": "UnfusedExperts", "config": model.get_submodule(n).config()}  # type: ignore[operator]
+                for n in experts
+            ),
         ],
         "metadata": {
             "source": source or str(root),
