@@ -44,10 +44,14 @@ def random_prompt(vocab_size: int, tokens: int = PROMPT_TOKENS, seed: int = 0) -
     return torch.randint(0, vocab_size, (1, tokens), generator=generator)
 
 
-def _greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int, exact: bool) -> torch.Tensor:
-    """The new tokens of ``model.generate`` run greedily with the KV cache: at most
-    ``new_tokens``, exactly that many when ``exact`` (the end-of-sequence token is ignored)."""
+def _greedy(
+    model: nn.Module, ids: torch.Tensor, new_tokens: int, exact: bool, cache: Any = None
+) -> torch.Tensor:
+    """The new tokens of ``model.generate`` run greedily with the KV cache (``cache``: a
+    transformers ``Cache`` to fill, default: the model's own): at most ``new_tokens``, exactly
+    that many when ``exact`` (the end-of-sequence token is ignored)."""
     config: Any = model.generation_config
+    more = {} if cache is None else {"cache": cache}
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     if isinstance(pad, list):
         pad = pad[0]
@@ -63,6 +67,7 @@ def _greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int, exact: bool) -
         temperature=None,
         top_p=None,
         top_k=None,
+        **more,
     )
     return out[:, ids.shape[1] :]
 
@@ -112,11 +117,13 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def generate_text(
-    model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int
+    model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, kv: Any = None
 ) -> dict[str, Any]:
     """The greedy continuation of ``prompt`` (``tokenizer``: a ``tokenizers.Tokenizer``) with
     the KV cache, stopping at the end-of-sequence token: ``text`` (the continuation alone),
-    ``new_tokens``, ``seconds`` and ``tokens_per_s``."""
+    ``new_tokens``, ``seconds`` and ``tokens_per_s``. ``kv`` (a
+    :class:`~slimtorch.runtime.kv_cache.KVQuantConfig`) decodes with the quantized KV cache
+    and adds ``kv_cache``: its settings and bytes per token against the float cache's."""
     reason = cannot_generate(model)
     if reason is not None:
         raise UserInputError(f"cannot generate text: {reason}")
@@ -125,14 +132,25 @@ def generate_text(
     ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.long, device=device)
     if ids.shape[1] == 0:
         raise UserInputError("the prompt is empty after tokenization: give some text")
+    cache = None
+    if kv is not None:
+        from slimtorch.runtime.kv_cache import QuantizedKVCache
+
+        cache = QuantizedKVCache(getattr(model, "config", None), kv)
     with torch.inference_mode():
         start = time.perf_counter()
-        out = _greedy(model, ids, max_new_tokens, exact=False)
+        out = _greedy(model, ids, max_new_tokens, exact=False, cache=cache)
         seconds = time.perf_counter() - start
     new = out[0].tolist()
-    return {
+    result = {
         "text": tokenizer.decode(new, skip_special_tokens=True),
         "new_tokens": len(new),
         "seconds": seconds,
         "tokens_per_s": len(new) / seconds if seconds > 0 else None,
     }
+    if cache is not None:
+        from slimtorch.runtime.kv_cache import describe
+
+        dtype = next(model.parameters()).dtype
+        result["kv_cache"] = describe(cache, getattr(model, "config", None), dtype)
+    return result

@@ -11,8 +11,13 @@ from slimtorch.calibrate.text import model_tokenizer, tokenizer_file
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
 from slimtorch.core.info import model_info, update_info
+from slimtorch.eval.decode import cannot_generate
+from slimtorch.eval.kv_quality import kv_suite
+from slimtorch.eval.perplexity import model_context
 from slimtorch.models.registry import LoadedModel, load_model, untrusted_factory_message
+from slimtorch.runtime.kv_quant import KVQuantConfig
 from slimtorch.workflows.figures import (
+    LLM_TEXTS,
     LLM_WINDOW_TOKENS,
     LLM_WINDOWS,
     decode_figures,
@@ -20,6 +25,7 @@ from slimtorch.workflows.figures import (
     summary,
 )
 from slimtorch.workflows.figures import baseline as baseline_figures
+from slimtorch.workflows.generate import kv_config
 
 
 def names_code(spec: str) -> bool:
@@ -37,6 +43,20 @@ def _original(source: str, model: str | None, trust_factory: bool) -> LoadedMode
     return load_model(source)
 
 
+def _kv_figures(
+    model: Any, tokenizer: str | None, kv: KVQuantConfig, suite: tuple[int, int]
+) -> dict[str, Any]:
+    """The quantized KV cache's figures (:func:`slimtorch.eval.kv_quality.kv_suite`)."""
+    reason = cannot_generate(model)
+    if reason is not None:
+        raise UserInputError(f"--kv-bits needs a causal LM: {reason}")
+    if tokenizer is None:
+        raise UserInputError("--kv-bits needs the model's tokenizer: give --tokenizer")
+    path = tokenizer_file(tokenizer)
+    length = min(suite[1], model_context(model))
+    return kv_suite(model, path, kv, (suite[0], length), LLM_TEXTS)
+
+
 def evaluate_dir(
     path: str | Path,
     data: str | None = None,
@@ -50,6 +70,7 @@ def evaluate_dir(
     llm_suite: tuple[int, int] = (LLM_WINDOWS, LLM_WINDOW_TOKENS),
     decode: bool = True,
     kernels: bool = True,
+    kv: tuple[int | None, int | None, int | None] = (None, None, None),
 ) -> dict[str, Any]:
     """Measure an artifact and, when its source is known, the original model beside it.
     ``width`` serves a ``prune.reorder``-ed artifact on that fraction of its channels.
@@ -63,8 +84,14 @@ def evaluate_dir(
     (:func:`slimtorch.workflows.figures.decode_figures`), measured as the artifact is served:
     with ``kernels`` (default) on a second copy whose weight-only quantized layers run on
     torch's int4 / int8 CPU kernels (``decode_kernel_layers`` counts them; quality figures
-    always come from the exactly dequantized model)."""
+    always come from the exactly dequantized model). ``kv`` = ``(bits, group, window)`` adds
+    ``kv_cache``: a causal LM's quality with the quantized KV cache against its float cache on
+    the LLM suite's windows and bytes per token
+    (:func:`slimtorch.eval.kv_quality.kv_suite`)."""
     ctx = ctx or Context()
+    quant = kv_config(*kv)
+    if quant is not None and llm_suite[0] < 1:
+        raise UserInputError("--kv-bits scores the LLM suite's windows: give --llm-windows >= 1")
     path = api.require_dir(path)
     given = load_model(model).model if model is not None else None
     loaded = api.load(path, width=width, model=given, trust_factory=trust_factory)
@@ -93,6 +120,8 @@ def evaluate_dir(
         tok = info.tokenizer or model_tokenizer(info.source, original.tokenizer)
         if original.task == "causal-lm" and tok is not None and llm_suite[0] > 0:
             report.update(llm_figures(loaded, original.model, tok, ctx, llm_suite))
+    if quant is not None:
+        report["kv_cache"] = _kv_figures(loaded, info.tokenizer or tokenizer, quant, llm_suite)
     if decode:
         served = loaded
         if kernels:

@@ -46,6 +46,17 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="time decoding on the dequantized float model, not on torch's int4/int8 kernels",
     )
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        help="also score a causal LM with the quantized KV cache (8, 4 or 2 bits, KIVI-style)"
+        " against its float cache on the LLM suite's windows (a quarter prefilled, then 32"
+        " tokens at a time through the cache), with the bytes per token it holds",
+    )
+    p.add_argument("--kv-group", type=int, help="with --kv-bits: group size (default 32)")
+    p.add_argument(
+        "--kv-window", type=int, help="with --kv-bits: exact recent tokens (default 128)"
+    )
     add_trust(p)
     add_common(p)
 
@@ -66,6 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         llm_suite=(args.llm_windows, args.llm_window_tokens),
         decode=not args.no_decode,
         kernels=not args.no_kernels,
+        kv=(args.kv_bits, args.kv_group, args.kv_window),
     )
 
 

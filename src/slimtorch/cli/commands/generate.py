@@ -28,6 +28,23 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="run weight-only quantized layers on torch's int4 / int8 CPU kernels (faster)",
     )
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        help="decode with the quantized KV cache: keys per channel, values per token at 8, 4"
+        " or 2 bits (KIVI-style); default: the float cache",
+    )
+    p.add_argument(
+        "--kv-group",
+        type=int,
+        help="with --kv-bits: tokens per key scale and channels per value scale (a power of two"
+        " dividing the head dimension; default 32)",
+    )
+    p.add_argument(
+        "--kv-window",
+        type=int,
+        help="with --kv-bits: the most recent tokens kept in full precision (default 128)",
+    )
     add_trust(p)
     add_common(p)
 
@@ -43,12 +60,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model,
         trust_factory=args.trust_factory,
         kernels=args.kernels,
+        kv=(args.kv_bits, args.kv_group, args.kv_window),
     )
 
 
 def render(r: dict[str, Any]) -> str:
-    return (
+    text = (
         f"{r['prompt']}{r['text']}\n\n"
         f"{r['new_tokens']} new tokens in {fmt(r['seconds'])} s: "
         f"{fmt(r['tokens_per_s'])} tokens/s (greedy, batch 1, KV cache)"
     )
+    kv = r.get("kv_cache")
+    if kv:
+        text += (
+            f"\nKV cache {kv['bits']}-bit (group {kv['group']}, window {kv['window']}):"
+            f" {fmt(kv['bytes_per_token'])} bytes/token held over {kv['tokens']} tokens,"
+            f" float cache {fmt(kv['fp_bytes_per_token'])} ({fmt(kv['ratio'])}x)"
+        )
+    return text
