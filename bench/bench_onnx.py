@@ -1,9 +1,10 @@
 """Compressed models as low-bit ONNX files, against fp32 ONNX and onnxruntime's quantize_dynamic.
 
-    .venv/bin/python bench/bench_onnx.py [--only lenet|minilm|charlstm] [--presets int8,int4]
-        [--decode load|run] [--no-baselines]
+    .venv/bin/python bench/bench_onnx.py [--only lenet|resnet|minilm|charlstm]
+        [--presets int8,int4] [--decode load|run] [--no-baselines]
 
-For each builtin model (lenet5-fashion, char-lstm, minilm) and each shipped preset that applies,
+For each builtin model (lenet5-fashion, resnet18-fashion, char-lstm, minilm) and each shipped
+preset that applies,
 the preset is applied one-shot (``slimtorch.compress`` without data: stages that need training
 data are skipped), then ``slimtorch.export.onnx.export.export_onnx`` writes the low-bit ONNX file and
 checks it in onnxruntime against the PyTorch model. Rows:
@@ -12,11 +13,14 @@ checks it in onnxruntime against the PyTorch model. Rows:
 * ``ort-dynamic``: ``onnxruntime.quantization.quantize_dynamic`` on the fp32 file (its
   defaults: int8 weights per tensor, dynamic uint8 activations, MatMul/Gemm and more);
 * one row per preset (a recipe file path is a preset too: the row is named after the file);
+  for resnet18-fashion also ``PRESET [BatchNorm folded by the exporter]``: the export before
+  slimtorch kept BatchNorm out of the low-bit convolutions (the exporter's folding rewrites
+  their weights, which then stay dense float);
   ``--decode run`` rows (``PRESET [decode=run]``) keep the weights low-bit in memory
   (DequantizeLinear / MatMulNBits) instead of decoding them once at load time.
 
-Per row: ONNX bytes, onnxruntime latency (median ms, ``intra_op_num_threads=1``, CPU) at batch 1
-and at the model's usual batch, quality: LeNet test accuracy on all 10,000 Fashion-MNIST test
+Per row: ONNX bytes (and the slimtorch artifact's bytes), onnxruntime latency (median ms, ``intra_op_num_threads=1``, CPU) at batch 1
+and at the model's usual batch, quality: LeNet/ResNet test accuracy on all 10,000 Fashion-MNIST test
 images run through onnxruntime; for char-lstm and MiniLM the agreement with the fp32 PyTorch
 model on the example inputs (top-1 agreement of next-char logits; cosine of the token
 embeddings). Writes bench/results/onnx.json, merged per model and variant (a run with a few
@@ -26,10 +30,13 @@ presets replaces only those rows).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +53,14 @@ from slimtorch.models.registry import builtin_info, load_model
 RESULTS = harness.result_path("onnx.json")
 MODELS = {
     "lenet": ("lenet5-fashion", 256),
+    "resnet": ("resnet18-fashion", 256),
     "charlstm": ("char-lstm", 128),
     "minilm": ("minilm", 1),
 }
 PRESETS = {
     "lenet": "int8 int4 dynamic-int8 kmeans4 kmeans6 kmeans8 sparse90-int8 deep-compression nm24"
     " structured-50 binary ternary",
+    "resnet": "int8 int4 kmeans8",
     "charlstm": "int8 int4 dynamic-int8 kmeans4 kmeans6 kmeans8 sparse90-int8 deep-compression"
     " binary ternary",
     "minilm": "int8 int4 dynamic-int8 kmeans4 kmeans6 kmeans8 w8a8-smoothquant nm24"
@@ -81,8 +90,10 @@ def _session(path: str) -> Any:
 
 
 def _feeds(session: Any, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+    """The inputs by the file's names (MiniLM: input_ids, attention_mask, token_type_ids)."""
     names = [i.name for i in session.get_inputs()]
-    return {f"input_{i}": t.numpy() for i, t in enumerate(inputs) if f"input_{i}" in names}
+    extra = [torch.zeros_like(inputs[0])] * (len(names) - len(inputs))  # token_type_ids
+    return {n: t.numpy() for n, t in zip(names, (*inputs, *extra), strict=True)}
 
 
 def _latency(path: str, inputs: tuple[torch.Tensor, ...]) -> float:
@@ -124,7 +135,7 @@ def _agreement(
 def _quality(
     key: str, path: str, batch: int, inputs: tuple[torch.Tensor, ...], ref: np.ndarray
 ) -> dict[str, Any]:
-    if key == "lenet":
+    if key in ("lenet", "resnet"):
         return {"accuracy": _lenet_accuracy(path, batch)}
     metric = "top1_agreement" if key == "charlstm" else "cosine_to_fp32"
     return {metric: _agreement(path, inputs, ref, key)}
@@ -145,6 +156,26 @@ def _row(
     return row
 
 
+@contextlib.contextmanager
+def _exporter_folds_batchnorm() -> Iterator[None]:
+    """Export as before slimtorch kept BatchNorm as Mul/Add (the exporter folds it)."""
+    from slimtorch.export.onnx import batchnorm
+
+    kept = batchnorm.batchnorm_as_affine
+    batchnorm.batchnorm_as_affine = lambda model, copied=False: (model, [])  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        batchnorm.batchnorm_as_affine = kept
+
+
+def _artifact_bytes(model: torch.nn.Module, tmp: Path) -> int:
+    st.save(model, tmp / "artifact")
+    size = sum(f.stat().st_size for f in (tmp / "artifact").rglob("*") if f.is_file())
+    shutil.rmtree(tmp / "artifact")
+    return size
+
+
 def _export_all(
     model: torch.nn.Module,
     inputs: dict[int, tuple[torch.Tensor, ...]],
@@ -159,6 +190,53 @@ def _export_all(
         report = export_onnx(model, x, out, quantized=quantized, decode=decode)
         files[b] = str(out)
     return files, report
+
+
+def _preset_row(
+    models: tuple[torch.nn.Module, Any],
+    key: str,
+    preset: str,
+    data: tuple[dict[int, tuple[torch.Tensor, ...]], np.ndarray, int],
+    where: tuple[Path, str, str],
+) -> dict[str, Any]:
+    """One preset's row: compress one-shot, export low-bit, measure."""
+    (model, loaded), (inputs, ref, batch), (tmp, decode, suffix) = models, data, where
+    suffix += "" if decode == "load" else f" [decode={decode}]"
+    name = (Path(preset).stem if preset.endswith(".yaml") else preset) + suffix
+    wall = harness.stopwatch()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compressed = st.compress(model, preset, data=_required_data(loaded, preset)).model
+            tag = "".join(c if c.isalnum() else "_" for c in name)
+            files, report = _export_all(compressed, inputs, tmp, tag, True, decode)
+    except Exception as exc:  # a preset that does not apply is reported, not fatal
+        return {"variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    row = _row(name, key, files, inputs, ref, batch)
+    ops: dict[str, int] = {}
+    for layer in report["lowbit_layers"]:
+        ops[layer["op"]] = ops.get(layer["op"], 0) + 1
+    row.update(
+        artifact_bytes=_artifact_bytes(compressed, tmp),
+        decode=decode,
+        lowbit_ops=ops,
+        dense_layers=len(report["dense_layers"]),
+        dense_reasons=sorted({d["reason"].split(" (")[0] for d in report["dense_layers"]}),
+        batchnorm_as_mul_add=len(report["batchnorm_as_mul_add"]),
+        file_inputs=report["file_inputs"],
+        checked_shapes=report["checked_shapes"],
+        verified_max_abs_diff=report["max_abs_diff"],
+        **(
+            {"layer_max_abs_diff": report["layer_max_abs_diff"]}
+            if "layer_max_abs_diff" in report
+            else {}
+        ),
+        tolerance=[report["atol"], report["rtol"]],
+        dense_float_bytes=report["dense_float_bytes"],
+        seconds=round(wall.seconds, 1),
+    )
+    logging.getLogger("bench").info("%s %s: %s", key, preset, row)
+    return row
 
 
 def bench_model(
@@ -188,52 +266,24 @@ def bench_model(
                 quantize_dynamic(path, ort_files[b])
             rows.append(_row("ort-dynamic (quantize_dynamic)", key, ort_files, inputs, ref, batch))
         for preset in presets:
-            wall = harness.stopwatch()
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    compressed = st.compress(
-                        model, preset, data=_required_data(loaded, preset)
-                    ).model
-                    tag = Path(preset).stem
-                    files, report = _export_all(compressed, inputs, tmp, tag, True, decode)
-            except Exception as exc:  # a preset that does not apply is reported, not fatal
-                rows.append(
-                    {
-                        "variant": preset + ("" if decode == "load" else f" [decode={decode}]"),
-                        "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                    }
+            variants: list[tuple[str, contextlib.AbstractContextManager[Any]]] = [
+                ("", contextlib.nullcontext())
+            ]
+            if key == "resnet":
+                variants.append(
+                    (" [BatchNorm folded by the exporter]", _exporter_folds_batchnorm())
                 )
-                continue
-            row = _row(
-                Path(preset).stem if preset.endswith(".yaml") else preset,
-                key,
-                files,
-                inputs,
-                ref,
-                batch,
-            )
-            ops: dict[str, int] = {}
-            for layer in report["lowbit_layers"]:
-                ops[layer["op"]] = ops.get(layer["op"], 0) + 1
-            if decode != "load":
-                row["variant"] += f" [decode={decode}]"
-            row.update(
-                decode=decode,
-                lowbit_ops=ops,
-                dense_layers=len(report["dense_layers"]),
-                verified_max_abs_diff=report["max_abs_diff"],
-                **(
-                    {"layer_max_abs_diff": report["layer_max_abs_diff"]}
-                    if "layer_max_abs_diff" in report
-                    else {}
-                ),
-                tolerance=[report["atol"], report["rtol"]],
-                dense_float_bytes=report["dense_float_bytes"],
-                seconds=round(wall.seconds, 1),
-            )
-            rows.append(row)
-            logging.getLogger("bench").info("%s %s: %s", key, preset, row)
+            for suffix, patch in variants:
+                with patch:
+                    rows.append(
+                        _preset_row(
+                            (model, loaded),
+                            key,
+                            preset,
+                            (inputs, ref, batch),
+                            (tmp, decode, suffix),
+                        )
+                    )
     return {"model": name, "usual_batch": batch, "rows": rows}
 
 

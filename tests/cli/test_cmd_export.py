@@ -127,3 +127,24 @@ def test_errors(capsys, tmp_path) -> None:
     )
     assert code == 2 and "--batch" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn"]
+
+
+def test_onnx_axes_are_dynamic_unless_static(capsys, tmp_path) -> None:
+    model = tiny_cnn()
+    update_info(model, input={"shape": [1, 1, 8, 8], "dtype": "float32"})
+    st.save(
+        st.compress(model, {"stages": [{"method": "quantize.rtn", "bits": 8}]}).model,
+        tmp_path / "a",
+    )
+    argv = ["export", str(tmp_path / "a"), "--to", "onnx", "--out", str(tmp_path / "m.onnx")]
+    code, out, err = _run(capsys, *argv, "--trust-factory")
+    assert code == 0, err
+    assert "at input shapes 1x1x8x8 and 3x1x8x8" in out
+    assert "inputs (dynamic): input_0 [batch_size, 1, 8, 8]" in out
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input_0": np.zeros((5, 1, 8, 8), np.float32)})[0].shape == (5, 4)
+    code, out, err = _run(capsys, *argv, "--trust-factory", "--static", "--force", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["static"] and report["file_inputs"][0]["shape"] == [1, 1, 8, 8]
+    assert report["dynamic_axes"] == {}

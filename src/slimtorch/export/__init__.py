@@ -40,11 +40,15 @@ def _onnx(
     quantized: bool = True,
     strict: bool = False,
     decode: str = "load",
+    static: bool = False,
 ) -> dict[str, Any]:
-    """ONNX file, checked in onnxruntime (:func:`slimtorch.export.onnx.export.export_onnx`)."""
+    """ONNX file, checked in onnxruntime (:func:`slimtorch.export.onnx.export.export_onnx`);
+    dynamic batch (and sequence) axes unless ``static``."""
     from slimtorch.export.onnx.export import export_onnx
 
-    return export_onnx(model, inputs, out, opset, overwrite, quantized, strict, decode)
+    return export_onnx(
+        model, inputs, out, opset, overwrite, quantized, strict, decode, static=static
+    )
 
 
 def _hf(
@@ -110,7 +114,7 @@ def export(
 
     ``inputs`` are the example inputs the written file is checked on (default: the ones
     slimtorch knows for ``model``, with batch size ``batch``). ``options`` go to the exporter
-    (``onnx``: ``opset``, ``quantized``, ``strict``, ``decode``; ``gguf``: ``requantize``).
+    (``onnx``: ``opset``, ``quantized``, ``strict``, ``decode``, ``static``; ``gguf``: ``requantize``).
     Returns the exporter's JSON-able report; raises :class:`ConfigError` for an unknown ``to``
     or option.
     """

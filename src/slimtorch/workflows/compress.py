@@ -34,6 +34,7 @@ from slimtorch.workflows.figures import (
     summary,
     vocab_size,
 )
+from slimtorch.workflows.oneshot import warn_unrecovered
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def compress_to_dir(
         if report is not None:
             return report
     loaded = load_model(model)
+    warn_unrecovered(rec, data, loaded.evaluator)
     tokenizer = model_tokenizer(model, loaded.tokenizer, options.tokenizer)
     has_data_stage = any(s.spec.needs_data for s in rec.stages)
     needed = rec.needs_data or (has_data_stage and data is not None)

@@ -25,6 +25,7 @@ class ExportOptions:
     dense: bool = False  # onnx: every weight as dense float
     strict: bool = False  # onnx: fail when a compressed weight cannot be stored low-bit
     decode: str = "load"  # onnx: "load" decodes low-bit weights at load time, "run" at every run
+    static: bool = False  # onnx: fixed input shapes (default: dynamic batch and sequence axes)
     requantize: str | None = None  # gguf: the GGUF type for grids with no exact block type
     force: bool = False  # replace ``out`` if it exists
     model: str | None = None  # the architecture of an artifact of a Python factory (a model spec)
@@ -74,6 +75,7 @@ def export_dir(
         "quantized": not options.dense,
         "strict": options.strict,
         "decode": options.decode,
+        "static": options.static,
         "requantize": options.requantize,
     }
     taken = {k: v for k, v in all_options.items() if k in options_of(to)}

@@ -59,6 +59,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         " in memory (DequantizeLinear/MatMulNBits, decoded at every run: slower). Both exact",
     )
     p.add_argument(
+        "--static",
+        action="store_true",
+        help="--to onnx: fix every input shape to the example inputs (default: any batch size"
+        " and, for Transformers, any sequence length)",
+    )
+    p.add_argument(
         "--requantize",
         metavar="TYPE",
         help="--to gguf: quantize weights whose grid has no exact GGUF block type again into"
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dense=args.dense,
         strict=args.strict,
         decode=args.decode,
+        static=args.static,
         requantize=args.requantize,
         force=args.force,
         model=args.model,
@@ -146,6 +153,18 @@ def _render_gguf(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _shapes(result: dict[str, Any]) -> str:
+    axes = result.get("dynamic_axes") or {}
+    names = ", ".join(
+        f"{i['name']} [{', '.join(str(d) for d in i['shape'])}]" for i in result["file_inputs"]
+    )
+    checked = " and ".join(
+        "x".join(str(d) for d in shapes[0]) for shapes in result.get("checked_shapes", [])
+    )
+    kind = "dynamic" if axes else "static"
+    return f" at input shapes {checked}\ninputs ({kind}): {names}"
+
+
 def render(result: dict[str, Any]) -> str:
     """Plain-text summary of :func:`run`'s result."""
     if result["format"] == "compressed-tensors":
@@ -161,7 +180,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"wrote {result['out']} ({result['bytes']:,} bytes, opset {result['opset']},"
         f" {result['exporter']} exporter)",
-        f"onnxruntime {fits}",
+        f"onnxruntime {fits}{_shapes(result)}",
         f"latency (1 thread, median): onnxruntime {result['onnxruntime_ms']:.3f} ms,"
         f" PyTorch {result['torch_ms']:.3f} ms",
     ]

@@ -16,17 +16,17 @@ float speed, dense float32 in memory); ``decode="run"`` uses DequantizeLinear / 
 with per-token int8 activations - see :mod:`slimtorch.export.onnx.quant`.
 Pruning masks are not expressed: sparse weights stay dense float. The onnxruntime check and its
 tolerances live in :mod:`slimtorch.export.onnx.verify` (its public names are re-exported here).
-Shapes are static: the file runs on inputs shaped like the example inputs.
+Axes: dynamic batch (and sequence for Transformers) by default, see
+:mod:`slimtorch.export.onnx.signature`; ``static=True`` fixes them to the example inputs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
-import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ArtifactError, UnsupportedModelError, UserInputError
+from slimtorch.export.onnx.exporters import EXTERNAL_DATA_BYTES, _run_exporters
+from slimtorch.export.onnx.signature import Signature, signature
 from slimtorch.export.onnx.verify import (  # ATOL ... tensor_leaves: public, re-exported
     ATOL,
     RTOL,
@@ -49,107 +51,7 @@ from slimtorch.formats.state import iter_states
 
 log = logging.getLogger(__name__)
 
-EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf caps a file at 2 GiB: larger weights go beside
 _SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_OP_PATTERNS = (
-    re.compile(r"operator '([\w:.]+)'"),
-    re.compile(r"OpOverload\(op='([\w.]+)'"),
-    re.compile(r"target=torch\.ops\.([\w.]+)"),
-)
-
-
-class _TensorOutputs(nn.Module):
-    """``model(*inputs, **kwargs)`` with its outputs flattened to a tuple of tensors."""
-
-    def __init__(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.kwargs = kwargs
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tensor_leaves(self.model(*inputs, **self.kwargs))
-
-
-def _summary(exc: BaseException) -> str:
-    """The informative line of an exporter error (the dynamo exporter's exception summary)."""
-    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines() if line.strip()]
-    summary = next((line for line in lines if line.startswith("<class '")), None)
-    if summary:  # "<class 'pkg.mod.Error'>: message" -> "Error: message"
-        summary = re.sub(r"^<class '(?:[\w]+\.)*(\w+)'>", r"\1", summary)
-    return (summary or (lines[0] if lines else type(exc).__name__))[:300]
-
-
-def _operator(errors: Sequence[BaseException]) -> str | None:
-    """The operator an exporter could not translate (aten names preferred), if it says."""
-    text = " ".join(str(e) for exc in errors for e in (exc, exc.__cause__) if e is not None)
-    found = [m.removesuffix(".default") for p in _OP_PATTERNS for m in p.findall(text)]
-    return next((o for o in found if o.startswith("aten")), found[0] if found else None)
-
-
-def _module_of(model: nn.Module, inputs: tuple[Any, ...], op: str) -> str | None:
-    """The module whose forward calls ``op`` (from torch.export's module stack), if found."""
-    base = re.split(r"::|\.", op.removesuffix(".default"))[-1]
-    try:
-        program = torch.export.export(model, inputs, strict=False)
-    except Exception:  # best effort: the caller reports the export error
-        return None
-    for node in program.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if node.op == "call_function" and base in str(node.target) and stack:
-            path, cls = list(stack.values())[-1]
-            name = str(path).removeprefix("L['self'].").removeprefix("model.")
-            kind = getattr(cls, "__name__", str(cls).rpartition(".")[2])
-            return f"{name} ({kind})" if name else None
-    return None
-
-
-def _export_error(model: nn.Module, inputs: tuple[Any, ...], errors: dict[str, Exception]) -> str:
-    op = _operator(list(errors.values()))
-    module = _module_of(model, inputs, op) if op else None
-    where = f"operator {op}" + (f" in module {module}" if module else "") if op else "the model"
-    tried = "; ".join(f"{k} exporter: {_summary(e)}" for k, e in errors.items())
-    return (
-        f"ONNX export of {type(model).__name__} failed at {where} ({tried}). Replace that"
-        " operation with ONNX-exportable ones, try another --opset, or keep the model as a"
-        " slimtorch artifact (slimtorch.save / slimtorch.load)"
-    )
-
-
-def _run_exporters(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, opset: int | None
-) -> tuple[str, str | None]:
-    """Write ``path`` with the first exporter that works; returns (its name, why dynamo failed)."""
-    wrapper = _TensorOutputs(model, _forward_kwargs(model)).eval()
-    names = [f"input_{i}" for i in range(len(inputs))]
-    external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
-    errors: dict[str, Exception] = {}
-    for name, dynamo in (("dynamo", True), ("torchscript", False)):
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX")
-                warnings.filterwarnings("ignore", message=".*_flat_weights.* during export")
-                torch.onnx.export(
-                    wrapper,
-                    inputs,
-                    str(path),
-                    dynamo=dynamo,
-                    opset_version=opset,
-                    input_names=names,
-                    external_data=external,
-                    verbose=False,
-                )
-        except Exception as exc:  # every exporter failure is reported together
-            log.info("%s ONNX exporter failed: %s", name, _summary(exc))
-            errors[name] = exc
-            for stale in path.parent.iterdir():
-                stale.unlink()
-            continue
-        reason = _summary(errors["dynamo"]) if errors else None
-        if reason:
-            log.warning("dynamo ONNX exporter failed (%s); used the TorchScript exporter", reason)
-        return name, reason
-    raise OnnxExportError(_export_error(model, inputs, errors))
 
 
 def _check_inputs(inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
@@ -202,6 +104,61 @@ def _lowbit(
     }
 
 
+@dataclass
+class _Job:
+    """What one export writes: the model, its exportable twin, and the options."""
+
+    model: nn.Module
+    twin: nn.Module
+    dynamic: list[Any]  # Int8DynamicLinear sources (slimtorch.export.onnx.sources.float_twin)
+    opset: int | None
+    quantized: bool
+    strict: bool
+    decode: str
+
+
+def _write(job: _Job, sig: Signature, path: Path) -> dict[str, Any]:
+    """Export, store low-bit, verify: the report's fields that depend on the file."""
+    exporter, fallback = _run_exporters(job.twin, sig, path, job.opset)
+    dense_bytes = sum(f.stat().st_size for f in path.parent.iterdir())
+    lowbit: dict[str, Any] = {}
+    if job.quantized:
+        lowbit = _lowbit(path, job.twin, job.dynamic, job.opset, job.strict, job.decode)
+    layers = [e for e in lowbit.get("lowbit_layers", []) if "activation" in e]
+    report = _verify(job.model, sig, path, exporter, bool(job.dynamic), layers)
+    return {
+        "dense_float_bytes": dense_bytes,
+        "exporter": exporter,
+        "dynamo_error": fallback,
+        "lowbit_layers": lowbit.get("lowbit_layers", []),
+        "dense_layers": lowbit.get("dense_layers", []),
+        "input_names": sig.input_names,
+        "output_names": sig.output_names,
+        **report,
+    }
+
+
+def _write_dynamic_or_static(job: _Job, sig: Signature, path: Path) -> dict[str, Any]:
+    """:func:`_write` with ``sig``'s dynamic axes; when that fails (the exporter, or the check
+    at another shape), again with the example's fixed shapes, saying why."""
+    if not sig.dynamic:
+        return {**_write(job, sig, path), "dynamic_error": None}
+    try:
+        return {**_write(job, sig, path), "dynamic_error": None}
+    except OnnxExportError as exc:
+        why = str(exc)
+    log.warning(
+        "ONNX export with dynamic axes failed (%s); writing fixed shapes %s instead (pass"
+        " --static / static=True to skip the dynamic attempt)",
+        why,
+        [list(t.shape) for t in sig.inputs],
+    )
+    for stale in path.parent.iterdir():
+        stale.unlink()
+    static = Signature(sig.inputs, sig.input_names, sig.output_names, sig.output_shapes)
+    return {**_write(job, static, path), "dynamic_error": why}
+
+
 def export_onnx(
     model: nn.Module,
     inputs: Sequence[Any],
@@ -211,6 +168,8 @@ def export_onnx(
     quantized: bool = True,
     strict: bool = False,
     decode: str = "load",
+    *,
+    static: bool = False,
 ) -> dict[str, Any]:
     """Export ``model`` (called as ``model(*inputs)``) to the ONNX file ``out_path``, verified.
 
@@ -222,12 +181,19 @@ def export_onnx(
     speed); ``decode="run"`` keeps them low-bit in memory (DequantizeLinear, MatMulNBits),
     decoded at every run - slower on onnxruntime 1.32 CPU. Both are exact.
 
+    The file takes any batch size and, for Hugging Face Transformers, any sequence length, with
+    the input names users know (:mod:`slimtorch.export.onnx.signature`), and is checked at a
+    second batch size and sequence length; when that fails it is written with the example's
+    fixed shapes instead (``dynamic_error`` says why). ``static=True``: fixed shapes only.
+
     Returns a JSON-able report: exporter used ("dynamo" or "torchscript" and why dynamo
     failed), opset, file bytes and the dense-float export's bytes, the low-bit layers and the
-    dense ones (with reasons), the largest output differences against PyTorch (within
-    ``atol + rtol * |value|``), onnxruntime and PyTorch latency (median ms, one thread).
+    dense ones (with reasons), input/output names and the file's dynamic axes, the shapes
+    checked, the largest output differences against PyTorch (within ``atol + rtol * |value|``),
+    onnxruntime and PyTorch latency (median ms, one thread).
     Raises :class:`OnnxExportError` when export or verification fails; nothing is left behind.
     """
+    from slimtorch.export.onnx.batchnorm import batchnorm_as_affine
     from slimtorch.export.onnx.sources import float_twin
 
     tensors = _check_inputs(inputs)
@@ -241,45 +207,41 @@ def export_onnx(
     was_training = model.training
     model.eval()
     twin, dynamic = float_twin(model)  # Int8DynamicLinear -> Linear (exportable) + its codes
+    kept: list[str] = []
+    if quantized and states:  # keep BatchNorm out of the low-bit convolutions' weights
+        twin, kept = batchnorm_as_affine(twin, copied=twin is not model)
     if states and not quantized:
         log.warning("%d compressed weights are exported as dense float values", len(states))
+    job = _Job(model, twin, dynamic if quantized else [], opset, quantized, strict, decode)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out)
     tmp.mkdir()
     try:
-        exporter, fallback = _run_exporters(twin, tensors, tmp / out.name, opset)
-        dense_bytes = sum(f.stat().st_size for f in tmp.iterdir())
-        lowbit = (
-            _lowbit(tmp / out.name, twin, dynamic if quantized else [], opset, strict, decode)
-            if quantized
-            else {}
-        )
-        layers = [e for e in lowbit.get("lowbit_layers", []) if "activation" in e]
-        report = _verify(model, tensors, tmp / out.name, exporter, bool(dynamic), layers)
+        with torch.inference_mode():
+            outputs = model(*tensors, **_forward_kwargs(model))
+        sig = signature(model, tensors, outputs, static)
+        written = _write_dynamic_or_static(job, sig, tmp / out.name)
         nbytes = sum(f.stat().st_size for f in tmp.iterdir())
         files = _place(tmp, out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         model.train(was_training)
-    log.info("exported %s to %s with the %s exporter", type(model).__name__, out, exporter)
+    log.info(
+        "exported %s to %s with the %s exporter", type(model).__name__, out, written["exporter"]
+    )
     return {
         "format": "onnx",
         "out": str(out),
         "files": files,
         "bytes": nbytes,
-        "dense_float_bytes": dense_bytes,
-        "exporter": exporter,
-        "dynamo_error": fallback,
         "inputs": [
             {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in tensors
         ],
         "quantized": quantized,
-        "dense_weights_from_states": len(states)
-        if not quantized
-        else len(lowbit.get("dense_layers", [])),
-        "lowbit_layers": lowbit.get("lowbit_layers", []),
-        "dense_layers": lowbit.get("dense_layers", []),
-        **report,
+        "static": static,
+        "batchnorm_as_mul_add": kept,
+        "dense_weights_from_states": len(states) if not quantized else len(written["dense_layers"]),
+        **written,
     }
 
 

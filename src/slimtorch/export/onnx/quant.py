@@ -50,7 +50,7 @@ from slimtorch.export.onnx.qops import (
     load_decode_nodes,
     matmul_nbits_nodes,
 )
-from slimtorch.export.onnx.sources import Match, Matcher, Source
+from slimtorch.export.onnx.sources import Match, Matcher, Source, unmatched_reason
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,10 @@ def _rewrite_one(
     """Rewrite initializer ``name``; returns why it stays dense, or None."""
     s = m.source
     fused = _fused(model, name, m, load)
-    entry = {"param": s.param, "initializer": name, "layout": m.layout, "bits": s.bits}
+    entry: dict[str, Any] = {"param": s.param, "initializer": name, "layout": m.layout}
+    if m.rows is not None:  # e.g. both directions of an LSTM layer in one initializer
+        entry["params"] = list(dict.fromkeys(src.param for src, _ in m.rows))
+    entry["bits"] = s.bits
     if fused is not None:
         nodes, inits, index, op = fused
         del model.graph.node[index]
@@ -337,9 +340,12 @@ def quantize_onnx(
         if why is not None:
             _dense(rw, m.source.param, why, strict)
         seen.update(s.param for s, _ in m.rows or [(m.source, 0)])
-    for s in sources:
-        if s.param not in seen:
-            _dense(rw, s.param, "no initializer of the exported graph holds its values", strict)
+    unseen = [s for s in sources if s.param not in seen]
+    if unseen:
+        inits = model.graph.initializer
+        floats = {t.name: numpy_helper.to_array(t) for t in inits if t.data_type == 1}
+        for s in unseen:
+            _dense(rw, s.param, unmatched_reason(s, floats), strict)
     if any(
         e.get("decode") == "run"
         and (e["storage"] in ("int4", "uint4") or e.get("granularity") == "per_group")

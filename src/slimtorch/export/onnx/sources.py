@@ -219,3 +219,21 @@ class Matcher:
                 votes[s] = votes.get(s, 0) + 1
         rows = [max(c or [], key=lambda si: votes[si[0].param]) for c in cands]
         return Match("rows", rows[0][0], rows)
+
+
+def unmatched_reason(source: Source, initializers: dict[str, np.ndarray]) -> str:
+    """Why no initializer holds ``source``'s values: one of its shape is the weight scaled per
+    output channel (BatchNorm folded into it), or has other values, or none has its shape."""
+    w = source.weight.reshape(source.weight.shape[0], -1).astype(np.float64)
+    same = [(n, v) for n, v in initializers.items() if v.shape == source.weight.shape]
+    for name, value in same:
+        v = value.reshape(w.shape).astype(np.float64)
+        scale = (v * w).sum(1) / np.maximum((w * w).sum(1), 1e-30)
+        if np.all(np.abs(v - scale[:, None] * w) <= 1e-5 * np.abs(v) + 1e-7):
+            return (
+                f"the exporter folded a per-channel scale into it (BatchNorm folding: initializer"
+                f" {name}), so its values no longer decode from the codes"
+            )
+    if same:
+        return f"the exporter changed its values (initializer {same[0][0]} has its shape)"
+    return "no initializer of the exported graph holds its values (the exporter transformed it)"

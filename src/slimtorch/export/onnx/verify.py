@@ -11,7 +11,8 @@ layer) within ``ATOL + RTOL * |value|``. End to end, float ops between them (Lay
 softmax, LSTM) differ by float rounding, which moves an activation across a rounding boundary
 now and then: a one-ulp change of MiniLM's first-layer input moves the PyTorch model's own
 output by 5% of its peak. The whole model is therefore checked with
-``DYNAMIC_ATOL * max|output| + DYNAMIC_RTOL * |value|``. Also holds what the exporter and the
+``DYNAMIC_ATOL * max|output| + DYNAMIC_RTOL * |value|``. A file with dynamic axes is checked at
+the example's shapes and at another batch size and sequence length. Also holds what the exporter and the
 check share: :class:`OnnxExportError`, the onnx/onnxruntime import, and how the model is called.
 """
 
@@ -29,6 +30,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from slimtorch.core.errors import UnsupportedModelError, UserInputError
+from slimtorch.export.onnx.signature import Signature, check_inputs, file_interface
 
 ATOL = 1e-4
 RTOL = 1e-3
@@ -42,6 +44,10 @@ DYNAMIC_RTOL = 0.05
 
 class OnnxExportError(UnsupportedModelError):
     """The model could not be exported to ONNX, or the file computes something else."""
+
+
+class ShapeError(OnnxExportError):
+    """A file with dynamic axes that does not compute the model's outputs at another shape."""
 
 
 def _onnx_modules() -> tuple[Any, Any]:
@@ -121,44 +127,96 @@ def _torch_ms(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
         torch.set_num_threads(threads)
 
 
+def _session(path: Path | bytes) -> Any:
+    _, ort = _onnx_modules()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(session: Any, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """The inputs by name, only those the file takes (an exporter drops unused inputs)."""
+    given = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
+    return {i.name: given[i.name] for i in session.get_inputs()}
+
+
+def _torch_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    with torch.inference_mode():
+        return [t.cpu().numpy() for t in tensor_leaves(model(*inputs, **_forward_kwargs(model)))]
+
+
+def _tolerance(expected: Sequence[np.ndarray], dynamic: bool) -> tuple[float, float]:
+    if not dynamic:
+        return ATOL, RTOL
+    peak = max((float(np.abs(e).max()) for e in expected if e.size), default=1.0)
+    return DYNAMIC_ATOL * peak, DYNAMIC_RTOL
+
+
+def _compare_at(
+    model: nn.Module, session: Any, sig: Signature, inputs: tuple[torch.Tensor, ...], dynamic: bool
+) -> dict[str, Any]:
+    """onnxruntime against PyTorch on ``inputs`` (another shape than the example's)."""
+    shapes = [list(t.shape) for t in inputs]
+    try:
+        expected = _torch_outputs(model, inputs)
+    except Exception as exc:  # the model itself is tied to the example's shape
+        raise ShapeError(
+            f"{type(model).__name__} does not run at input shapes {shapes} ({_first(exc)}), so"
+            " its ONNX file cannot have dynamic axes"
+        ) from None
+    try:
+        actual = session.run(None, _feeds(session, sig.input_names, inputs))
+    except Exception as exc:  # onnxruntime raises its own types
+        raise ShapeError(
+            f"onnxruntime cannot run the file at input shapes {shapes}: {_first(exc)}"
+        ) from None
+    atol, rtol = _tolerance(expected, dynamic)
+    check = compare_outputs(expected, actual, atol, rtol)
+    if not check["ok"]:
+        raise ShapeError(
+            f"at input shapes {shapes} the ONNX file's output {check['worst_output']} differs"
+            f" from PyTorch's by up to {check['max_abs_diff']:.3g} (tolerance {atol:.3g} +"
+            f" {rtol} x |value|){'; ' + check['reason'] if check.get('reason') else ''}"
+        )
+    return check
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def _verify(
     model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
+    sig: Signature,
     path: Path,
     exporter: str,
     dynamic: bool = False,
     layers: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Run ``path`` in onnxruntime on ``inputs``; compare with PyTorch; time both.
+    """Run ``path`` in onnxruntime on ``sig.inputs``; compare with PyTorch; time both. A file
+    with dynamic axes is checked again at another batch size and sequence length
+    (:func:`~slimtorch.export.onnx.signature.check_inputs`; :class:`ShapeError` if it differs).
 
     ``dynamic``: the model has int8 activations, checked with the looser end-to-end bound;
     ``layers`` lists its ONNX int8 layers (``lowbit_layers`` entries with ``activation`` and
     ``output``), each checked on its own first."""
-    onnx, ort = _onnx_modules()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
+    onnx, _ = _onnx_modules()
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = _session(path)
     except Exception as exc:  # onnxruntime raises its own types
         raise OnnxExportError(
             f"onnxruntime cannot load the {exporter} export of {type(model).__name__}: {exc};"
             " try another --opset or the other exporter"
         ) from None
-    feeds_all = {f"input_{i}": t.detach().cpu().numpy() for i, t in enumerate(inputs)}
-    feeds = {i.name: feeds_all[i.name] for i in session.get_inputs()}
-    with torch.inference_mode():
-        expected = [
-            t.cpu().numpy() for t in tensor_leaves(model(*inputs, **_forward_kwargs(model)))
-        ]
+    feeds = _feeds(session, sig.input_names, sig.inputs)
+    expected = _torch_outputs(model, sig.inputs)
     actual = session.run(None, feeds)
-    atol, rtol = ATOL, RTOL
     layer_check: dict[str, Any] = {}
     if layers:
         layer_check = _check_layers(model, path, feeds, layers)
-    if dynamic:
-        peak = max((float(np.abs(e).max()) for e in expected if e.size), default=1.0)
-        atol, rtol = DYNAMIC_ATOL * peak, DYNAMIC_RTOL
+    atol, rtol = _tolerance(expected, dynamic)
     check = compare_outputs(expected, actual, atol, rtol)
     if not check["ok"]:
         raise OnnxExportError(
@@ -168,6 +226,12 @@ def _verify(
             f" (tolerance {atol:.3g} + {rtol} x |value|); check the model's operators run the"
             " same in onnxruntime, or keep it as a slimtorch artifact"
         )
+    checked = [[list(t.shape) for t in sig.inputs]]
+    for inputs in check_inputs(sig):
+        other = _compare_at(model, session, sig, inputs, dynamic)
+        checked.append([list(t.shape) for t in inputs])
+        for key in ("max_abs_diff", "tolerance_used"):
+            check[key] = max(check[key], other[key])
     proto = onnx.load(str(path), load_external_data=False)
     ops: dict[str, int] = {}
     for node in proto.graph.node:
@@ -176,12 +240,14 @@ def _verify(
         **{k: check[k] for k in ("max_abs_diff", "tolerance_used")},
         "atol": atol,
         "rtol": rtol,
+        "checked_shapes": checked,
+        **file_interface(proto.graph),
         "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
         "op_types": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         **layer_check,
         "outputs": [list(a.shape) for a in actual],
         "onnxruntime_ms": _median_ms(lambda: session.run(None, feeds)),
-        "torch_ms": _torch_ms(model, inputs),
+        "torch_ms": _torch_ms(model, sig.inputs),
     }
 
 
@@ -190,16 +256,12 @@ def _check_layers(
 ) -> dict[str, Any]:
     """Each dynamic-int8 layer's onnxruntime output against the PyTorch layer run on the same
     input (onnxruntime's), within ``ATOL + RTOL * |value|``; raises when one differs."""
-    onnx, ort = _onnx_modules()
+    onnx, _ = _onnx_modules()
     proto = onnx.load(str(path))
     names = [n for e in layers for n in (e["activation"], e["output"])]
     del proto.graph.output[:]
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = _session(proto.SerializeToString())
     values = dict(zip(dict.fromkeys(names), session.run(None, feeds), strict=True))
     worst = {"max_abs_diff": 0.0, "tolerance_used": 0.0}
     for e in layers:
