@@ -62,6 +62,8 @@ NOT_ON_A_TINY_MODEL = {
 FACTORY_CANNOT_REBUILD = {
     "distill.shrink": "removes layers, which a model factory builds again (a Hugging Face model"
     " records its new layer count: tests/distill/test_distill_student.py saves and loads one)",
+    "prune.layers": "removes blocks, which a model factory builds again (a Hugging Face model"
+    " records its new layer count: tests/prune/test_layers.py saves and loads one)",
 }
 
 

@@ -123,3 +123,40 @@ def _retie(model: nn.Module, ties: list[tuple[str, str]]) -> None:
         if alias in params and owner in params and params[alias] is not params[owner]:
             mname, _, pname = alias.rpartition(".")
             setattr(model.get_submodule(mname) if mname else model, pname, params[owner])
+
+
+# ---------------------------------------------------------------- removing whole blocks
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+PER_LAYER_KEYS = ("layer_types",)
+
+
+def keep_blocks(model: nn.Module, container: str, keep: list[int]) -> nn.ModuleList:
+    """Keep only the blocks ``keep`` (ascending indices) of the nn.ModuleList ``container``.
+
+    The kept blocks are the same modules (weights and compression states kept), renumbered:
+    every int ``layer_idx`` inside block ``j`` (Hugging Face KV-cache slots) becomes ``j``. A
+    config on the model (``model.config``) gets its layer count (``num_hidden_layers``,
+    ``n_layer``, ``num_layers``) and per-layer lists (``layer_types``) cut to match."""
+    blocks = model.get_submodule(container)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ConfigError(f"{container!r} is a {type(blocks).__name__}, not an nn.ModuleList")
+    total = len(blocks)
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= total:
+        raise ConfigError(f"kept blocks {keep} must be ascending, unique, within 0..{total - 1}")
+    new = nn.ModuleList([blocks[i] for i in keep])
+    for j, block in enumerate(new):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                setattr(module, "layer_idx", j)  # noqa: B010
+    replace_module(model, container, new)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key in LAYER_COUNT_KEYS:
+            if getattr(config, key, None) == total:
+                setattr(config, key, len(keep))
+        for key in PER_LAYER_KEYS:
+            value = getattr(config, key, None)
+            if isinstance(value, list) and len(value) == total:
+                setattr(config, key, [value[i] for i in keep])
+    return new
