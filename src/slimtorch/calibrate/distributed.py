@@ -93,7 +93,7 @@ def assign_owners(costs: dict[str, int], world: int) -> dict[str, int]:
     return owners
 
 
-_QUANT_TENSORS = ("codes", "scale", "zero_point", "codebook")
+_QUANT_TENSORS = ("codes", "scale", "zero_point", "codebook", "global_scale")
 
 
 def state_header(state: WeightState | None) -> tuple[dict[str, Any], list[torch.Tensor]]:

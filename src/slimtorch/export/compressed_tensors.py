@@ -23,7 +23,10 @@ LM head, tied or not) are written dense, dequantized to the checkpoint dtype, ev
 quantized (8-bit rows in the w4a16 presets): compressed-tensors readers quantize Linear layers
 only, and a second grid for the head would stop transformers loading asymmetric groups; the
 report lists them under ``dequantized``. A pruning mask on a quantized weight is kept
-by setting the pruned codes to the zero point (exact). What the layout cannot express raises
+by setting the pruned codes to the zero point (exact). Float-quantized layers (quantize.fp8,
+quantize.nvfp4, quantize.mxfp4, and the Fp8Linear layers of quantize.fp8 with dynamic
+activations) are written in compressed-tensors' ``float-quantized``, ``nvfp4-pack-quantized``
+and ``mxfp4-pack-quantized`` formats (:mod:`slimtorch.export.ct_floats`). What the layout cannot express raises
 :class:`UnsupportedModelError`: codebooks, binary/ternary grids, bit widths that do not divide
 32 (readers disagree on how those are packed), ragged last groups, quantized non-Linear
 layers, masks without quantization (compressed-tensors 0.20 dropped its sparse formats).
@@ -31,6 +34,7 @@ layers, masks without quantization (compressed-tensors 0.20 dropped its sparse f
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -46,6 +50,7 @@ from torch import nn
 
 from slimtorch.core.errors import UnsupportedModelError
 from slimtorch.core.info import model_info
+from slimtorch.export.ct_floats import FP8_FORMAT, float_codes
 from slimtorch.export.ct_layout import (  # noqa: F401  (pack_int32/unpack_int32 re-exported)
     FORMAT,
     SUPPORTED_BITS,
@@ -66,6 +71,7 @@ from slimtorch.formats.atomic import (
     temp_sibling,
 )
 from slimtorch.formats.state import QuantState, iter_states
+from slimtorch.runtime.fp8 import Fp8Linear
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +114,13 @@ def _collect(
             continue
         grid = grid_of(name, module, state)
         assert state.quant is not None
-        codes, zp = signed_grid(state.quant, state.mask)
+        if grid.fmt != FORMAT:
+            codes, zp = float_codes(state.quant, state.mask), torch.zeros(1, dtype=torch.int32)
+        else:
+            codes, zp = signed_grid(state.quant, state.mask)
         layers[name] = (state.quant, codes, zp, grid)
+    fp8 = _fp8_linears(model)
+    layers.update(fp8)
     if not layers:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no quantized Linear weight; quantize it first (e.g. the"
@@ -121,6 +132,8 @@ def _collect(
     for pname, p in params.items():
         owners[p.data_ptr()].append(pname)
     for name in layers:
+        if name in fp8:
+            continue
         tied = owners[params[f"{name}.weight"].data_ptr()]
         if len(tied) > 1:
             raise UnsupportedModelError(
@@ -129,6 +142,33 @@ def _collect(
                 f" (ignore: [{name}])"
             )
     return layers, ignore, dequantized
+
+
+def _fp8_linears(model: nn.Module) -> dict[str, tuple[QuantState, Any, Any, Grid]]:
+    """The :class:`Fp8Linear` layers (quantize.fp8 activations: dynamic), as FP8 grids."""
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Fp8Linear):
+            continue
+        scale = module.weight_scale.detach().to(torch.float32).reshape(-1, 1).cpu()
+        codes = module.weight_fp8.detach().cpu()
+        q = QuantState(
+            scheme="float",
+            bits=8,
+            signed=True,
+            granularity="per_channel",
+            codes=codes,
+            scale=scale,
+            zero_point=torch.zeros(scale.shape, dtype=torch.int32),
+            element="e4m3",
+        )
+        dynamic = module.activations == "dynamic"
+        grid = Grid(8, "channel", None, FP8_FORMAT, dynamic)
+        out[name] = (q, codes, torch.zeros(1, dtype=torch.int32), grid)
+    return out
+
+
+_WEIGHT_LEAVES = ("weight", "weight_fp8", "weight_scale")
 
 
 def _state_dict(
@@ -142,7 +182,9 @@ def _state_dict(
     seen: dict[int, str] = {}
     for key, value in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if owner in layers and leaf == "weight":
+        if owner in layers and leaf in _WEIGHT_LEAVES:
+            if f"{owner}.weight_packed" in tensors or f"{owner}.weight_scale" in tensors:
+                continue  # an Fp8Linear's second buffer
             q, codes, zp, grid = layers[owner]
             for sub, t in layer_tensors(q, codes, zp, grid, symmetric[grid], value.dtype).items():
                 tensors[f"{owner}.{sub}"] = t
@@ -268,6 +310,33 @@ def verify_reload(
     return {"max_abs_diff": check["max_abs_diff"], "atol": ATOL, "rtol": RTOL}
 
 
+def reader_reference(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """What transformers' compressed-tensors reader computes: ``model`` itself, or for NVFP4
+    layers (which compressed-tensors 0.20 dequantizes in bfloat16) a copy with those weights
+    rounded to bfloat16, and a note saying so."""
+    names = [
+        name
+        for name, module, param, state in iter_states(model)
+        if param == "weight"
+        and isinstance(module, nn.Linear)
+        and state.quant is not None
+        and state.quant.scheme == "float"
+        and state.quant.global_scale is not None
+    ]
+    if not names:
+        return model, None
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            w = twin.get_submodule(name).weight
+            assert isinstance(w, torch.Tensor)
+            w.copy_(w.to(torch.bfloat16).to(w.dtype))
+    return twin, (
+        f"{len(names)} NVFP4 layers compared with their weights rounded to bfloat16:"
+        " compressed-tensors 0.20 dequantizes FP4 in bfloat16 (vLLM's kernels do not)"
+    )
+
+
 def export_checked(
     model: nn.Module, inputs: Sequence[torch.Tensor], out_dir: str | Path, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -278,10 +347,12 @@ def export_checked(
     if importlib.util.find_spec("compressed_tensors") is None:
         return {**result, "verified": "skipped: `pip install compressed-tensors` to check it"}
     try:
+        reference, note = reader_reference(model)
         return {
             **result,
-            **verify_reload(model, out_dir, tuple(inputs)),
+            **verify_reload(reference, out_dir, tuple(inputs)),
             "verified": "transformers",
+            **({"verified_note": note} if note else {}),
         }
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.core.errors import UnsupportedModelError
+from slimtorch.export.ct_floats import float_layout, float_scheme, float_tensors
 from slimtorch.formats.state import QuantState, WeightState, to_matrix
 
 log = logging.getLogger("slimtorch.export.compressed_tensors")
@@ -28,8 +29,10 @@ class Grid:
     """One compressed-tensors weight scheme (symmetry is decided over all its layers)."""
 
     bits: int
-    strategy: str  # "group" | "channel" | "tensor"
+    strategy: str  # "group" | "channel" | "tensor" (| "tensor_group": NVFP4)
     group_size: int | None
+    fmt: str = FORMAT  # the compressed-tensors format (float layouts: see export/ct_floats.py)
+    dynamic: bool = False  # FP8 only: dynamic per-token float8 input activations
 
 
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -66,6 +69,9 @@ def grid_of(name: str, module: nn.Module, state: WeightState) -> Grid:
             f"{where} carries a quantized weight, but this export writes quantized nn.Linear"
             f" layers only; quantize Linear layers only (targets: [Linear]) or {INSTEAD}"
         )
+    if q.scheme == "float":
+        fmt, strategy, size = float_layout(where, q, module.in_features)
+        return Grid(q.bits, strategy, size, fmt)
     if q.scheme != "affine":
         raise UnsupportedModelError(
             f"{where} holds a {q.scheme} grid; compressed-tensors stores affine integer grids"
@@ -121,6 +127,8 @@ def layer_tensors(
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     """The tensors of one quantized Linear, by their name under the layer."""
+    if grid.fmt != FORMAT:
+        return float_tensors(q, codes, grid.fmt)
     scale = q.scale.to(torch.float32)
     if grid.strategy == "tensor":
         scale, zp = scale.reshape(1), zp.reshape(1)
@@ -142,6 +150,9 @@ def layer_tensors(
 
 
 def _scheme_dict(grid: Grid, symmetric: bool, targets: list[str]) -> dict[str, Any]:
+    if grid.fmt != FORMAT:
+        scheme = float_scheme(grid.fmt, grid.strategy, grid.group_size, grid.dynamic)
+        return {"targets": targets, **scheme}
     weights = {"num_bits": grid.bits, "type": "int", "symmetric": symmetric}
     weights |= {"strategy": grid.strategy, "group_size": grid.group_size, "dynamic": False}
     weights |= {"block_structure": None, "actorder": None}  # groups are contiguous columns
@@ -159,9 +170,10 @@ def quantization_config(
         f"group_{i}": _scheme_dict(grid, symmetric[grid], ["Linear"] if len(items) == 1 else names)
         for i, (grid, names) in enumerate(items)
     }
+    formats = {grid.fmt for grid in groups}
     qc: dict[str, Any] = {
         "quant_method": "compressed-tensors",
-        "format": FORMAT,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": ignore,
@@ -169,6 +181,10 @@ def quantization_config(
         "global_compression_ratio": None,
         "sparsity_config": {},
     }
+    if any(grid.bits == 4 and grid.fmt != FORMAT for grid in groups):
+        # compressed-tensors 0.20 decompresses FP4 into bfloat16 parameters, which a float32
+        # model cannot multiply: transformers' dequantize route casts them to the model's dtype
+        qc["dequantize"] = True
     if not all(symmetric.values()):
         if len(items) == 1:
             qc["dequantize"] = True  # transformers' compressed route misreads packed zero points

@@ -8,6 +8,8 @@ A GGUF block holds 32 consecutive weights of a row with fp16 parameters:
 - ``Q5_0``: ``x = d * (q - 16)``, ``q`` in 0..31 (22 bytes: d, 32 high bits, nibbles)
 - ``Q5_1``: ``x = d * q + m``, ``q`` in 0..31 (24 bytes)
 - ``Q8_0``: ``x = d * q``, ``q`` int8 (34 bytes)
+- ``MXFP4``: ``x = 2 ** (e - 127) * e2m1(q)``, ``q`` an E2M1 code (17 bytes: the E8M0 byte
+  ``e``, 16 bytes of nibbles): quantize.mxfp4's codes and scales, unchanged
 
 Nibble ``j`` of a block's 16 bytes holds element ``j`` (low) and ``j + 16`` (high). A
 slimtorch grid (see :class:`slimtorch.formats.state.QuantState`) maps onto these without
@@ -35,10 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slimtorch.formats.state import QuantState, code_range, to_matrix
+from slimtorch.formats import floats
+from slimtorch.formats.state import QuantState, code_range, dequantize, to_matrix
 
 BLOCK = 32
-BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
+BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "MXFP4": 17}
 SYMMETRIC_TYPES = (("Q4_0", 8), ("Q5_0", 16), ("Q8_0", 128))  # (type, -min k)
 FP16_MAX = 65504.0
 
@@ -131,6 +134,28 @@ def pack(ggml_type: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> 
     return np.concatenate(parts, axis=1).reshape(rows, -1)
 
 
+def mxfp4_blocks(q: QuantState, mask: torch.Tensor | None, shape: tuple[int, ...]) -> Blocks:
+    """An MXFP4 state (E2M1 codes, E8M0 scales over 32 columns) as GGUF ``MXFP4`` blocks,
+    bit for bit; :class:`NotRepresentable` for other float states (NVFP4's tensor scale and
+    FP8 codes have no GGUF block here)."""
+    if q.element != "e2m1" or q.scale_format != "e8m0" or q.group_size != BLOCK:
+        raise NotRepresentable(
+            f"float codes ({q.element}, blocks of {q.group_size}, {q.scale_format} scales): GGUF"
+            " stores MXFP4 (quantize.mxfp4) only among the float formats"
+        )
+    rows = shape[0]
+    codes = to_matrix(q.codes).to(torch.uint8)
+    if mask is not None:
+        codes = torch.where(to_matrix(mask).to(torch.bool), codes, torch.zeros_like(codes))
+    e = floats.encode_e8m0(q.scale.to(torch.float32)).numpy().reshape(-1, 1)
+    nibbles = _pack_nibbles(codes.numpy().reshape(-1, BLOCK))
+    data = np.concatenate([e, nibbles], axis=1).reshape(rows, -1)
+    keep = None if mask is None else to_matrix(mask).to(torch.float32)
+    values = to_matrix(dequantize(q, shape))
+    values = values if keep is None else values * keep
+    return Blocks("MXFP4", data, values.numpy(), 0.0, 0.0)
+
+
 def grid_blocks(q: QuantState, mask: torch.Tensor | None, shape: tuple[int, ...]) -> Blocks:
     """The GGUF blocks that store the quantized weight of ``shape`` exactly (up to the fp16
     rounding of scales and offsets, measured); raises :class:`NotRepresentable` otherwise."""
@@ -141,6 +166,8 @@ def grid_blocks(q: QuantState, mask: torch.Tensor | None, shape: tuple[int, ...]
     rows, cols = shape
     if cols % BLOCK:
         raise NotRepresentable(f"{cols} input features, not a multiple of GGUF's block of 32")
+    if q.scheme == "float":
+        return mxfp4_blocks(q, mask, (rows, cols))
     scale, zp = _block_params(q, rows, cols)
     codes = to_matrix(q.codes).to(torch.int32)
     k = _symmetric_k(q, codes, zp)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from slimtorch.formats import coded
+from slimtorch.formats import coded, floats
 from slimtorch.formats.packing import pack_bits, pack_mask, unpack_bits
 from slimtorch.formats.state import (
     QuantState,
@@ -46,7 +46,7 @@ def parts_bytes(parts: Parts) -> int:
 
 def code_offset(q: QuantState) -> int:
     """The smallest code: binary/ternary codes start at 0 whatever ``signed`` says."""
-    if q.scheme in ("binary", "ternary", "codebook"):
+    if q.scheme in ("binary", "ternary", "codebook", "float"):
         return 0
     return code_range(q.bits, q.signed)[0]
 
@@ -92,8 +92,35 @@ def encode_codes(codes: torch.Tensor, q: QuantState, name: str) -> torch.Tensor:
     return shifted
 
 
+def _scale_codes(q: QuantState, scale: torch.Tensor, name: str) -> torch.Tensor | None:
+    """The 1-byte codes of a float state's scales (E8M0 or E4M3), or None (with a warning)
+    where a scale is not exactly representable in ``q.scale_format``."""
+    try:
+        if q.scale_format == "e8m0":
+            codes = floats.encode_e8m0(scale)
+            back = floats.decode_e8m0(codes)
+        else:
+            codes = floats.encode_e4m3(scale)
+            back = floats.decode_e4m3(codes)
+    except ValueError:
+        back, codes = None, None
+    if back is not None and codes is not None and torch.equal(back, scale):
+        return codes
+    log.warning(
+        "%s: scale_format is %s but the scales are not all exactly representable in it;"
+        " storing them as float32 so the saved values stay exact",
+        name,
+        q.scale_format,
+    )
+    return None
+
+
 def encode_scale(q: QuantState, name: str) -> torch.Tensor:
     scale = q.scale.to(torch.float32).contiguous()
+    if q.scheme == "float" and q.scale_format is not None:
+        codes = _scale_codes(q, scale, name)
+        if codes is not None:
+            return codes
     if q.scale_dtype == "float16":
         half = scale.to(torch.float16)
         if torch.equal(half.to(torch.float32), scale):
@@ -112,12 +139,9 @@ def encode_quant(
     codes = q.codes.reshape(-1)
     if mask is not None and kept_only:
         codes = codes[mask]
-    parts = {"codes": encode_codes(codes, q, name), "scale": encode_scale(q, name)}
+    parts = {"codes": encode_codes(codes, q, name), **quant_params(q, name)}
     if mask is not None:
         parts["mask"] = pack_mask(mask)
-    zp = q.zero_point
-    if zp.numel() and bool((zp != 0).any()):
-        parts["zero_point"] = zp.to(smallest_int(zp)).contiguous()
     return ("quant-bitmask" if kept_only else "quant"), parts
 
 
@@ -132,7 +156,7 @@ def quant_meta(q: QuantState | None) -> dict[str, Any]:
             "codes_dtype": dtype_name(q.codes.dtype),
             "codebook_size": int(q.codebook.numel()),
         }
-    return {
+    meta = {
         "bits": q.bits,
         "scheme": q.scheme,
         "granularity": q.granularity,
@@ -141,6 +165,9 @@ def quant_meta(q: QuantState | None) -> dict[str, Any]:
         "scale_dtype": q.scale_dtype,
         "codes_dtype": dtype_name(q.codes.dtype),
     }
+    if q.scheme == "float":
+        meta.update(element=q.element, scale_format=q.scale_format)
+    return meta
 
 
 def codebook_parts(
@@ -161,6 +188,8 @@ def quant_params(q: QuantState, name: str) -> Parts:
     zp = q.zero_point
     if zp.numel() and bool((zp != 0).any()):
         parts["zero_point"] = zp.to(smallest_int(zp)).contiguous()
+    if q.scheme == "float" and q.global_scale is not None:
+        parts["global_scale"] = q.global_scale.detach().cpu().to(torch.float32).reshape(1).clone()
     return parts
 
 
@@ -194,7 +223,7 @@ def quant_header(meta: dict[str, Any], parts: Parts) -> QuantState:
         return codebook_state(
             torch.empty(0, dtype=torch.int32), codebook.to(torch.float32), int(meta["bits"])
         )
-    scale = parts["scale"].to(torch.float32)
+    scale = _decoded_scale(meta, parts["scale"])
     zp = parts.get("zero_point")
     return QuantState(
         scheme=meta["scheme"],
@@ -208,7 +237,33 @@ def quant_header(meta: dict[str, Any], parts: Parts) -> QuantState:
         else torch.zeros_like(scale, dtype=torch.int32),
         group_size=meta.get("group_size"),
         scale_dtype=meta.get("scale_dtype", "float32"),
+        **_float_fields(meta, parts),
     )
+
+
+def _decoded_scale(meta: dict[str, Any], stored: torch.Tensor) -> torch.Tensor:
+    """float32 scales of a stored ``scale`` part: 1-byte codes (uint8) of a float state's
+    ``scale_format`` are decoded, anything else is cast."""
+    if meta.get("scheme") != "float" or stored.dtype != torch.uint8:
+        return stored.to(torch.float32)
+    if meta.get("scale_format") == "e8m0":
+        return floats.decode_e8m0(stored)
+    if meta.get("scale_format") == "e4m3":
+        return floats.decode_e4m3(stored)
+    raise ValueError(f"uint8 scales with scale_format {meta.get('scale_format')!r}")
+
+
+def _float_fields(meta: dict[str, Any], parts: Parts) -> dict[str, Any]:
+    if meta.get("scheme") != "float":
+        return {}
+    if meta.get("element") not in ("e4m3", "e2m1"):
+        raise ValueError(f"float codes of unknown element format {meta.get('element')!r}")
+    glob = parts.get("global_scale")
+    return {
+        "element": meta["element"],
+        "scale_format": meta.get("scale_format"),
+        "global_scale": None if glob is None else glob.to(torch.float32).reshape(1),
+    }
 
 
 def decode_quant(meta: dict[str, Any], parts: Parts, mask: torch.Tensor | None) -> QuantState:

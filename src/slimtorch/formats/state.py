@@ -20,7 +20,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-Scheme = Literal["affine", "binary", "ternary", "codebook"]
+from slimtorch.formats import floats
+
+Scheme = Literal["affine", "binary", "ternary", "codebook", "float"]
+FloatElement = Literal["e4m3", "e2m1"]
+ScaleFormat = Literal["e8m0", "e4m3"]
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 
 _STATE_ATTR = "_slimtorch_state"
@@ -61,6 +65,9 @@ class QuantState:
     binary:  codes in {0, 1},    w = (2 * codes - 1) * scale      (sign times alpha, 1 bit)
     ternary: codes in {0, 1, 2}, w = (codes - 1) * scale          ({-a, 0, +a}, 2 bits)
     codebook: codes in [0, len(codebook)), w = codebook[codes]     (weight sharing, k-means)
+    float:   codes are the bit patterns of ``element`` (``e4m3``: FP8, 0..255; ``e2m1``: FP4,
+             0..15, see :mod:`slimtorch.formats.floats`),
+             w = decode(codes) * (scale / global_scale)                 (FP8, MXFP4, NVFP4)
 
     A codebook state has ``granularity="per_tensor"`` and an empty ``scale``/``zero_point``;
     several weights may hold the same ``codebook`` tensor (cross-layer sharing), and the
@@ -77,6 +84,13 @@ class QuantState:
     group_size: int | None = None
     scale_dtype: Literal["float16", "float32"] = "float32"
     codebook: torch.Tensor | None = None  # float32 [K], K <= 2**bits (scheme "codebook" only)
+    # scheme "float" only: the element format of the codes; the 1-byte float format every scale
+    # is exactly representable in (the artifact then stores the scales' codes, one byte each;
+    # None: float32 scales); the per-tensor divisor of the scales (NVFP4's, compressed-tensors'
+    # ``weight_global_scale`` = 6 * 448 / amax; float32 [1]) or None
+    element: FloatElement | None = None
+    scale_format: ScaleFormat | None = None
+    global_scale: torch.Tensor | None = None
 
     def expand(self, t: torch.Tensor, in_features: int) -> torch.Tensor:
         """Broadcast a per-group parameter to ``[out, in]``."""
@@ -101,6 +115,8 @@ def dequantize(q: QuantState, shape: Sequence[int]) -> torch.Tensor:
         if q.codebook is None:
             raise ValueError("a codebook quantization state has no codebook")
         return q.codebook.to(torch.float32)[q.codes.to(torch.int64)].reshape(tuple(shape))
+    if q.scheme == "float":
+        return from_matrix(_float_values(q), shape)
     if q.scheme == "affine" and q.bits <= 16:
         return from_matrix(_affine_values(q), shape)
     codes = to_matrix(q.codes.to(torch.int32))
@@ -116,6 +132,23 @@ def dequantize(q: QuantState, shape: Sequence[int]) -> torch.Tensor:
     else:  # pragma: no cover - guarded by the Literal type
         raise ValueError(f"unknown quantization scheme {q.scheme!r}")
     return from_matrix(m, shape)
+
+
+def float_scale(q: QuantState) -> torch.Tensor:
+    """The float32 scale each element of a ``float`` state is multiplied by (matrix view, per
+    group): ``scale / global_scale``, in that order (what compressed-tensors computes)."""
+    scale = q.scale.to(torch.float32)
+    if q.global_scale is not None:
+        scale = scale / q.global_scale.to(torch.float32).reshape(1, 1)
+    return scale
+
+
+def _float_values(q: QuantState) -> torch.Tensor:
+    """``decode(codes) * scale / global_scale`` as float32 ``[out, in]``."""
+    if q.element is None:
+        raise ValueError("a float quantization state has no element format")
+    values = to_matrix(floats.decode(q.codes, q.element))
+    return values * q.expand(float_scale(q), values.shape[1])
 
 
 def _affine_values(q: QuantState) -> torch.Tensor:

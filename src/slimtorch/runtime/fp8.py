@@ -13,7 +13,10 @@ float32 ``[out]`` and ``bias``. ``activations`` says how the product runs:
 
 Kernels (``kernel = "auto"``; set ``module.kernel`` to force one): ``scaled_mm`` for
 ``activations="dynamic"`` on a CUDA device of compute capability >= 8.9 (Ada, Hopper: older
-GPUs fall back to ``dequant`` with one logged message); ``dequant`` elsewhere. torch's CPU build
+GPUs fall back to ``dequant`` with one logged message); ``dequant`` elsewhere. With
+``activations="dynamic"`` the ``dequant`` kernel simulates the W8A8 product exactly: each
+input row is rounded to e4m3 on its own scale (:func:`fake_quantize_rows_fp8`) before the
+dense product, so a CPU evaluation measures what the float8 kernel computes. torch's CPU build
 also runs ``_scaled_mm`` (force ``kernel = "scaled_mm"``): the tests check the W8A8 arithmetic
 there. ``_scaled_mm`` wants ``K`` and ``N`` multiples of 16: both are zero-padded.
 """
@@ -51,6 +54,12 @@ def quantize_rows_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     scale = x32.abs().amax(dim=1, keepdim=True).clamp_min(_TINY) / E4M3_MAX
     codes = (x32 / scale).clamp(-E4M3_MAX, E4M3_MAX).to(fp8_dtype())
     return codes, scale
+
+
+def fake_quantize_rows_fp8(x: Tensor) -> Tensor:
+    """``x`` rounded to e4m3 per row (``max|x| / 448`` scales), in ``x``'s dtype."""
+    codes, scale = quantize_rows_fp8(x)
+    return (codes.to(torch.float32) * scale).to(x.dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -180,5 +189,8 @@ class Fp8Linear(nn.Module):
             dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
             w = self._cached("dequant", dtype)
             bias = self.bias.to(dtype) if self.bias is not None else None
-            y = F.linear(x2.to(dtype), w, bias)
+            xd = x2.to(dtype)
+            if self.activations == "dynamic":
+                xd = fake_quantize_rows_fp8(xd)
+            y = F.linear(xd, w, bias)
         return y.to(x.dtype).reshape(*lead, self.out_features)
