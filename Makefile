@@ -44,6 +44,9 @@ bench-env: $(BENCH_STAMP)
 
 $(BENCH_STAMP): pyproject.toml Makefile
 	$(call venv,$(BENCH_VENV),$(BENCH_EXTRAS))
+	# mergekit (the merge peer: tests/merge/test_merge_mergekit_peer.py, bench/bench_merge.py)
+	# without its declared datasets/sentencepiece, which the merge code paths never import
+	$(BENCH_BIN)/pip install -q --no-deps mergekit==0.1.5 immutables==0.21 peft==0.21.2
 	touch $(BENCH_STAMP)
 
 # Fashion-MNIST and Jane Austen's novels come from Debian packages (needs root; otherwise the

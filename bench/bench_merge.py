@@ -20,21 +20,27 @@ average), ``task_arithmetic`` (base + 1.0 * each delta, and with the tuned ``lam
 (density 0.5 and 0.2, weights 1, mergekit's default normalisation), ``dare_linear`` and
 ``dare_ties`` (density 0.5, weights 1); then four parity checks with other options: ``slerp``
 from A to B, and linear, task arithmetic (unequal weights, normalize, lambda) and TIES merged in
-bfloat16 or float16 (mergekit's ``dtype``). Each merge runs ``--repeats`` times per tool and seed
-(median time; the outputs of the repeats must be identical).
+bfloat16 or float16 (mergekit's ``dtype``); then mergekit's newer methods on the same inputs:
+``model_stock``, ``nuslerp`` (of A and B, and of their deltas, also in bfloat16), ``multislerp``,
+``karcher``, ``sce`` (all elements and ``select_topk`` 0.5), ``arcee_fusion`` (A into the base),
+and the random ``della`` / ``della_linear`` (density 0.5, epsilon 0.15). Each merge runs
+``--repeats`` times per tool and seed (median time; the outputs of the repeats must be identical).
 
 Measured. Top-1 accuracy (10-way arg-max) on the full 10,000-image test set and on each half's
 test images (classes 0-4, classes 5-9) for base, A, B and every merge, by both tools. Every output
 tensor of slimtorch is compared with mergekit's: max |difference| and how many are bit-identical.
-DARE drops delta entries at random and the two tools draw their random numbers differently
+DARE and DELLA drop delta entries at random and the two tools draw their random numbers differently
 (slimtorch: one generator per tensor from ``--seed`` and the tensor name; mergekit: the global
-torch generator seeded by ``--random-seed``), so for DARE the tensors differ by design and the
-comparison is the accuracy over ``--dare-seeds`` seeds of each.
+torch generator seeded by ``--random-seed``), so for DARE and DELLA the tensors differ by design
+and the comparison is the accuracy over ``--dare-seeds`` seeds of each (given the same generator
+state, DELLA's draws are identical: tests/merge/test_merge_mergekit_peer.py).
 
 mergekit is not a dependency of slimtorch; without it the slimtorch half runs and the comparison
 is skipped with the install command (``mergekit-pytorch`` needs no GPU)::
 
     pip install --no-deps mergekit==0.1.5 immutables==0.21 peft==0.21.2 accelerate==1.15.0
+
+(run it with the bench environment's Python, ``.venv-bench/bin/python``, where mergekit is).
 """
 
 from __future__ import annotations
@@ -207,6 +213,48 @@ def make_cases(paths: dict[str, str], lam: float) -> list[Case]:
         Case(
             "ties d=0.5, bfloat16",
             {**task("ties", 0.5), "dtype": "bfloat16"},
+            True,
+            "merged and stored in bfloat16",
+        ),
+        # H-MERGE: mergekit 0.1.5's other methods (issue 19 point 6)
+        *extra_cases(a, b, base),
+    ]
+
+
+def extra_cases(a: str, b: str, base: str) -> list[Case]:
+    """DELLA, Model Stock, NuSLERP, Multi-SLERP, Karcher, SCE and Arcee Fusion on A, B, base."""
+
+    def cfg(method: str, weighted: bool, with_base: bool = True, **glob: Any) -> dict[str, Any]:
+        models = [
+            {"model": m, **({"parameters": {"weight": 1.0}} if weighted else {})} for m in (a, b)
+        ]
+        out: dict[str, Any] = {"merge_method": method, "models": models}
+        if with_base:
+            out["base_model"] = base
+        if glob:
+            out["parameters"] = glob
+        return out
+
+    fusion = {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": a}]}
+    return [
+        Case("model_stock", cfg("model_stock", False), True, "angle-weighted pull to the base"),
+        Case("nuslerp (A, B)", cfg("nuslerp", True, False), True, "slerp of A and B, t=0.5"),
+        Case("nuslerp of deltas", cfg("nuslerp", True), True, "slerp of the deltas from base"),
+        Case("multislerp of deltas", cfg("multislerp", True), True, "barycentric slerp"),
+        Case("karcher (A, B)", cfg("karcher", False, False), True, "Karcher mean on the sphere"),
+        Case("sce", cfg("sce", False), True, "all elements, mean-square weights, TIES"),
+        Case("sce topk 0.5", cfg("sce", False, select_topk=0.5), True, "top-variance half"),
+        Case("arcee_fusion (A into base)", fusion, True, "A's outstanding changes only"),
+        Case("della d=0.5", cfg("della", True, density=0.5), False, "ranked drop + TIES"),
+        Case(
+            "della_linear d=0.5",
+            cfg("della_linear", True, density=0.5),
+            False,
+            "ranked drop, sum",
+        ),
+        Case(
+            "nuslerp of deltas, bfloat16",
+            {**cfg("nuslerp", True), "dtype": "bfloat16"},
             True,
             "merged and stored in bfloat16",
         ),
@@ -501,7 +549,9 @@ def main() -> None:
     }
     env = harness.environment(["mergekit"])
     result = {
-        "command": " ".join([".venv/bin/python", "bench/bench_merge.py", *sys.argv[1:]]),
+        "command": " ".join(
+            [os.path.relpath(sys.executable), "bench/bench_merge.py", *sys.argv[1:]]
+        ),
         "models": {
             "base": BASE,
             "A": "fine-tuned on classes 0-4",

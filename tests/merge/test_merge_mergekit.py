@@ -85,7 +85,7 @@ def test_yaml_file_and_ignored_keys_warn(tmp_path: Path) -> None:
         ({"modules": {}}, "unsupported"),
         ({"foo": 1, "bar": 2}, r"unknown merge config keys \['bar', 'foo'\]"),
         ({"merge_method": "tie"}, "did you mean 'ties'"),
-        ({"merge_method": "della"}, "not supported"),
+        ({"merge_method": "breadcrumbs"}, "not supported"),
         ({"base_model": None}, "needs `base_model`"),
         ({"models": []}, "non-empty list"),
         ({"models": ["a"]}, "mapping with a `model` key"),
@@ -114,7 +114,7 @@ def test_slerp_needs_two_models_and_t() -> None:
         "parameters": {"t": 0.5},
         "models": [{"model": "a"}, {"model": "b"}, {"model": "c"}],
     }
-    with pytest.raises(ConfigError, match="exactly two"):
+    with pytest.raises(ConfigError, match="exactly 2"):
         parse_config(three)
     with pytest.raises(ConfigError, match=r"needs `parameters: \{t"):
         parse_config({**three, "models": [{"model": "a"}, {"model": "b"}], "parameters": {}})

@@ -51,6 +51,13 @@ NOT_ON_A_TINY_MODEL = {
     "merge.task_arithmetic": f"{_OTHER_MODELS} (tests/merge/test_merge_stage.py runs it)",
     "merge.ties": f"{_OTHER_MODELS} (tests/merge/test_merge_stage.py runs it)",
     "merge.dare": f"{_OTHER_MODELS} (tests/merge/test_merge_stage.py runs it)",
+    "merge.della": f"{_OTHER_MODELS} (tests/merge/test_merge_extra.py runs it)",
+    "merge.model_stock": f"{_OTHER_MODELS} (tests/merge/test_merge_extra.py runs it)",
+    "merge.nuslerp": f"{_OTHER_MODELS} (tests/merge/test_merge_extra.py runs it)",
+    "merge.multislerp": f"{_OTHER_MODELS} (tests/merge/test_merge_extra.py runs it)",
+    "merge.karcher": f"{_OTHER_MODELS} (tests/merge/test_merge_extra.py runs it)",
+    "merge.sce": f"{_OTHER_MODELS} (tests/merge/test_merge_extra.py runs it)",
+    "merge.arcee_fusion": f"{_OTHER_MODELS} (tests/merge/test_merge_extra.py runs it)",
     "share.finetune": "trains the codebooks of an earlier share.kmeans stage and refuses alone"
     " (tests/share/test_share_codebook.py runs the pair)",
     "prune.experts": "removes experts of mixture-of-experts layers, which no model here has"

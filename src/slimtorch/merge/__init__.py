@@ -1,8 +1,11 @@
-"""slimtorch.merge: model merging (linear, slerp, task arithmetic, TIES, DARE) and BN folding.
+"""slimtorch.merge: model merging (mergekit 0.1.5's methods, bit for bit) and BN folding.
 
-The maths is in ``methods`` (per tensor), ``stream``, ``mergekit`` and ``fuse``; the recipe
-stages ``merge.linear``, ``merge.slerp``, ``merge.task_arithmetic``, ``merge.ties``,
-``merge.dare`` and ``fuse.*`` are in :mod:`slimtorch.merge.stages` (found by discovery, see
+The maths is in ``methods`` (linear, slerp, task arithmetic, TIES, DARE, DELLA), ``spherical``
+(NuSLERP, Multi-SLERP, Karcher), ``selective`` (Model Stock, SCE, Arcee Fusion), ``stream``,
+``mergekit`` and ``fuse``; the recipe stages ``merge.linear``, ``merge.slerp``,
+``merge.task_arithmetic``, ``merge.ties``, ``merge.dare``, ``merge.della``, ``merge.model_stock``,
+``merge.nuslerp``, ``merge.multislerp``, ``merge.karcher``, ``merge.sce``, ``merge.arcee_fusion``
+and ``fuse.*`` are in :mod:`slimtorch.merge.stages` (found by discovery, see
 :mod:`slimtorch.core.methods`), whose configs are importable from here.
 ``slimtorch merge CONFIG.yaml --out DIR`` runs mergekit-style configs through
 :func:`merge_to_dir`, streaming one tensor at a time.
@@ -13,12 +16,15 @@ from slimtorch.merge.mergekit import MergeConfig, MergeInput, load_config, parse
 from slimtorch.merge.methods import (
     TaskMergeOptions,
     dare,
+    della_magprune,
     linear,
     slerp,
     task_arithmetic,
     task_merge,
     ties,
 )
+from slimtorch.merge.selective import arcee_fusion, model_stock, sce
+from slimtorch.merge.spherical import karcher, multislerp, nuslerp
 from slimtorch.merge.stages.merge import (
     DareMerge,
     LinearMerge,
@@ -38,14 +44,21 @@ __all__ = [
     "TaskArithmeticMerge",
     "TaskMergeOptions",
     "TiesMerge",
+    "arcee_fusion",
     "dare",
+    "della_magprune",
     "fuse_model",
+    "karcher",
     "linear",
     "load_config",
     "merge_tensor",
     "merge_to_dir",
+    "model_stock",
+    "multislerp",
+    "nuslerp",
     "open_source",
     "parse_config",
+    "sce",
     "slerp",
     "task_arithmetic",
     "task_merge",

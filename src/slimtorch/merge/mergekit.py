@@ -2,7 +2,9 @@
 
 Supported (mergekit 0.1.5 semantics)::
 
-    merge_method: ties            # linear | slerp | task_arithmetic | ties | dare_linear | dare_ties
+    merge_method: ties            # any of METHODS: linear slerp task_arithmetic ties dare_linear
+                                  # dare_ties della della_linear model_stock nuslerp multislerp
+                                  # karcher sce arcee_fusion passthrough
     base_model: builtin:lenet300-fashion     # a path (HF directory, slimtorch artifact,
     models:                                  #   directory or file of *.safetensors) or builtin:NAME
       - model: runs/a
@@ -16,7 +18,10 @@ Supported (mergekit 0.1.5 semantics)::
 Parameters must be scalars: mergekit's gradients (lists) and ``filter`` conditions are rejected
 with an error, as are ``slices`` and ``modules``. ``tokenizer_source``, ``tokenizer`` and
 ``chat_template`` are ignored with a warning (the base's tokenizer files are copied). Any other
-top-level key is an error. ``rescale`` also accepts ``"density"`` (DARE's paper: divide the kept
+top-level key is an error. Method-specific shared parameters (``filter_wise``,
+``nuslerp_row_wise``, ``nuslerp_flatten``, ``normalize_weights``, ``eps``, ``max_iter``, ``tol``,
+``select_topk``) land in ``MergeConfig.options``; DELLA's per-model ``epsilon`` and passthrough's
+``scale`` in each :class:`MergeInput`. ``rescale`` also accepts ``"density"`` (DARE's paper: divide the kept
 deltas by ``density``) besides mergekit's booleans (``true`` = L1-norm rescaling).
 """
 
@@ -33,7 +38,23 @@ from slimtorch.core.config import StrictModel
 from slimtorch.core.errors import ConfigError
 from slimtorch.core.registry import nearest
 
-MethodName = Literal["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+MethodName = Literal[
+    "linear",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "sce",
+    "arcee_fusion",
+    "passthrough",
+]
 DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
 METHODS: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined]
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
@@ -42,24 +63,40 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out
 _IGNORED_KEYS = {"tokenizer_source", "tokenizer", "chat_template"}
 _UNSUPPORTED_KEYS = {"slices", "modules"}
 _TASK_PARAMS = {"weight", "density", "normalize", "rescale", "lambda", "int8_mask"}
-_GLOBAL_PARAMS: dict[str, set[str]] = {
-    "linear": {"weight", "normalize"},
-    "slerp": {"t"},
-    "task_arithmetic": _TASK_PARAMS - {"rescale"},
-    "ties": _TASK_PARAMS,
-    "dare_linear": _TASK_PARAMS,
-    "dare_ties": _TASK_PARAMS,
+# per method: (shared parameters, per-model parameters); per-model ones may also be global
+_PARAMS: dict[str, tuple[set[str], set[str]]] = {
+    "linear": ({"normalize"}, {"weight"}),
+    "slerp": ({"t"}, set()),
+    "task_arithmetic": (_TASK_PARAMS - {"rescale", "weight", "density"}, {"weight", "density"}),
+    "ties": (_TASK_PARAMS - {"weight", "density"}, {"weight", "density"}),
+    "dare_linear": (_TASK_PARAMS - {"weight", "density"}, {"weight", "density"}),
+    "dare_ties": (_TASK_PARAMS - {"weight", "density"}, {"weight", "density"}),
+    "della": (_TASK_PARAMS - {"weight", "density"}, {"weight", "density", "epsilon"}),
+    "della_linear": (_TASK_PARAMS - {"weight", "density"}, {"weight", "density", "epsilon"}),
+    "model_stock": ({"filter_wise"}, set()),
+    "nuslerp": ({"nuslerp_row_wise", "nuslerp_flatten"}, {"weight"}),
+    "multislerp": ({"normalize_weights", "eps"}, {"weight"}),
+    "karcher": ({"max_iter", "tol"}, set()),
+    "sce": ({"int8_mask", "select_topk"}, set()),
+    "arcee_fusion": (set(), set()),
+    "passthrough": (set(), {"scale"}),
 }
-_MODEL_PARAMS = {"weight", "density"}
+_OPTION_KEYS = {
+    "filter_wise", "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights", "eps",
+    "max_iter", "tol", "select_topk",
+}  # fmt: skip
 # mergekit's defaults: (normalize, rescale) per method
 _DEFAULTS: dict[str, tuple[bool, str | None]] = {
-    "linear": (True, None),
-    "slerp": (False, None),
     "task_arithmetic": (False, None),
     "ties": (True, None),
     "dare_linear": (False, "l1"),
     "dare_ties": (False, "l1"),
+    "della": (True, "l1"),
+    "della_linear": (False, "l1"),
 }
+_NEEDS_BASE = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear",
+               "slerp", "model_stock", "sce", "arcee_fusion"}  # fmt: skip
+_WEIGHTED = {m for m, (_, per) in _PARAMS.items() if "weight" in per}
 
 
 class MergeInput(StrictModel):
@@ -68,6 +105,8 @@ class MergeInput(StrictModel):
     model: str
     weight: float = 1.0
     density: float = Field(default=1.0, ge=0, le=1)
+    epsilon: float = Field(default=0.15, ge=0, le=1)
+    scale: float | None = None  # passthrough's per-model factor
 
 
 class MergeConfig(StrictModel):
@@ -82,6 +121,12 @@ class MergeConfig(StrictModel):
     scale: float = 1.0  # mergekit's `lambda`
     dtype: DtypeName | None = None
     out_dtype: DtypeName | None = None
+    slices: list[dict[str, Any]] | None = Field(
+        default=None, description="passthrough: [{model, start, end, scale}] in output order"
+    )
+    options: dict[str, float | int | bool] = Field(
+        default_factory=dict, description="method-specific shared parameters (mergekit's names)"
+    )
 
     @property
     def base_index(self) -> int | None:
@@ -134,12 +179,14 @@ def _model_ref(raw: Any, where: str) -> str:
 
 def _check_keys(data: dict[str, Any]) -> None:
     unsupported = sorted(_UNSUPPORTED_KEYS & set(data))
+    if unsupported == ["slices"] and data.get("merge_method") == "passthrough":
+        unsupported = []
     if unsupported:
         raise ConfigError(
             f"{unsupported} are unsupported: slimtorch merges whole models of one architecture;"
             " list them under `models:` instead"
         )
-    unknown = sorted(set(data) - _TOP_KEYS - _IGNORED_KEYS)
+    unknown = sorted(set(data) - _TOP_KEYS - _IGNORED_KEYS - {"slices"})
     if unknown:
         raise ConfigError(
             f"unknown merge config keys {unknown}; supported keys: {sorted(_TOP_KEYS)}"
@@ -176,32 +223,53 @@ def _inputs(data: dict[str, Any], method: str, glob: dict[str, Any]) -> list[dic
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             raise ConfigError(f"{where}: unknown keys {extra}; use `model` and `parameters`")
-        allowed = _MODEL_PARAMS & _GLOBAL_PARAMS[method]
+        allowed = _PARAMS[method][1]
         params = _params(entry.get("parameters"), allowed, f"{where}.parameters")
         out.append({"model": _model_ref(entry["model"], f"{where}.model"), **params})
     base = data.get("base_model")
     if base is not None and base not in [m["model"] for m in out]:
         out.append({"model": _model_ref(base, "base_model")})
     for entry in out:
-        for key in ("weight", "density"):
+        for key in _PARAMS[method][1]:
             if key not in entry and key in glob:
                 entry[key] = glob[key]
     return out
+
+
+def _count(method: str, what: str, got: int, lo: int, hi: int | None, names: list[str]) -> None:
+    if got < lo or (hi is not None and got > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+        raise ConfigError(f"{method} merges {want} {what}, got {got}: {names}")
 
 
 def _require(method: str, base: str | None, inputs: list[dict[str, Any]]) -> None:
     names = [m["model"] for m in inputs]
     if len(set(names)) != len(names):
         raise ConfigError(f"`models` lists a model twice: {names}; list each model once")
-    if method != "linear" and base is None:
+    if method in _NEEDS_BASE and base is None:
         raise ConfigError(f"{method} needs `base_model`: the model the others are merged into")
-    if method == "slerp" and len(inputs) != 2:
-        raise ConfigError(
-            f"slerp merges exactly two models (the base and one other), got {len(inputs)}: {names}"
-        )
+    others = len(inputs) - (base is not None)
+    limits = {
+        "slerp": ("models (the base and one other)", len(inputs), 2, 2),
+        "arcee_fusion": ("models (the base and one fine-tune)", len(inputs), 2, 2),
+        "passthrough": ("model (use `slices` to stack layers)", len(inputs), 1, 1),
+        "model_stock": ("fine-tuned models besides the base", others, 2, None),
+        "nuslerp": ("models besides the base", others, 2, 2),
+        "multislerp": ("models besides the base", others, 1, None),
+    }
+    if method in limits:
+        what, got, lo, hi = limits[method]
+        _count(method, what, got, lo, hi, names)
+    for m in inputs if method.startswith("della") else []:
+        d, e = float(m.get("density", 1.0)), float(m.get("epsilon", 0.15))
+        if m["model"] != base and 0 < d < 1 and not (d - e > 0 and d + e < 1):
+            raise ConfigError(
+                f"{method}: density {d} +/- epsilon {e} for {m['model']} must stay inside (0, 1);"
+                " lower `epsilon`"
+            )
     weighted = [m for m in inputs if method == "linear" or m["model"] != base]
     needs_weight = [m["model"] for m in weighted if "weight" not in m]
-    if method != "slerp" and needs_weight:
+    if method in _WEIGHTED and needs_weight:
         raise ConfigError(
             f"{method}: no `weight` for {needs_weight}; set it in the model's `parameters` or in"
             " the global `parameters`"
@@ -233,13 +301,16 @@ def parse_config(data: Any) -> MergeConfig:
         raise ConfigError(f"a merge config must be a YAML mapping, got {type(data).__name__}")
     _check_keys(data)
     method = _method(data)
-    glob = _params(data.get("parameters"), _GLOBAL_PARAMS[method], "parameters")
+    if "slices" in data:
+        return _sliced(data)
+    shared, per_model = _PARAMS[method]
+    glob = _params(data.get("parameters"), shared | per_model, "parameters")
     if glob.pop("int8_mask", None) is not None:
         warnings.warn("parameters.int8_mask is ignored: it does not change results", stacklevel=2)
     inputs = _inputs(data, method, glob)
     base = data.get("base_model")
     _require(method, base, inputs)
-    normalize, rescale = _DEFAULTS[method]
+    normalize, rescale = _DEFAULTS.get(method, (True, None))
     try:
         return MergeConfig(
             method=method,  # type: ignore[arg-type]
@@ -251,6 +322,7 @@ def parse_config(data: Any) -> MergeConfig:
             scale=glob.get("lambda", 1.0),
             dtype=_dtype(data.get("dtype"), "dtype"),  # type: ignore[arg-type]
             out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),  # type: ignore[arg-type]
+            options={k: v for k, v in glob.items() if k in _OPTION_KEYS},
         )
     except ValidationError as exc:
         errs = "; ".join(
@@ -258,6 +330,23 @@ def parse_config(data: Any) -> MergeConfig:
             for e in exc.errors()
         )
         raise ConfigError(f"invalid merge config: {errs}") from None
+
+
+def _sliced(data: dict[str, Any]) -> MergeConfig:
+    from slimtorch.merge.slices import parse_slices  # imports the streaming half
+
+    extra = sorted(set(data) & {"models", "base_model", "parameters"})
+    if extra:
+        raise ConfigError(f"passthrough with `slices` takes no {extra}; put models in the slices")
+    slices = parse_slices(data["slices"])
+    models = list(dict.fromkeys(s.model for s in slices))
+    return MergeConfig(
+        method="passthrough",
+        inputs=[MergeInput(model=m) for m in models],
+        dtype=_dtype(data.get("dtype"), "dtype"),  # type: ignore[arg-type]
+        out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),  # type: ignore[arg-type]
+        slices=[dict(s.__dict__) for s in slices],
+    )
 
 
 def _slerp_t(glob: dict[str, Any]) -> float:

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-Sparsify = Literal["magnitude", "random"]
+Sparsify = Literal["magnitude", "random", "della"]
 Rescale = Literal["l1", "density"]
 
 SLERP_DOT_THRESHOLD = 0.9995
@@ -161,6 +161,38 @@ def random_sparsify(
     return rescale_masked(delta.to(work), mask, rescale, density).to(delta.dtype)
 
 
+def della_magprune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator | None,
+    rescale: Rescale | None = "l1",
+) -> torch.Tensor:
+    """DELLA's MagPrune: keep entry with probability ``density - eps .. density + eps`` by rank.
+
+    Ranks of ``|delta|`` within each row (a 1-D tensor is one row), lowest magnitude kept with
+    probability ``density - epsilon``, highest with ``density + epsilon``; then rescaled.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della: density {density} +/- epsilon {epsilon} must stay inside (0, 1); lower epsilon"
+        )
+    work = delta.dtype if delta.dtype == torch.bfloat16 else torch.float32
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    # one element per row: mergekit divides 0 by 0 and torch.bernoulli fails; keep it at density
+    rank_norm = torch.nan_to_num(((ranks - lo) / (hi - lo)).clamp(0, 1), nan=0.5)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(work)
+    out = rescale_masked(rows.to(work), mask, rescale, density)
+    return out.to(delta.dtype).reshape(delta.shape)
+
+
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
     """TIES sign election: True where a delta's sign equals the sign of the summed deltas.
 
@@ -186,6 +218,8 @@ TASK_ARITHMETIC = TaskMergeOptions()
 TIES = TaskMergeOptions(sparsify="magnitude", consensus=True, normalize=True)
 DARE_LINEAR = TaskMergeOptions(sparsify="random", rescale="l1")
 DARE_TIES = TaskMergeOptions(sparsify="random", consensus=True, rescale="l1")
+DELLA = TaskMergeOptions(sparsify="della", consensus=True, normalize=True, rescale="l1")
+DELLA_LINEAR = TaskMergeOptions(sparsify="della", rescale="l1")
 
 
 def task_merge(
@@ -195,8 +229,12 @@ def task_merge(
     densities: Sequence[float],
     options: TaskMergeOptions = TASK_ARITHMETIC,
     generator: torch.Generator | None = None,
+    epsilons: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """``base + lam * merge(w_i * sparsify(m_i - base))``: task arithmetic, TIES and DARE."""
+    """``base + lam * merge(w_i * sparsify(m_i - base))``: task arithmetic, TIES, DARE, DELLA.
+
+    ``epsilons``: DELLA's per-model probability spread (default 0.15 each).
+    """
     _check_inputs([base, *others], "task merge")
     if not (len(weights) == len(densities) == len(others)):
         raise ValueError(
@@ -205,9 +243,12 @@ def task_merge(
     if not others:
         return base
     deltas = base.new_empty((len(others), *base.shape))
+    eps = list(epsilons) if epsilons is not None else [0.15] * len(others)
     for i, (model, density) in enumerate(zip(others, densities, strict=True)):
         delta = model - base
-        if options.sparsify == "magnitude":
+        if options.sparsify == "della":
+            delta = della_magprune(delta, density, eps[i], generator, options.rescale)
+        elif options.sparsify == "magnitude":
             delta = magnitude_sparsify(delta, density, options.rescale)
         elif options.sparsify == "random":
             delta = random_sparsify(delta, density, generator, options.rescale)

@@ -46,6 +46,7 @@ from slimtorch.formats.streaming import (
     safetensors_size,
 )
 from slimtorch.merge import methods as M
+from slimtorch.merge.extra import EXTRA_METHODS, kernel_dtype, merge_extra
 from slimtorch.merge.mergekit import MergeConfig
 
 log = logging.getLogger(__name__)
@@ -234,12 +235,11 @@ def output_dtype(config: MergeConfig, infos: list[Info], ref: int) -> torch.dtyp
     dtypes = [d for _, d in infos]
     if not all(d.is_floating_point for d in dtypes):
         return dtypes[ref]
-    if config.out_dtype or config.dtype:
-        return dtype_from_name(str(config.out_dtype or config.dtype))
-    promoted = dtypes[0]
-    for d in dtypes[1:]:
-        promoted = torch.promote_types(promoted, d)
-    return promoted
+    if config.out_dtype:
+        return dtype_from_name(config.out_dtype)
+    if config.dtype:
+        return kernel_dtype(config, dtype_from_name(config.dtype))
+    return kernel_dtype(config, functools.reduce(torch.promote_types, dtypes))
 
 
 def merge_tensor(
@@ -260,7 +260,9 @@ def merge_tensor(
     )
     xs = [t.to(dtype) for t in tensors]
     weights = [i.weight for i in config.inputs]
-    if config.method == "linear":
+    if config.method in EXTRA_METHODS:
+        out = merge_extra(config, name, xs, seed)
+    elif config.method == "linear":
         out = M.linear(xs, weights, config.normalize)
     else:
         base, bi = xs[ref], ref
@@ -338,6 +340,11 @@ def merge_to_dir(
 ) -> dict[str, Any]:
     """Merge the models of ``config`` tensor by tensor into ``out``; returns facts about it."""
     out = Path(out)
+    if config.slices is not None:
+        from slimtorch.merge.slices import Slice, slice_to_dir  # it imports this module
+
+        parts = [Slice(**s) for s in config.slices]
+        return slice_to_dir(parts, out, (config.dtype, config.out_dtype), force, config_dir)
     with ExitStack() as stack:
         sources = []
         for inp in config.inputs:
