@@ -16,6 +16,15 @@ What is written (the ``gguf`` package's ``GGUFWriter``), as llama.cpp's ``conver
   block type (groups that are not a multiple of 32 columns, 6-8 bit asymmetric grids,
   codebooks, ...) is refused naming the layer, unless ``requantize`` names a GGUF type: its
   dequantized values are then quantized again by ``gguf.quants.quantize`` (reported);
+- k-quants: ``requantize`` naming a k-quant mix (``Q4_K_M``, ``Q4_K_S``, ``Q5_K_M``, ``Q5_K_S``,
+  or one type for all: ``Q4_K``, ``Q5_K``, ``Q6_K``) encodes every weight without exact codes
+  (float weights, and grids with no block type) into the type llama.cpp's mix gives that tensor
+  (:mod:`slimtorch.export.gguf_mix`: ``Q6_K`` head, ``Q6_K`` ``attn_v`` / ``ffn_down`` in the
+  ``use_more_bits`` layers, llama.cpp's fallback ``Q5_0`` / ``Q5_1`` / ``Q8_0`` for rows that
+  256 does not divide) with slimtorch's encoders (:mod:`slimtorch.export.gguf_kquants`),
+  rounding weighted by ``imatrix`` (llama-imatrix's file, or per-input importances) when
+  given; weights with exact codes keep them (a GPTQ preset's Q5_0 codes, say). An artifact of
+  a k-quant preset (``gguf-q4_k_m-gptq``) gets its mix without ``requantize``;
 - unquantized 2-D weights as F16 (llama.cpp's ``--outtype f16`` convention; the change is
   reported), norms and other 1-D tensors as F32 (llama.cpp's convention); pruned weights dense;
 - metadata: ``general.*``, ``llama.*`` (context and embedding length, block count, feed-forward
@@ -38,7 +47,8 @@ file is read back with ``gguf.GGUFReader`` and every tensor dequantized and comp
 values intended (bit-exact) and with the model's own weights (the difference reported per
 tensor type); when ``llama_cpp`` (llama-cpp-python) is importable, llama.cpp loads the file and
 its logits on the example token ids are compared with the model's (top-1 agreement, max / mean
-abs difference, mean KL divergence).
+abs difference, mean KL divergence); where weights were quantized again (``requantize``, a
+k-quant mix) with a copy of the model computing with the values the file holds.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ from torch import nn
 from slimtorch.core.errors import ArtifactError, UnsupportedModelError, UserInputError
 from slimtorch.core.info import model_info
 from slimtorch.export.gguf_blocks import BLOCK, NotRepresentable, grid_blocks
+from slimtorch.export.gguf_mix import MIXES, PRESET_MIXES, KMix, encode_weight, read_imatrix
 from slimtorch.formats.atomic import fsync_dir, temp_sibling
 from slimtorch.formats.state import get_state
 from slimtorch.models.gguf import _GLOBAL, _LAYER, gguf_module
@@ -90,6 +101,14 @@ _FILE_TYPES = {
     "Q5_0": "MOSTLY_Q5_0",
     "Q5_1": "MOSTLY_Q5_1",
     "Q8_0": "MOSTLY_Q8_0",
+    "Q4_K": "MOSTLY_Q4_K_S",
+    "Q5_K": "MOSTLY_Q5_K_S",
+    "Q6_K": "MOSTLY_Q6_K",
+    "Q4_K_M": "MOSTLY_Q4_K_M",
+    "Q4_K_S": "MOSTLY_Q4_K_S",
+    "Q5_K_M": "MOSTLY_Q5_K_M",
+    "Q5_K_S": "MOSTLY_Q5_K_S",
+    "MXFP4": "MOSTLY_MXFP4_MOE",
 }
 
 
@@ -103,7 +122,7 @@ class Planned:
     ggml_type: str
     values: np.ndarray
     reference: np.ndarray
-    how: str  # "codes" (slimtorch's codes, kept) | "f16" | "f32" | "requantized"
+    how: str  # "codes" (slimtorch's codes, kept) | "f16" | "f32" | "requantized" | "encoded"
     scale_change: float = 0.0
     offset_change: float = 0.0
 
@@ -191,7 +210,12 @@ class _Refused(Exception):
 
 
 def _plan_weight(
-    hf: str, owner: str, module: nn.Module, weight: torch.Tensor, requantize: str | None
+    hf: str,
+    owner: str,
+    module: nn.Module,
+    weight: torch.Tensor,
+    requantize: str | None,
+    kmix: KMix | None = None,
 ) -> Planned:
     name = gguf_name(hf)
     reference = weight.detach().to(torch.float32).cpu().numpy()
@@ -201,6 +225,9 @@ def _plan_weight(
             blocks = grid_blocks(state.quant, state.mask, tuple(weight.shape))
         except NotRepresentable as exc:
             q = state.quant
+            if kmix is not None:  # a k-quant mix: the grid's values, encoded by the mix
+                ggml_type, data, decoded = encode_weight(name, reference, kmix)
+                return Planned(name, data, ggml_type, decoded, reference, "requantized")
             if requantize is None:
                 group = f" {q.group_size}" if q.granularity == "per_group" else ""
                 raise _Refused(
@@ -224,14 +251,33 @@ def _plan_weight(
             blocks.scale_change,
             blocks.offset_change,
         )
+    if weight.dim() >= 2 and kmix is not None:  # a float weight, encoded by the mix
+        ggml_type, data, decoded = encode_weight(name, reference, kmix)
+        return Planned(name, data, ggml_type, decoded, reference, "encoded")
     if weight.dim() >= 2:
         half = reference.astype(np.float16)
         return Planned(name, half, "F16", half.astype(np.float32), reference, "f16")
     return Planned(name, reference.copy(), "F32", reference.copy(), reference, "f32")
 
 
-def plan_tensors(model: nn.Module, config: Any, requantize: str | None) -> list[Planned]:
-    """Every tensor of the GGUF file, in llama.cpp's order and layout."""
+def _kmix(model: nn.Module, config: Any, mix: str, importance: dict[str, Any] | None) -> KMix:
+    embed = model.get_input_embeddings()  # type: ignore[operator]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    tied = head is None or head.weight is embed.weight
+    name = "token_embd.weight" if tied else "output.weight"
+    return KMix(mix, int(config.num_hidden_layers), name, dict(importance or {}))
+
+
+def plan_tensors(
+    model: nn.Module,
+    config: Any,
+    requantize: str | None,
+    importance: dict[str, Any] | None = None,
+) -> list[Planned]:
+    """Every tensor of the GGUF file, in llama.cpp's order and layout; ``requantize`` a k-quant
+    mix (:data:`MIXES`): every weight without exact codes encoded by the mix, rounding weighted
+    by ``importance`` (per-input, by GGUF name: :func:`read_imatrix`)."""
+    kmix = _kmix(model, config, requantize, importance) if requantize in MIXES else None
     heads = int(config.num_attention_heads)
     kv = int(_get(config, "num_key_value_heads", heads))
     modules = dict(model.named_modules())
@@ -251,7 +297,7 @@ def plan_tensors(model: nn.Module, config: Any, requantize: str | None) -> list[
             if head is not None and head.weight is param and get_state(head, "weight"):
                 module = head  # a tied pair whose state the LM head holds
         try:
-            item = _plan_weight(hf, names[id(module)], module, param, requantize)
+            item = _plan_weight(hf, names[id(module)], module, param, requantize, kmix)
         except _Refused as exc:
             refused.append(str(exc))
             continue
@@ -408,7 +454,12 @@ def _file_type(planned: list[Planned]) -> str:
 
 
 def _write_metadata(
-    writer: Any, config: Any, name: str, planned: list[Planned], tok: dict[str, Any] | None
+    writer: Any,
+    config: Any,
+    name: str,
+    planned: list[Planned],
+    tok: dict[str, Any] | None,
+    mix: str | None = None,
 ) -> str:
     gguf = gguf_module()
     heads = int(config.num_attention_heads)
@@ -428,7 +479,7 @@ def _write_metadata(
     if head_dim != hidden // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    file_type = _file_type(planned)
+    file_type = mix or _file_type(planned)
     writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[file_type]]))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_rope_dimension_count(head_dim)
@@ -489,12 +540,19 @@ def _llama3_factors(config: Any, scaling: dict[str, Any]) -> np.ndarray:
 # --- writing and checking ------------------------------------------------------------------
 
 
-def _write(path: Path, model: nn.Module, config: Any, planned: list[Planned], tok: Any) -> str:
+def _write(
+    path: Path,
+    model: nn.Module,
+    config: Any,
+    planned: list[Planned],
+    tok: Any,
+    mix: str | None = None,
+) -> str:
     gguf = gguf_module()
     writer = gguf.GGUFWriter(str(path), "llama")
     try:
         name = str(model_info(model).source or type(model).__name__)
-        file_type = _write_metadata(writer, config, name, planned, tok)
+        file_type = _write_metadata(writer, config, name, planned, tok, mix)
         _, scaling = _rope(config)
         if scaling.get("rope_type", scaling.get("type")) == "llama3":
             factors = _llama3_factors(config, scaling)
@@ -602,17 +660,30 @@ def export_gguf(
     overwrite: bool = False,
     requantize: str | None = None,
     tokenizer: str | Path | None = None,
+    imatrix: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` (a Llama-family causal LM) as the GGUF file ``out``, check it (see the
-    module docstring) and move it into place; returns a JSON-able report."""
+    module docstring) and move it into place; returns a JSON-able report. ``requantize`` may
+    name a k-quant mix (``Q4_K_M``, ``Q4_K_S``, ``Q5_K_M``, ``Q5_K_S``, ``Q4_K``, ``Q5_K``,
+    ``Q6_K``: :mod:`slimtorch.export.gguf_mix`), ``imatrix`` the importance file that weights
+    its rounding (llama-imatrix's ``.gguf``, or ``.safetensors`` of per-input importances)."""
     gguf = gguf_module()
+    recipe = model_info(model).recipe_name or ""
+    if requantize is None and recipe in PRESET_MIXES:  # a k-quant preset: its mix
+        requantize = PRESET_MIXES[recipe]
     if requantize is not None:
         requantize = requantize.upper()
-        if requantize not in REQUANTIZE_TYPES:
+        if requantize not in REQUANTIZE_TYPES + MIXES:
             raise UserInputError(
-                f"--requantize {requantize!r} is not a type the gguf package quantizes to; use"
-                f" one of {', '.join(REQUANTIZE_TYPES)}"
+                f"--requantize {requantize!r} is not a type the gguf package quantizes to nor a"
+                f" k-quant mix; use one of {', '.join(REQUANTIZE_TYPES + MIXES)}"
             )
+    if imatrix is not None and requantize not in MIXES:
+        raise UserInputError(
+            "--imatrix weights the rounding of a k-quant mix: give --requantize with one of"
+            f" {', '.join(MIXES)} too"
+        )
+    importance = read_imatrix(imatrix) if imatrix is not None else None
     config = check_model(model)
     path = Path(out)
     _check_target(path, overwrite)
@@ -625,17 +696,18 @@ def export_gguf(
             " directory that holds tokenizer.json"
         )
     tok = tokenizer_metadata(tok_path, int(config.vocab_size))
-    planned = plan_tensors(model, config, requantize)
+    planned = plan_tensors(model, config, requantize, importance)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
-        file_type = _write(tmp, model, config, planned, tok)
+        mix = requantize if requantize in MIXES else None
+        file_type = _write(tmp, model, config, planned, tok, mix)
         diff = verify_file(tmp, planned)
         runtime: dict[str, Any] | str
         if importlib.util.find_spec("llama_cpp") is None:
             runtime = f"not installed ({INSTALL_LLAMA_CPP})"
         else:
-            runtime = llama_cpp_check(tmp, model, ids)
+            runtime = llama_cpp_check(tmp, _as_written(model, config, planned), ids)
             if runtime["top1_agreement"] < MIN_TOP1 or runtime["kld_mean"] > MAX_KLD:
                 raise UnsupportedModelError(
                     f"llama.cpp computes other logits from the GGUF file than slimtorch's model"
@@ -662,6 +734,9 @@ def export_gguf(
         "f32": how.get("f32", 0),
         "requantized": [p.name for p in planned if p.how == "requantized"],
         "requantize": requantize,
+        "encoded": how.get("encoded", 0),
+        "imatrix": None if imatrix is None else str(imatrix),
+        "fallback": _fallbacks(planned, requantize),
         "scale_rounding_max_abs": max((p.scale_change for p in planned), default=0.0),
         "offset_rounding_max_abs": max((p.offset_change for p in planned), default=0.0),
         "max_abs_diff_by_type": diff,
@@ -672,6 +747,52 @@ def export_gguf(
     }
     log.info("exported %s to %s (%s)", type(model).__name__, path, file_type)
     return report
+
+
+def _as_written(model: nn.Module, config: Any, planned: list[Planned]) -> nn.Module:
+    """``model``, or a copy computing with the values the file holds where weights were
+    quantized again (``requantized`` / ``encoded``): what llama.cpp's logits should match."""
+    changed = {p.name: p for p in planned if p.how in ("requantized", "encoded")}
+    if not changed:
+        return model
+    import copy
+
+    from slimtorch.models.gguf import unpermute
+
+    heads = int(config.num_attention_heads)
+    kv = int(_get(config, "num_key_value_heads", heads))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for hf, param in twin.named_parameters(remove_duplicate=False):
+            p = changed.get(gguf_name(hf))
+            if p is None:
+                continue
+            values = torch.from_numpy(np.ascontiguousarray(p.values))
+            if ".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf:
+                values = unpermute(values, heads if ".q_proj." in hf else kv)
+            param.copy_(values.reshape(param.shape).to(param.dtype))
+    return twin
+
+
+def _fallbacks(planned: list[Planned], mix: str | None) -> dict[str, int]:
+    """How many weights of a k-quant mix took llama.cpp's fallback type (rows not a multiple
+    of 256), by ``"wanted->written"``."""
+    if mix not in MIXES:
+        return {}
+    from slimtorch.export.gguf_mix import mix_type
+
+    out: Counter[str] = Counter()
+    layers = max((int(p.name.split(".")[1]) + 1 for p in planned if p.name.startswith("blk.")),
+                 default=0)  # fmt: skip
+    head = (
+        "output.weight" if any(p.name == "output.weight" for p in planned) else "token_embd.weight"
+    )
+    for p in planned:
+        if p.how in ("encoded", "requantized") and p.data.ndim == 2:
+            wanted = mix_type(mix, p.name, layers, p.name == head)
+            if wanted != p.ggml_type:
+                out[f"{wanted}->{p.ggml_type}"] += 1
+    return dict(sorted(out.items()))
 
 
 def _gguf_version() -> str | None:
