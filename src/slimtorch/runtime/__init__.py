@@ -12,10 +12,12 @@ from __future__ import annotations
 from torch import nn
 
 from slimtorch.core.registry import Registry
+from slimtorch.runtime.act_quant import ActQuantLinear
 from slimtorch.runtime.attention import PrunedMultiheadAttention
 from slimtorch.runtime.conv1d import Conv1DLinear, linearize_conv1d
 from slimtorch.runtime.fp8 import Fp8Linear
 from slimtorch.runtime.fused import FusedIdentity, FusedLayer
+from slimtorch.runtime.hadamard import OnlineHadamardLinear
 from slimtorch.runtime.int4 import Int4WeightOnlyLinear
 from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available, quantize_weight_int8
 from slimtorch.runtime.int8_weight import Int8WeightOnlyLinear
@@ -35,10 +37,13 @@ RUNTIME_MODULES.add("PrunedMultiheadAttention", PrunedMultiheadAttention)
 RUNTIME_MODULES.add("Conv1DLinear", Conv1DLinear)
 RUNTIME_MODULES.add("Fp8Linear", Fp8Linear)
 RUNTIME_MODULES.add("SemiStructuredLinear", SemiStructuredLinear)
+RUNTIME_MODULES.add("OnlineHadamardLinear", OnlineHadamardLinear)  # H-ROT
+RUNTIME_MODULES.add("ActQuantLinear", ActQuantLinear)  # H-ROT
 RUNTIME_MODULES.add("UnfusedExperts", UnfusedExperts)
 
 __all__ = [
     "RUNTIME_MODULES",
+    "ActQuantLinear",
     "Conv1DLinear",
     "Fp8Linear",
     "FusedIdentity",
@@ -48,6 +53,7 @@ __all__ = [
     "Int8WeightOnlyLinear",
     "LowRankConv2d",
     "LowRankLinear",
+    "OnlineHadamardLinear",
     "SemiStructuredLinear",
     "UnfusedExperts",
     "linearize_conv1d",
