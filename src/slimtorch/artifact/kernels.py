@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimtorch.formats.state import QuantState, clear_state, get_state
+from slimtorch.formats.state import QuantState, clear_state, fractional_zero, get_state
 from slimtorch.graph.weights import replace_module
 from slimtorch.runtime.int4 import Int4WeightOnlyLinear
 from slimtorch.runtime.int8_weight import Int8WeightOnlyLinear
@@ -42,8 +42,8 @@ def use_int4_kernels(model: nn.Module) -> list[str]:
     (bf16 activations: outputs within about 1e-2 relative of the dequantized model)."""
     swapped = []
     for name, module, q in _quantized_linears(model):
-        if q.bits > 4 or q.granularity == "per_tensor":
-            continue
+        if q.bits > 4 or q.granularity == "per_tensor" or fractional_zero(q):
+            continue  # the kernel's zero points are whole numbers (uint8)
         bias = module.bias.detach() if module.bias is not None else None
         _swap(model, name, module, Int4WeightOnlyLinear.from_state(q, bias))
         swapped.append(name)

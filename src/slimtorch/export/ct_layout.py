@@ -15,7 +15,7 @@ from torch import nn
 
 from slimtorch.core.errors import UnsupportedModelError
 from slimtorch.export.ct_floats import float_layout, float_scheme, float_tensors
-from slimtorch.formats.state import QuantState, WeightState, to_matrix
+from slimtorch.formats.state import QuantState, WeightState, fractional_zero, to_matrix
 
 log = logging.getLogger("slimtorch.export.compressed_tensors")
 
@@ -76,6 +76,12 @@ def grid_of(name: str, module: nn.Module, state: WeightState) -> Grid:
         raise UnsupportedModelError(
             f"{where} holds a {q.scheme} grid; compressed-tensors stores affine integer grids"
             f" only (codes, scale, zero point): use quantize.rtn/gptq/awq or {INSTEAD}"
+        )
+    if fractional_zero(q):
+        raise UnsupportedModelError(
+            f"{where} has fractional zero points (quantize.hqq's default); compressed-tensors"
+            f" stores whole-number zero points: re-compress with quantize.hqq zero_point:"
+            f" integer, or export --to gguf (Q4_1 holds them), or {INSTEAD}"
         )
     if q.bits not in SUPPORTED_BITS:
         raise UnsupportedModelError(

@@ -81,7 +81,8 @@ def _block_params(q: QuantState, rows: int, cols: int) -> tuple[torch.Tensor, to
         return full.expand(rows, cols)[:, starts] if full.shape[1] > 1 else full.expand(rows, 1)
 
     scale = per_block(q.scale.to(torch.float32)).expand(rows, len(starts))
-    zp = per_block(q.zero_point.to(torch.int32)).expand(rows, len(starts))
+    zero = q.zero_point if q.zero_point.is_floating_point() else q.zero_point.to(torch.int32)
+    zp = per_block(zero).expand(rows, len(starts))  # fractional zero points (HQQ) stay float
     return scale, zp
 
 
@@ -198,7 +199,7 @@ def grid_blocks(q: QuantState, mask: torch.Tensor | None, shape: tuple[int, ...]
     stored = codes - qmin
     zu = zp - qmin
     if keep is not None:  # a pruned weight: the code at the zero point (x = 0 up to m's rounding)
-        stored = torch.where(keep, stored, expand_blocks(zu))
+        stored = torch.where(keep, stored, expand_blocks(zu).round().to(stored.dtype))
     m = -(zu.to(torch.float64) * d32.to(torch.float64))
     m16 = m.to(torch.float16)
     if not bool(torch.isfinite(m16).all()):

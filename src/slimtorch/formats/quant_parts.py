@@ -60,6 +60,16 @@ def smallest_int(t: torch.Tensor) -> torch.dtype:
     return torch.int32
 
 
+def encode_zero_point(zp: torch.Tensor) -> torch.Tensor:
+    """Whole zero points as the smallest integer dtype; fractional ones (HQQ) as float16 when
+    exact, else float32."""
+    if not zp.is_floating_point():
+        return zp.to(smallest_int(zp)).contiguous()
+    zp = zp.to(torch.float32)
+    half = zp.to(torch.float16)
+    return (half if torch.equal(half.to(torch.float32), zp) else zp).contiguous().clone()
+
+
 def check_code_range(codes: torch.Tensor, q: QuantState, name: str) -> None:
     """ValueError unless every code lies in the ``q.bits``-bit range of ``q``'s scheme."""
     offset = code_offset(q)
@@ -187,7 +197,7 @@ def quant_params(q: QuantState, name: str) -> Parts:
     parts = {"scale": encode_scale(q, name)}
     zp = q.zero_point
     if zp.numel() and bool((zp != 0).any()):
-        parts["zero_point"] = zp.to(smallest_int(zp)).contiguous()
+        parts["zero_point"] = encode_zero_point(zp)
     if q.scheme == "float" and q.global_scale is not None:
         parts["global_scale"] = q.global_scale.detach().cpu().to(torch.float32).reshape(1).clone()
     return parts
@@ -210,7 +220,8 @@ def zero_codes(q: QuantState, shape: list[int]) -> torch.Tensor:
         return torch.zeros(matrix.numel(), dtype=torch.int32)
     if q.scheme == "ternary":
         return torch.ones(matrix.numel(), dtype=torch.int32)
-    zp = q.expand(q.zero_point.to(torch.int32), matrix.shape[1]).expand(matrix.shape)
+    zero = q.zero_point.round() if q.zero_point.is_floating_point() else q.zero_point
+    zp = q.expand(zero.to(torch.int32), matrix.shape[1]).expand(matrix.shape)
     return from_matrix(zp.contiguous(), shape).reshape(-1).to(torch.int32)
 
 
@@ -232,7 +243,7 @@ def quant_header(meta: dict[str, Any], parts: Parts) -> QuantState:
         granularity=meta["granularity"],
         codes=torch.empty(0, dtype=torch.int32),
         scale=scale,
-        zero_point=zp.to(torch.int32)
+        zero_point=(zp.to(torch.float32) if zp.is_floating_point() else zp.to(torch.int32))
         if zp is not None
         else torch.zeros_like(scale, dtype=torch.int32),
         group_size=meta.get("group_size"),

@@ -80,7 +80,7 @@ class QuantState:
     granularity: Granularity
     codes: torch.Tensor  # integer tensor, same shape as the weight
     scale: torch.Tensor  # float32, matrix-view shape (see module docstring)
-    zero_point: torch.Tensor  # int32, same shape as scale
+    zero_point: torch.Tensor  # int32 (float32: fractional zero points, HQQ), shape of scale
     group_size: int | None = None
     scale_dtype: Literal["float16", "float32"] = "float32"
     codebook: torch.Tensor | None = None  # float32 [K], K <= 2**bits (scheme "codebook" only)
@@ -159,7 +159,7 @@ def _affine_values(q: QuantState) -> torch.Tensor:
     Temporaries: none as big as the weight (the int32 route took three more of its size)."""
     codes = q.codes.to(torch.int32) if q.codes.is_floating_point() else q.codes
     m = to_matrix(codes.to(torch.float32, copy=True))
-    zp = q.zero_point.to(torch.int32).to(torch.float32)
+    zp = q.zero_point.to(torch.float32)  # whole numbers, or fractional (HQQ): both exact
     scale = q.scale.to(torch.float32)
     rows, in_features = m.shape
     size = q.group_size or 0
@@ -169,6 +169,11 @@ def _affine_values(q: QuantState) -> torch.Tensor:
         return m
     m.sub_(q.expand(zp, in_features))
     return m.mul_(q.expand(scale, in_features))
+
+
+def fractional_zero(q: QuantState) -> bool:
+    """Whether ``q`` has fractional (float) zero points, which integer-grid formats cannot hold."""
+    return q.zero_point.is_floating_point() and bool((q.zero_point != q.zero_point.round()).any())
 
 
 def codebook_state(codes: torch.Tensor, codebook: torch.Tensor, bits: int) -> QuantState:

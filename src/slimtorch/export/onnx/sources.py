@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtorch.formats.state import QuantState, iter_states, to_matrix
+from slimtorch.formats.state import QuantState, fractional_zero, iter_states, to_matrix
 
 
 @dataclass
@@ -117,6 +117,10 @@ def collect_sources(model: nn.Module) -> tuple[list[Source], list[dict[str, str]
             continue
         if q.scheme == "affine" and q.bits > 8:
             skipped.append({"param": param, "reason": f"{q.bits}-bit codes do not fit int8"})
+            continue
+        if fractional_zero(q):
+            reason = "fractional zero points (HQQ): ONNX's integer zero points cannot hold them"
+            skipped.append({"param": param, "reason": reason})
             continue
         src = source_of(param, q, state.mask, getattr(module, pname))
         if not np.array_equal(src.decode_matrix(), src.matrix):
