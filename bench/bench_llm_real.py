@@ -136,8 +136,143 @@ ROWS: dict[str, Row] = {
             recipe="gguf-q4_1-gptq",
             gguf=True,
         ),
+        # H-FP (issue 17 pt 5): float formats against int grids at equal bits
+        Row("fp-mxfp4", "slimtorch", "MXFP4 (E2M1 g32, E8M0 scales; mxfp4)", recipe="mxfp4"),
+        Row("fp-nvfp4", "slimtorch", "NVFP4 (E2M1 g16, E4M3 scales; nvfp4)", recipe="nvfp4"),
+        Row("fp-fp8", "slimtorch", "FP8 E4M3 per channel (fp8)", recipe="fp8"),
+        Row(
+            "fp-int4-g32-sym",
+            "slimtorch",
+            "RTN int4 g32 symmetric, fp16 scales",
+            recipe=("w4a16-rtn", {"symmetric": True, "signed": True, "group_size": 32}),
+        ),
+        Row(
+            "fp-int4-g64-sym",
+            "slimtorch",
+            "RTN int4 g64 symmetric, fp16 scales",
+            recipe=("w4a16-rtn", {"symmetric": True, "signed": True, "group_size": 64}),
+        ),
+        Row(
+            "fp-int4-g16-sym",
+            "slimtorch",
+            "RTN int4 g16 symmetric, fp16 scales",
+            recipe=("w4a16-rtn", {"symmetric": True, "signed": True, "group_size": 16}),
+        ),
+        Row(
+            "fp-int4-g32",
+            "slimtorch",
+            "RTN int4 g32 asymmetric, fp16 scales",
+            recipe=("w4a16-rtn", {"group_size": 32}),
+        ),
+        Row(
+            "fp-int8-channel",
+            "slimtorch",
+            "RTN int8 per channel symmetric",
+            recipe=("w4a16-rtn", {"bits": 8, "granularity": "per_channel"}),
+        ),
+        # end H-FP
         Row("hqq-w4", "hqq", "HQQ w4 g64", bits=4, group=64),
         Row("hqq-w3", "hqq", "HQQ w3 g64", bits=3, group=64),
+        # H-HQQ: our quantize.hqq (calibration-free) beside the hqq package's rows above
+        Row("st-hqq-w4", "slimtorch", "slimtorch HQQ w4 g64 (w4a16-hqq)", recipe="w4a16-hqq"),
+        Row("st-hqq-w3", "slimtorch", "slimtorch HQQ w3 g64", recipe=("w4a16-hqq", 3)),
+        Row(
+            "st-hqq-w4-int",
+            "slimtorch",
+            "slimtorch HQQ w4 g64, integer zero points",
+            recipe=("w4a16-hqq", {"zero_point": "integer"}),
+        ),
+        Row(
+            "st-hqq-w3-int",
+            "slimtorch",
+            "slimtorch HQQ w3 g64, integer zero points",
+            recipe=("w4a16-hqq", {"bits": 3, "zero_point": "integer"}),
+        ),
+        Row(
+            "st-hqq-w4-gguf",
+            "slimtorch",
+            "slimtorch HQQ w4 g64 as GGUF Q4_1",
+            recipe="w4a16-hqq",
+            gguf=True,
+        ),
+        # H-HQQ end
+        # H-ROT (issue 17 pt 2): QuaRot rotations (quantize.rotate) with / without, W4A8 / W4A4
+        # (RTN int4 per channel symmetric, MSE ranges; per-token symmetric activations on every
+        # block Linear's input, simulated; 8-bit embeddings / head) and W4A16 GPTQ / RTN g64
+        *(
+            Row(
+                f"{rot}rtn-w4a{a}",
+                "slimtorch",
+                f"RTN w4 per channel + A{a} per token{' + QuaRot' if rot else ''}",
+                recipe={
+                    "stages": [
+                        *([{"method": "quantize.rotate", "online_hadamard": True}] if rot else []),
+                        {
+                            "method": "quantize.rtn",
+                            "bits": 4,
+                            "granularity": "per_channel",
+                            "observer": "mse",
+                            "targets": ["Linear"],
+                            "ignore": ["lm_head"],
+                        },
+                        {
+                            "method": "quantize.rtn",
+                            "bits": 8,
+                            "granularity": "per_channel",
+                            "targets": ["Embedding", "lm_head"],
+                        },
+                        {
+                            "method": "quantize.activations",
+                            "bits": a,
+                            "clip": 1.0 if a == 8 else 0.9,
+                            "targets": ["Linear"],
+                            "ignore": ["lm_head"],
+                        },
+                    ]
+                },
+            )
+            for a in (8, 4)
+            for rot in ("", "quarot-")
+        ),
+        Row(
+            "quarot-rtn-w4",
+            "slimtorch",
+            "RTN w4 g64 + QuaRot (w4a16-rtn after quantize.rotate)",
+            recipe={
+                "stages": [
+                    {"method": "quantize.rotate"},
+                    {
+                        "method": "quantize.rtn",
+                        "bits": 4,
+                        "signed": False,
+                        "symmetric": False,
+                        "granularity": "per_group",
+                        "group_size": "auto",
+                        "targets": ["Linear"],
+                        "ignore": ["lm_head"],
+                    },
+                    {
+                        "method": "quantize.rtn",
+                        "bits": 8,
+                        "granularity": "per_channel",
+                        "targets": ["Embedding", "lm_head"],
+                    },
+                ]
+            },
+        ),
+        Row(
+            "quarot-gptq-w4",
+            "slimtorch",
+            "GPTQ w4 g64 + QuaRot (w4a16-quarot-gptq)",
+            recipe="w4a16-quarot-gptq",
+        ),
+        Row(
+            "quarot-gptq-w4a4",
+            "slimtorch",
+            "GPTQ w4 per channel + A4 + QuaRot (w4a4-quarot-gptq)",
+            recipe="w4a4-quarot-gptq",
+        ),
+        # H-ROT end
         Row("llama-q4_0", "llama.cpp", "llama.cpp Q4_0", ftype="Q4_0"),
         Row(
             "llama-q4_0-imatrix",

