@@ -129,6 +129,24 @@ def test_errors(capsys, tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn"]
 
 
+def test_imatrix_needs_gguf_and_a_file(capsys, tmp_path) -> None:
+    st.save(tiny_cnn(), tmp_path / "cnn")
+    imatrix = tmp_path / "imatrix.safetensors"
+    imatrix.write_bytes(b"")
+    cnn = ["export", str(tmp_path / "cnn"), "--trust-factory"]
+    code, _, err = _run(
+        capsys, *cnn, "--to", "onnx", "--out", str(tmp_path / "m.onnx"), "--imatrix", str(imatrix)
+    )
+    assert code == 2 and "--imatrix" in err and "--to gguf" in err
+    missing = tmp_path / "nope.gguf"
+    code, _, err = _run(
+        capsys, *cnn, "--to", "gguf", "--out", str(tmp_path / "m.gguf"),
+        "--requantize", "Q4_K_M", "--imatrix", str(missing),
+    )  # fmt: skip
+    assert code == 2 and str(missing) in err and "does not exist" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn", "imatrix.safetensors"]
+
+
 def test_onnx_axes_are_dynamic_unless_static(capsys, tmp_path) -> None:
     model = tiny_cnn()
     update_info(model, input={"shape": [1, 1, 8, 8], "dtype": "float32"})

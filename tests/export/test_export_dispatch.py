@@ -14,7 +14,7 @@ from slimtorch.testing.models import tiny_cnn
 def test_targets_are_the_registered_exporters() -> None:
     assert sorted(TARGETS) == EXPORTERS.names() == ["compressed-tensors", "gguf", "hf", "onnx"]
     assert options_of("onnx") == ["opset", "quantized", "strict", "decode", "static"]
-    assert options_of("gguf") == ["requantize"]
+    assert options_of("gguf") == ["requantize", "imatrix"]
     assert options_of("hf") == options_of("compressed-tensors") == []
 
 

@@ -78,12 +78,13 @@ def _gguf(
     overwrite: bool = False,
     *,
     requantize: str | None = None,
+    imatrix: str | Path | None = None,
 ) -> dict[str, Any]:
     """GGUF file for llama.cpp, read back and checked in llama.cpp when installed
-    (:func:`slimtorch.export.gguf.export_gguf`)."""
+    (:func:`slimtorch.export.gguf.export_gguf`); ``imatrix`` weights a k-quant mix's rounding."""
     from slimtorch.export.gguf import export_gguf
 
-    return export_gguf(model, inputs, out, overwrite, requantize)
+    return export_gguf(model, inputs, out, overwrite, requantize, imatrix=imatrix)
 
 
 EXPORTERS.add("onnx", _onnx)
@@ -114,7 +115,8 @@ def export(
 
     ``inputs`` are the example inputs the written file is checked on (default: the ones
     slimtorch knows for ``model``, with batch size ``batch``). ``options`` go to the exporter
-    (``onnx``: ``opset``, ``quantized``, ``strict``, ``decode``, ``static``; ``gguf``: ``requantize``).
+    (``onnx``: ``opset``, ``quantized``, ``strict``, ``decode``, ``static``; ``gguf``: ``requantize``,
+    ``imatrix``).
     Returns the exporter's JSON-able report; raises :class:`ConfigError` for an unknown ``to``
     or option.
     """

@@ -50,6 +50,7 @@ from torch import nn
 
 from slimtorch.core.errors import UnsupportedModelError
 from slimtorch.core.info import model_info
+from slimtorch.export.checks import refuse_runtime_modules
 from slimtorch.export.ct_floats import FP8_FORMAT, float_codes
 from slimtorch.export.ct_layout import (  # noqa: F401  (pack_int32/unpack_int32 re-exported)
     FORMAT,
@@ -247,6 +248,7 @@ def export_compressed_tensors(
 
     Tokenizer files are copied from ``tokenizer`` (a directory), else from the directory the
     model came from when it has them. Returns a JSON-able report."""
+    refuse_runtime_modules(model)
     cfg = hf_config_for(model)  # raises for models transformers cannot rebuild
     layers, ignore, dequantized = _collect(model)
     tensors, groups, symmetric = _state_dict(model, layers)

@@ -56,31 +56,47 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 from slimtorch.core.errors import ArtifactError, UnsupportedModelError, UserInputError
 from slimtorch.core.info import model_info
-from slimtorch.export.gguf_blocks import BLOCK, NotRepresentable, grid_blocks
-from slimtorch.export.gguf_mix import MIXES, PRESET_MIXES, KMix, encode_weight, read_imatrix
+from slimtorch.export.checks import refuse_runtime_modules
+from slimtorch.export.gguf_mix import MIXES, PRESET_MIXES, read_imatrix
+from slimtorch.export.gguf_plan import (  # noqa: F401 (re-exported)
+    _FILE_TYPES,
+    Planned,
+    _get,
+    _rope,
+    gguf_name,
+    permute_rows,
+    plan_tensors,
+)
+from slimtorch.export.gguf_verify import (
+    _as_written,
+    _example_ids,
+    _fallbacks,
+    llama_cpp_check,
+    verify_file,
+)
+from slimtorch.export.gguf_vocab import (  # noqa: F401 (re-exported)
+    find_tokenizer,
+    pre_tokenizer_name,
+    tokenizer_metadata,
+)
+from slimtorch.export.gguf_write import QUANTIZATION_VERSION, _write  # noqa: F401
 from slimtorch.formats.atomic import fsync_dir, temp_sibling
-from slimtorch.formats.state import get_state
-from slimtorch.models.gguf import _GLOBAL, _LAYER, gguf_module
+from slimtorch.models.gguf import gguf_module
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 REQUANTIZE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 INSTALL_LLAMA_CPP = "pip install llama-cpp-python==0.3.36"
-QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION: the block layouts written here
 # llama.cpp must agree with the model on the example ids within these (mean KL divergence,
 # top-1 agreement). llama.cpp quantizes the activations of Q4/Q5/Q8 matmuls to 8 bits (F16 ones
 # to fp16), so it never matches exactly. Measured on builtin:smollm2-135m, 128 random ids, 1
@@ -89,58 +105,6 @@ QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION: the block layouts written here
 # the Q/K permutation left out 1.05 / 0.14 (what the check exists to catch).
 MAX_KLD = 0.05
 MIN_TOP1 = 0.5
-_HF_LAYER = {v: k for k, v in _LAYER.items()}
-_HF_GLOBAL = {v: k for k, v in _GLOBAL.items()}
-_HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
-_FILE_TYPES = {
-    "F32": "ALL_F32",
-    "F16": "MOSTLY_F16",
-    "BF16": "MOSTLY_BF16",
-    "Q4_0": "MOSTLY_Q4_0",
-    "Q4_1": "MOSTLY_Q4_1",
-    "Q5_0": "MOSTLY_Q5_0",
-    "Q5_1": "MOSTLY_Q5_1",
-    "Q8_0": "MOSTLY_Q8_0",
-    "Q4_K": "MOSTLY_Q4_K_S",
-    "Q5_K": "MOSTLY_Q5_K_S",
-    "Q6_K": "MOSTLY_Q6_K",
-    "Q4_K_M": "MOSTLY_Q4_K_M",
-    "Q4_K_S": "MOSTLY_Q4_K_S",
-    "Q5_K_M": "MOSTLY_Q5_K_M",
-    "Q5_K_S": "MOSTLY_Q5_K_S",
-    "MXFP4": "MOSTLY_MXFP4_MOE",
-}
-
-
-@dataclass
-class Planned:
-    """One tensor of the file: its data as written, its GGUF type, the float32 values that
-    data decodes to, and the model's own values (both in the file's row order)."""
-
-    name: str
-    data: np.ndarray
-    ggml_type: str
-    values: np.ndarray
-    reference: np.ndarray
-    how: str  # "codes" (slimtorch's codes, kept) | "f16" | "f32" | "requantized" | "encoded"
-    scale_change: float = 0.0
-    offset_change: float = 0.0
-
-
-# --- the model ---------------------------------------------------------------------------
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    value = getattr(config, key, None)
-    return default if value is None else value
-
-
-def _rope(config: Any) -> tuple[float, dict[str, Any]]:
-    """``(rope_theta, rope scaling)`` of a transformers 4 or 5 config."""
-    params = dict(_get(config, "rope_parameters", {}) or {})
-    scaling = dict(_get(config, "rope_scaling", {}) or {}) or params
-    theta = float(_get(config, "rope_theta", params.get("rope_theta", 10000.0)))
-    return theta, scaling
 
 
 def check_model(model: nn.Module) -> Any:
@@ -174,476 +138,6 @@ def check_model(model: nn.Module) -> Any:
             " describe; export it with --to hf or --to onnx"
         )
     return config
-
-
-def gguf_name(hf: str) -> str:
-    """llama.cpp's name of the transformers parameter ``hf`` (UnsupportedModelError if none)."""
-    owner, _, kind = hf.rpartition(".")
-    if owner in _HF_GLOBAL and kind == "weight":
-        return f"{_HF_GLOBAL[owner]}.weight"
-    match = _HF_BLOCK.fullmatch(hf)
-    if match and match.group(2) in _HF_LAYER:
-        return f"blk.{match.group(1)}.{_HF_LAYER[match.group(2)]}.{match.group(3)}"
-    raise UnsupportedModelError(
-        f"parameter {hf!r} has no place in GGUF's llama architecture; export with --to hf"
-    )
-
-
-def permute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's ``LlamaModel.permute`` of Q/K rows (half-split -> interleaved rotary);
-    rows of packed blocks permute the same way as rows of values."""
-    rows = x.shape[0]
-    return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-
-def _requantize(values: np.ndarray, ggml_type: str) -> tuple[np.ndarray, np.ndarray]:
-    """``values`` quantized by ``gguf.quants.quantize`` and what they decode to."""
-    gguf = gguf_module()
-    qtype = gguf.GGMLQuantizationType[ggml_type]
-    data = gguf.quants.quantize(values, qtype)
-    decoded = np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
-    return data, decoded.reshape(values.shape)
-
-
-class _Refused(Exception):
-    """A quantized weight with no exact GGUF block type (collected, then reported together)."""
-
-
-def _plan_weight(
-    hf: str,
-    owner: str,
-    module: nn.Module,
-    weight: torch.Tensor,
-    requantize: str | None,
-    kmix: KMix | None = None,
-) -> Planned:
-    name = gguf_name(hf)
-    reference = weight.detach().to(torch.float32).cpu().numpy()
-    state = get_state(module, "weight")
-    if state is not None and state.quant is not None:
-        try:
-            blocks = grid_blocks(state.quant, state.mask, tuple(weight.shape))
-        except NotRepresentable as exc:
-            q = state.quant
-            if kmix is not None:  # a k-quant mix: the grid's values, encoded by the mix
-                ggml_type, data, decoded = encode_weight(name, reference, kmix)
-                return Planned(name, data, ggml_type, decoded, reference, "requantized")
-            if requantize is None:
-                group = f" {q.group_size}" if q.granularity == "per_group" else ""
-                raise _Refused(
-                    f"{owner} ({type(module).__name__}, {q.bits}-bit {q.scheme}"
-                    f" {q.granularity.replace('_', '-')}{group}): {exc}"
-                ) from None
-            if requantize not in ("F32", "F16", "BF16") and weight.shape[-1] % BLOCK:
-                raise UnsupportedModelError(
-                    f"{owner} has {weight.shape[-1]} input features, not a multiple of 32: it"
-                    f" cannot be requantized to {requantize}; use --requantize F16"
-                ) from None
-            data, decoded = _requantize(reference, requantize)
-            return Planned(name, data, requantize, decoded, reference, "requantized")
-        return Planned(
-            name,
-            blocks.data,
-            blocks.ggml_type,
-            blocks.values,
-            reference,
-            "codes",
-            blocks.scale_change,
-            blocks.offset_change,
-        )
-    if weight.dim() >= 2 and kmix is not None:  # a float weight, encoded by the mix
-        ggml_type, data, decoded = encode_weight(name, reference, kmix)
-        return Planned(name, data, ggml_type, decoded, reference, "encoded")
-    if weight.dim() >= 2:
-        half = reference.astype(np.float16)
-        return Planned(name, half, "F16", half.astype(np.float32), reference, "f16")
-    return Planned(name, reference.copy(), "F32", reference.copy(), reference, "f32")
-
-
-def _kmix(model: nn.Module, config: Any, mix: str, importance: dict[str, Any] | None) -> KMix:
-    embed = model.get_input_embeddings()  # type: ignore[operator]
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    tied = head is None or head.weight is embed.weight
-    name = "token_embd.weight" if tied else "output.weight"
-    return KMix(mix, int(config.num_hidden_layers), name, dict(importance or {}))
-
-
-def plan_tensors(
-    model: nn.Module,
-    config: Any,
-    requantize: str | None,
-    importance: dict[str, Any] | None = None,
-) -> list[Planned]:
-    """Every tensor of the GGUF file, in llama.cpp's order and layout; ``requantize`` a k-quant
-    mix (:data:`MIXES`): every weight without exact codes encoded by the mix, rounding weighted
-    by ``importance`` (per-input, by GGUF name: :func:`read_imatrix`)."""
-    kmix = _kmix(model, config, requantize, importance) if requantize in MIXES else None
-    heads = int(config.num_attention_heads)
-    kv = int(_get(config, "num_key_value_heads", heads))
-    modules = dict(model.named_modules())
-    embed = model.get_input_embeddings()  # type: ignore[operator]
-    planned: list[Planned] = []
-    seen: set[int] = set()
-    refused: list[str] = []
-    names = {id(m): n for n, m in model.named_modules()}
-    for hf, param in model.named_parameters(remove_duplicate=False):
-        owner, _, leaf = hf.rpartition(".")
-        module = modules[owner]
-        if param.data_ptr() in seen and param.numel():  # the tied LM head: token_embd only
-            continue
-        seen.add(param.data_ptr())
-        if leaf == "weight" and module is embed and get_state(module, "weight") is None:
-            head = model.get_output_embeddings()  # type: ignore[operator]
-            if head is not None and head.weight is param and get_state(head, "weight"):
-                module = head  # a tied pair whose state the LM head holds
-        try:
-            item = _plan_weight(hf, names[id(module)], module, param, requantize, kmix)
-        except _Refused as exc:
-            refused.append(str(exc))
-            continue
-        if ".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf:
-            n = heads if ".q_proj." in hf else kv
-            item.data = permute_rows(item.data, n)
-            item.values = permute_rows(item.values, n)
-            item.reference = permute_rows(item.reference, n)
-        planned.append(item)
-    if refused:
-        more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
-        raise UnsupportedModelError(
-            f"{len(refused)} quantized weights have no exact GGUF block type: "
-            + "; ".join(refused[:3])
-            + f"{more}. GGUF stores groups of 32 columns (or whole rows / multiples of 32) at"
-            " 2-5 bits (Q4_0, Q4_1, Q5_0, Q5_1) and symmetric 6-8 bits (Q8_0). Re-compress with"
-            " a GGUF preset (gguf-q4_0-gptq, gguf-q4_1-gptq, gguf-q8_0-rtn), or pass"
-            " --requantize TYPE (Q8_0, Q5_1, Q4_0, F16, ...) to quantize their values again"
-        )
-    return planned
-
-
-# --- metadata ------------------------------------------------------------------------------
-
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-
-
-def _looks_special(token: str) -> bool:
-    """llama.cpp's ``does_token_look_special``: added tokens marked non-special that are."""
-    return (
-        token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-        or (token.startswith("<|") and token.endswith("|>"))
-        or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
-        or (token.startswith("<unused") and token.endswith(">"))
-    )
-
-
-def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` for a ``tokenizer.json`` pre-tokenizer: the name of
-    the rule that splits the same way (``smollm``: digits one by one then GPT-2's byte-level
-    regex; ``gpt-2``; ``llama-bpe``: Llama 3's regex), else ``default``."""
-    if not pre:
-        return "default"
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
-    if byte_level is None or byte_level.get("add_prefix_space"):
-        return "default"
-    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
-        return "gpt-2"
-    if (
-        kinds == ["Digits", "ByteLevel"]
-        and steps[0].get("individual_digits")
-        and byte_level.get("use_regex", True)
-    ):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True):
-        from slimtorch.models.gguf_tokenizer import LLAMA3_REGEX
-
-        if steps[0].get("pattern", {}).get("Regex") == LLAMA3_REGEX:
-            return "llama-bpe"
-    return "default"
-
-
-def find_tokenizer(model: nn.Module, given: str | Path | None = None) -> Path | None:
-    """``tokenizer.json`` of the model: ``given``, the one its info records, or the one in the
-    directory it was loaded from; None if there is none."""
-    from slimtorch.calibrate.text import tokenizer_file
-
-    spec = str(given) if given else model_info(model).tokenizer
-    if spec:
-        return tokenizer_file(spec)
-    where = getattr(getattr(model, "config", None), "_name_or_path", None)
-    path = Path(str(where)) / "tokenizer.json" if where else None
-    return path if path is not None and path.is_file() else None
-
-
-def _token_id(entry: Any, ids: dict[str, int]) -> int | None:
-    content = entry.get("content") if isinstance(entry, dict) else entry
-    return ids.get(content) if isinstance(content, str) else None
-
-
-def tokenizer_metadata(path: Path, vocab_size: int) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` values of a byte-level BPE ``tokenizer.json`` (and the
-    ``tokenizer_config.json`` beside it), as llama.cpp's ``_set_vocab_gpt2`` and
-    ``SpecialVocab`` write them: ids the vocabulary lacks up to ``vocab_size`` become
-    ``[PAD<i>]`` tokens of type UNUSED."""
-    import json
-
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    bpe = spec.get("model") or {}
-    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise UnsupportedModelError(
-            f"{path} is not a byte-level BPE tokenizer (model {bpe.get('type')!r}); --to gguf"
-            " writes GPT-2-style BPE vocabularies (llama.cpp's gpt2 tokenizer model) only"
-        )
-    ids: dict[str, int] = dict(bpe.get("vocab") or {})
-    added = {a["content"]: a for a in spec.get("added_tokens") or []}
-    for content, a in added.items():
-        ids[content] = int(a["id"])
-    if ids and max(ids.values()) >= vocab_size:
-        raise UnsupportedModelError(
-            f"{path} has token id {max(ids.values())}, beyond the model's {vocab_size}-token"
-            " vocabulary: it is not this model's tokenizer"
-        )
-    by_id = {i: t for t, i in ids.items()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = by_id.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(UNUSED)
-        elif token in added:
-            special = bool(added[token].get("special")) or _looks_special(token)
-            tokens.append(token)
-            types.append(CONTROL if special else USER_DEFINED)
-        else:
-            tokens.append(token)
-            types.append(NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges") or []]
-    meta: dict[str, Any] = {
-        "model": "gpt2",
-        "pre": pre_tokenizer_name(spec.get("pre_tokenizer")),
-        "tokens": tokens,
-        "token_type": types,
-        "merges": merges,
-    }
-    config_file = path.parent / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-        found = _token_id(config.get(f"{role}_token"), ids)
-        if found is not None:
-            meta[f"{key}_token_id"] = found
-    if "add_bos_token" in config:
-        meta["add_bos_token"] = bool(config["add_bos_token"])
-    if "add_eos_token" in config:
-        meta["add_eos_token"] = bool(config["add_eos_token"])
-    if "add_prefix_space" in config:
-        meta["add_space_prefix"] = bool(config["add_prefix_space"])
-    template = config.get("chat_template")
-    jinja = path.parent / "chat_template.jinja"
-    if not template and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    if isinstance(template, str) and template:
-        meta["chat_template"] = template
-    if vocab_size == 49152:  # llama.cpp's LlamaModel.set_vocab does this for 49,152-token vocabs
-        meta["add_bos_token"] = False
-    return meta
-
-
-def _file_type(planned: list[Planned]) -> str:
-    counts = Counter(p.ggml_type for p in planned if p.name.startswith("blk.") and p.data.ndim == 2)
-    return counts.most_common(1)[0][0] if counts else "F32"
-
-
-def _write_metadata(
-    writer: Any,
-    config: Any,
-    name: str,
-    planned: list[Planned],
-    tok: dict[str, Any] | None,
-    mix: str | None = None,
-) -> str:
-    gguf = gguf_module()
-    heads = int(config.num_attention_heads)
-    hidden = int(config.hidden_size)
-    head_dim = int(_get(config, "head_dim", hidden // heads))
-    theta, scaling = _rope(config)
-    writer.add_type("model")
-    writer.add_name(name)
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(int(config.num_hidden_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(int(_get(config, "num_key_value_heads", heads)))
-    writer.add_rope_freq_base(theta)
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    if head_dim != hidden // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    file_type = mix or _file_type(planned)
-    writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[file_type]]))
-    writer.add_vocab_size(int(config.vocab_size))
-    writer.add_rope_dimension_count(head_dim)
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
-    if tok is not None:
-        writer.add_tokenizer_model(tok["model"])
-        writer.add_tokenizer_pre(tok["pre"])
-        writer.add_token_list(tok["tokens"])
-        writer.add_token_types(tok["token_type"])
-        if tok["merges"]:
-            writer.add_token_merges(tok["merges"])
-        for key, add in (
-            ("bos_token_id", writer.add_bos_token_id),
-            ("eos_token_id", writer.add_eos_token_id),
-            ("unknown_token_id", writer.add_unk_token_id),
-            ("padding_token_id", writer.add_pad_token_id),
-            ("add_bos_token", writer.add_add_bos_token),
-            ("add_eos_token", writer.add_add_eos_token),
-            ("add_space_prefix", writer.add_add_space_prefix),
-            ("chat_template", writer.add_chat_template),
-        ):
-            if key in tok:
-                add(tok[key])
-    writer.add_quantization_version(QUANTIZATION_VERSION)
-    return file_type
-
-
-def _llama3_factors(config: Any, scaling: dict[str, Any]) -> np.ndarray:
-    """llama.cpp's ``rope_freqs`` tensor for a ``llama3`` rope scaling (its converter's loop)."""
-    import math
-
-    theta, _ = _rope(config)
-    heads = int(config.num_attention_heads)
-    dim = int(_get(config, "head_dim", int(config.hidden_size) // heads))
-    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    factor = float(scaling.get("factor", 8.0))
-    low, high = (
-        float(scaling.get("low_freq_factor", 1.0)),
-        float(scaling.get("high_freq_factor", 4.0)),
-    )
-    orig = float(scaling.get("original_max_position_embeddings", 8192))
-    out = []
-    for freq in freqs.tolist():
-        wavelen = 2 * math.pi / freq
-        if wavelen < orig / high:
-            out.append(1.0)
-        elif wavelen > orig / low:
-            out.append(factor)
-        else:
-            smooth = (orig / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
-
-
-# --- writing and checking ------------------------------------------------------------------
-
-
-def _write(
-    path: Path,
-    model: nn.Module,
-    config: Any,
-    planned: list[Planned],
-    tok: Any,
-    mix: str | None = None,
-) -> str:
-    gguf = gguf_module()
-    writer = gguf.GGUFWriter(str(path), "llama")
-    try:
-        name = str(model_info(model).source or type(model).__name__)
-        file_type = _write_metadata(writer, config, name, planned, tok, mix)
-        _, scaling = _rope(config)
-        if scaling.get("rope_type", scaling.get("type")) == "llama3":
-            factors = _llama3_factors(config, scaling)
-            planned.append(Planned("rope_freqs.weight", factors, "F32", factors, factors, "f32"))
-        for p in planned:
-            raw = None if p.ggml_type in ("F32", "F16") else gguf.GGMLQuantizationType[p.ggml_type]
-            writer.add_tensor(p.name, p.data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    except BaseException:
-        writer.close()
-        raise
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    return file_type
-
-
-def verify_file(path: Path, planned: list[Planned]) -> dict[str, Any]:
-    """Read ``path`` back with ``gguf.GGUFReader``: every tensor must decode to exactly the
-    values intended; returns the largest difference from the model's weights per GGUF type."""
-    gguf = gguf_module()
-    reader = gguf.GGUFReader(str(path))
-    tensors = {t.name: t for t in reader.tensors}
-    if (
-        set(tensors) != {p.name for p in planned}
-        or reader.fields["general.architecture"].contents() != "llama"
-    ):
-        raise UnsupportedModelError(f"{path} does not hold the tensors written; report this bug")
-    diff: dict[str, float] = {}
-    for p in planned:
-        t = tensors[p.name]
-        if t.tensor_type.name != p.ggml_type:
-            raise UnsupportedModelError(
-                f"{p.name} reads back as {t.tensor_type.name}, not {p.ggml_type}"
-            )
-        got = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        got = got.reshape(p.values.shape)
-        if not np.array_equal(got, p.values):
-            raise UnsupportedModelError(
-                f"{p.name} ({p.ggml_type}) decodes to other values than written (up to"
-                f" {float(np.abs(got - p.values).max()):.3g}); report this bug"
-            )
-        key = f"{p.ggml_type} ({p.how})"
-        change = float(np.abs(got - p.reference).max()) if got.size else 0.0
-        diff[key] = max(diff.get(key, 0.0), change)
-    return diff
-
-
-def llama_cpp_check(path: Path, model: nn.Module, ids: Sequence[int]) -> dict[str, Any]:
-    """Load ``path`` in llama.cpp (llama-cpp-python) and compare its logits on ``ids`` with
-    ``model``'s: top-1 agreement, max / mean abs difference, mean KL divergence (model || llama.cpp)."""
-    from llama_cpp import Llama
-
-    ids = [int(i) for i in ids]
-    llm = Llama(
-        model_path=str(path),
-        logits_all=True,
-        n_ctx=max(len(ids), 32),
-        n_batch=max(len(ids), 32),
-        n_threads=1,
-        verbose=False,
-    )
-    try:
-        llm.eval(ids)
-        got = torch.tensor(np.asarray(llm.scores[: len(ids)], dtype=np.float32))
-    finally:
-        close = getattr(llm, "close", None)
-        if callable(close):
-            close()
-    with torch.inference_mode():
-        want = model.eval()(torch.tensor([ids]), use_cache=False).logits[0].to(torch.float32)
-    logp, logq = torch.log_softmax(want, -1), torch.log_softmax(got, -1)
-    kld = (logp.exp() * (logp - logq)).sum(-1)
-    return {
-        "tokens": len(ids),
-        "top1_agreement": float((want.argmax(-1) == got.argmax(-1)).float().mean()),
-        "max_abs_logit_diff": float((want - got).abs().max()),
-        "mean_abs_logit_diff": float((want - got).abs().mean()),
-        "kld_mean": float(kld.mean()),
-        "kld_max": float(kld.max()),
-        "logit_scale": float(want.abs().max()),
-    }
-
-
-def _example_ids(inputs: Sequence[Any]) -> list[int]:
-    first = inputs[0] if inputs else None
-    if not isinstance(first, torch.Tensor) or first.dtype not in (torch.int64, torch.int32):
-        raise UserInputError("--to gguf checks the file on token ids: give inputs=(ids,)")
-    return [int(i) for i in first.reshape(-1, first.shape[-1])[0].tolist()]
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
@@ -685,6 +179,7 @@ def export_gguf(
         )
     importance = read_imatrix(imatrix) if imatrix is not None else None
     config = check_model(model)
+    refuse_runtime_modules(model)
     path = Path(out)
     _check_target(path, overwrite)
     ids = _example_ids(inputs)
@@ -747,52 +242,6 @@ def export_gguf(
     }
     log.info("exported %s to %s (%s)", type(model).__name__, path, file_type)
     return report
-
-
-def _as_written(model: nn.Module, config: Any, planned: list[Planned]) -> nn.Module:
-    """``model``, or a copy computing with the values the file holds where weights were
-    quantized again (``requantized`` / ``encoded``): what llama.cpp's logits should match."""
-    changed = {p.name: p for p in planned if p.how in ("requantized", "encoded")}
-    if not changed:
-        return model
-    import copy
-
-    from slimtorch.models.gguf import unpermute
-
-    heads = int(config.num_attention_heads)
-    kv = int(_get(config, "num_key_value_heads", heads))
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for hf, param in twin.named_parameters(remove_duplicate=False):
-            p = changed.get(gguf_name(hf))
-            if p is None:
-                continue
-            values = torch.from_numpy(np.ascontiguousarray(p.values))
-            if ".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf:
-                values = unpermute(values, heads if ".q_proj." in hf else kv)
-            param.copy_(values.reshape(param.shape).to(param.dtype))
-    return twin
-
-
-def _fallbacks(planned: list[Planned], mix: str | None) -> dict[str, int]:
-    """How many weights of a k-quant mix took llama.cpp's fallback type (rows not a multiple
-    of 256), by ``"wanted->written"``."""
-    if mix not in MIXES:
-        return {}
-    from slimtorch.export.gguf_mix import mix_type
-
-    out: Counter[str] = Counter()
-    layers = max((int(p.name.split(".")[1]) + 1 for p in planned if p.name.startswith("blk.")),
-                 default=0)  # fmt: skip
-    head = (
-        "output.weight" if any(p.name == "output.weight" for p in planned) else "token_embd.weight"
-    )
-    for p in planned:
-        if p.how in ("encoded", "requantized") and p.data.ndim == 2:
-            wanted = mix_type(mix, p.name, layers, p.name == head)
-            if wanted != p.ggml_type:
-                out[f"{wanted}->{p.ggml_type}"] += 1
-    return dict(sorted(out.items()))
 
 
 def _gguf_version() -> str | None:

@@ -29,6 +29,7 @@ from torch import nn
 from slimtorch.calibrate.text import tokenizer_file
 from slimtorch.core.errors import UnsupportedModelError, UserInputError
 from slimtorch.core.info import model_info
+from slimtorch.export.checks import refuse_runtime_modules
 from slimtorch.formats.atomic import check_target, fsync_tree, swap_into_place, temp_sibling
 from slimtorch.formats.state import iter_states
 from slimtorch.graph.hf_attention import find_attention
@@ -209,6 +210,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, overwrite: bool = False) ->
 
     Compressed weights (masks, quantization states) are written as their effective float
     values: the directory is a plain transformers model."""
+    refuse_runtime_modules(model)
     cfg = hf_config_for(model)
     path = Path(out_dir)
     check_target(path, overwrite)

@@ -27,6 +27,7 @@ class ExportOptions:
     decode: str = "load"  # onnx: "load" decodes low-bit weights at load time, "run" at every run
     static: bool = False  # onnx: fixed input shapes (default: dynamic batch and sequence axes)
     requantize: str | None = None  # gguf: the GGUF type for grids with no exact block type
+    imatrix: str | Path | None = None  # gguf: importances weighting a k-quant mix's rounding
     force: bool = False  # replace ``out`` if it exists
     model: str | None = None  # the architecture of an artifact of a Python factory (a model spec)
     trust_factory: bool = False  # let the artifact's recorded factory run (trusted files only)
@@ -38,7 +39,7 @@ def export_dir(
     """Load the artifact at ``path`` and export it to ``to`` at ``out``; the exporter's report."""
     from slimtorch import api
     from slimtorch.calibrate.inputs import example_inputs
-    from slimtorch.core.errors import UnsupportedModelError, UserInputError
+    from slimtorch.core.errors import ConfigError, UnsupportedModelError, UserInputError
     from slimtorch.core.info import model_info
     from slimtorch.models.registry import load_model
 
@@ -47,6 +48,16 @@ def export_dir(
         raise UserInputError(f"--batch must be at least 1, got {options.batch}")
     if options.requantize is not None and to != "gguf":
         raise UserInputError(f"--requantize applies to --to gguf, not --to {to}")
+    if options.imatrix is not None and to != "gguf":
+        raise ConfigError(
+            f"--imatrix weights the rounding of a GGUF k-quant mix, not --to {to}: use --to gguf"
+            " --requantize Q4_K_M (or another k-quant), or leave --imatrix out"
+        )
+    if options.imatrix is not None and not Path(options.imatrix).is_file():
+        raise UserInputError(
+            f"imatrix file {options.imatrix} does not exist; give llama-imatrix's .gguf or a"
+            " .safetensors of per-input importances"
+        )
     given = load_model(options.model).model if options.model else None
     model = api.load(api.require_dir(path), model=given, trust_factory=options.trust_factory)
     arch = model_info(model).architecture or {}
@@ -77,6 +88,7 @@ def export_dir(
         "decode": options.decode,
         "static": options.static,
         "requantize": options.requantize,
+        "imatrix": options.imatrix,
     }
     taken = {k: v for k, v in all_options.items() if k in options_of(to)}
     return export(model, to, out, inputs=inputs, overwrite=options.force, **taken)

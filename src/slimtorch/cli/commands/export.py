@@ -69,7 +69,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="TYPE",
         help="--to gguf: quantize weights whose grid has no exact GGUF block type again into"
         " TYPE (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16, F32); default: refuse them, naming"
-        " the layer",
+        " the layer. A k-quant mix (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, or one type for all: Q4_K,"
+        " Q5_K, Q6_K) encodes every weight without exact codes as llama.cpp's mix does",
+    )
+    p.add_argument(
+        "--imatrix",
+        metavar="FILE",
+        help="--to gguf with a k-quant --requantize: weight the rounding by importances"
+        " (llama-imatrix's .gguf, or a .safetensors of per-input importances)",
     )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_trust(p)
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         decode=args.decode,
         static=args.static,
         requantize=args.requantize,
+        imatrix=args.imatrix,
         force=args.force,
         model=args.model,
         trust_factory=args.trust_factory,
