@@ -73,7 +73,7 @@ def test_merge_builtin_with_artifacts_and_load(tmp_path: Path) -> None:
 
 def test_bad_config_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [{"model": BASE}]}))
+    path.write_text(yaml.safe_dump({"merge_method": "breadcrumbs", "models": [{"model": BASE}]}))
     with pytest.raises(ConfigError, match="not supported"):
         cmd_merge.run(_args(str(path), "--out", str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()

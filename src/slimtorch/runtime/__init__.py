@@ -23,6 +23,7 @@ from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available, quantize
 from slimtorch.runtime.int8_weight import Int8WeightOnlyLinear
 from slimtorch.runtime.lowrank import LowRankConv2d, LowRankLinear
 from slimtorch.runtime.moe import UnfusedExperts
+from slimtorch.runtime.rnn_int8 import Int8DynamicGRU, Int8DynamicLSTM
 from slimtorch.runtime.sparse24 import SemiStructuredLinear, use_semi_structured
 
 RUNTIME_MODULES: Registry[type[nn.Module]] = Registry("runtime module")
@@ -40,6 +41,8 @@ RUNTIME_MODULES.add("SemiStructuredLinear", SemiStructuredLinear)
 RUNTIME_MODULES.add("OnlineHadamardLinear", OnlineHadamardLinear)  # H-ROT
 RUNTIME_MODULES.add("ActQuantLinear", ActQuantLinear)  # H-ROT
 RUNTIME_MODULES.add("UnfusedExperts", UnfusedExperts)
+RUNTIME_MODULES.add("Int8DynamicLSTM", Int8DynamicLSTM)  # H-RNN
+RUNTIME_MODULES.add("Int8DynamicGRU", Int8DynamicGRU)  # H-RNN
 
 __all__ = [
     "RUNTIME_MODULES",
@@ -49,6 +52,8 @@ __all__ = [
     "FusedIdentity",
     "FusedLayer",
     "Int4WeightOnlyLinear",
+    "Int8DynamicGRU",
+    "Int8DynamicLSTM",
     "Int8DynamicLinear",
     "Int8WeightOnlyLinear",
     "LowRankConv2d",
