@@ -142,7 +142,10 @@ def test_load_time_decode_is_exact_small_and_has_no_dequantize(tmp_path, recipe)
 @pytest.mark.slow
 def test_tiny_llama_int4_and_int8(tmp_path) -> None:
     x = torch.randint(0, 128, (1, 8))
-    report, proto = _export(tiny_llama(layers=1, std=0.1), INT4, x, tmp_path, decode="run")
+    # static: on a 1-layer model the dynamic-shape nodes would be a visible share of the file
+    report, proto = _export(
+        tiny_llama(layers=1, std=0.1), INT4, x, tmp_path, decode="run", static=True
+    )
     assert "MatMulNBits" in _ops(proto) and report["tolerance_used"] <= 1
     assert report["dense_float_bytes"] / report["bytes"] > 1.8
     report8, _ = _export(tiny_llama(layers=1, std=0.1), INT8, x, tmp_path / "b")
