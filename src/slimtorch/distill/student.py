@@ -23,7 +23,7 @@ from torch import nn
 from slimtorch.core.errors import ConfigError, UnsupportedModelError
 from slimtorch.core.info import update_info
 from slimtorch.distill.trainer import HiddenPair, get_module
-from slimtorch.graph.weights import replace_module
+from slimtorch.graph.surgery import keep_blocks
 from slimtorch.models.hf import hf_architecture
 
 __all__ = [
@@ -35,9 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-_PER_LAYER_KEYS = ("layer_types",)
 
 
 def _numel(module: nn.Module) -> int:
@@ -87,27 +84,6 @@ def check_keep(keep: Sequence[int], count: int) -> list[int]:
     return out
 
 
-def _renumber(blocks: nn.ModuleList) -> None:
-    """Set ``layer_idx`` (used by Hugging Face KV caches) to each block's new position."""
-    for i, block in enumerate(blocks):
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                setattr(module, "layer_idx", i)  # noqa: B010
-
-
-def _update_config(model: nn.Module, keep: list[int], old_count: int) -> None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    for key in _LAYER_COUNT_KEYS:
-        if getattr(config, key, None) == old_count:
-            setattr(config, key, len(keep))
-    for key in _PER_LAYER_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, list) and len(value) == old_count:
-            setattr(config, key, [value[i] for i in keep])
-
-
 def refresh_architecture(model: nn.Module) -> None:
     """Record the model's current architecture so that its artifact rebuilds this shape."""
     arch = hf_architecture(model)
@@ -128,10 +104,7 @@ def shrink_layers(model: nn.Module, keep: Sequence[int], layers: str | None = No
     """
     name, blocks = _layer_list(model, layers)
     kept = check_keep(keep, len(blocks))
-    new = nn.ModuleList([blocks[i] for i in kept])
-    _renumber(new)
-    replace_module(model, name, new)
-    _update_config(model, kept, len(blocks))
+    keep_blocks(model, name, kept)  # renumbers layer_idx, cuts the config's layer count/lists
     refresh_architecture(model)
     before, after = len(blocks), len(kept)
     log.info("kept layers %s of %d in %r (%d -> %d)", kept, before, name, before, after)
