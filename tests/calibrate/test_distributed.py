@@ -78,6 +78,11 @@ def test_one_message_names_the_rank_that_failed_first(tmp_path: Path) -> None:
     log += "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 8411)  (SIGKILL)\n"
     assert failure(tmp_path, log, 2) == (
         "rank 1 of 2 was killed by signal 9; the job stopped and wrote no artifact", 1)  # fmt: skip
+    both = "Failures:\n[1]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 8411)\n"
+    both += "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n"
+    both += "  exitcode  : -6 (pid: 8410)\n"  # rank 0 aborted on the lost peer, observed first
+    assert failure(tmp_path, both, 2)[0].startswith("rank 1 of 2 was killed by signal 9")
+    assert failure(tmp_path, both.replace("-9", "-15"), 2)[0].startswith("rank 0 of 2 was ")
     peer = {"rank": 0, "message": "rank 0: all_reduce failed", "kind": "peer", "at": 1.0}
     (tmp_path / "rank0.json").write_text(json.dumps(peer))
     assert "signal 9" in failure(tmp_path, log, 2)[0]  # a peer's failure is a consequence

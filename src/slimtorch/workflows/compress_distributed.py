@@ -115,14 +115,27 @@ def failure(errors: Path, log: str, nproc: int) -> tuple[str, int]:
         first = min(own, key=lambda e: (e["at"], e["rank"]))
         code = 2 if first["kind"] == "input" else 1
         return f"rank {first['rank']} of {nproc} failed: {first['message']}", code
-    root = log.rpartition("Root Cause")[2]  # torchrun's summary: the first failure observed
-    seen = re.findall(r"^\s*rank\s*:\s*(\d+).*?^\s*exitcode\s*:\s*(-?\d+)", root, re.S | re.M)
+    seen = _torchrun_failures(log)
     if seen:
-        rank, status = int(seen[0][0]), int(seen[0][1])
+        # a survivor that aborts (gloo's SIGABRT on a lost peer) or is terminated by torchrun
+        # can be observed before the rank that caused it: a rank that died otherwise goes first
+        rank, status = next(((r, s) for r, s in seen if s not in CONSEQUENT), seen[0])
         how = f"was killed by signal {-status}" if status < 0 else f"exited with {status}"
         return f"rank {rank} of {nproc} {how}; the job stopped and wrote no artifact", 1
     tail = " | ".join(line for line in log.strip().splitlines()[-3:])
     return f"the distributed run failed; no artifact written (last output: {tail})", 1
+
+
+CONSEQUENT = (-6, -15)  # SIGABRT, SIGTERM
+
+
+def _torchrun_failures(log: str) -> list[tuple[int, int]]:
+    """(rank, exit status) of every failure in torchrun's last summary, its root cause first."""
+    summary = log.rpartition("Failures:")[2] if "Failures:" in log else log
+    others, _, root = summary.rpartition("Root Cause")
+    pattern = r"^\s*rank\s*:\s*(\d+).*?^\s*exitcode\s*:\s*(-?\d+)"
+    found = re.findall(pattern, root, re.S | re.M) + re.findall(pattern, others, re.S | re.M)
+    return [(int(rank), int(status)) for rank, status in found]
 
 
 def _drop_partial(out: Path) -> None:
