@@ -60,3 +60,36 @@ def test_extract_writes_a_peft_adapter_that_rebuilds_the_fine_tune(tmp_path: Pat
     assert transformers is not None
     with pytest.raises(ConfigError, match="not empty"):
         extract_lora(str(tmp_path / "a"), str(tmp_path / "b"), tmp_path / "lora")
+
+
+def test_extract_lora_cli_writes_whole_and_refuses_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`slimtorch extract-lora` (mergekit-extract-lora's flags): exit 0 and an adapter smaller
+    than the fine-tune; exit 2 and nothing written for a taken directory, a bad rank, or
+    models that are not a fine-tune of one another; --force replaces only an adapter."""
+    pytest.importorskip("transformers")
+    from test_merge_slices import tiny_llama_dirs
+
+    from slimtorch.cli.main import main
+
+    tiny_llama_dirs(tmp_path)
+    args = ["extract-lora", "--model", str(tmp_path / "b"), "--base-model", str(tmp_path / "a")]
+    out = tmp_path / "lora"
+    assert main([*args, "--out-path", str(out), "--max-rank", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rank"] == 2 and 0 < report["adapter_bytes"] < 2 * report["model_bytes"]
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    first = (out / "adapter_model.safetensors").read_bytes()
+    assert main([*args, "--out-path", str(out), "--max-rank", "4"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").read_bytes() == first  # untouched
+    assert main([*args, "--out-path", str(out), "--max-rank", "4", "--force"]) == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != first
+    assert main([*args, "--out-path", str(tmp_path / "x"), "--max-rank", "0"]) == 2
+    assert main([*args, "--out-path", str(tmp_path / "a"), "--force"]) == 2  # a model
+    assert "not a LoRA adapter" in capsys.readouterr().err
+    other = ["extract-lora", "--model", str(tmp_path / "b"), "--base-model", str(out)]
+    assert main([*other, "--out-path", str(tmp_path / "y")]) == 2
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert "x" not in left and "y" not in left and not any(n.startswith(".") for n in left)

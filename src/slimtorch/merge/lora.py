@@ -14,6 +14,8 @@ used, ``lora_alpha = r`` so that the scale is 1, ``rank_pattern``/``alpha_patter
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from slimtorch.core.errors import ConfigError
+from slimtorch.formats.atomic import fsync_tree, temp_sibling
 from slimtorch.merge.stream import open_source
 
 _FULL = ("embed", "wte", "wpe", "lm_head", "word_embeddings", "shared")
@@ -60,11 +63,12 @@ def extract_lora(
     rank: int = 32,
     distribute_scale: bool = True,
     sv_epsilon: float = 0.0,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Write the PEFT adapter that turns ``base`` into (about) ``tuned``; facts about it."""
+    """Write the PEFT adapter that turns ``base`` into (about) ``tuned``; facts about it.
+    The directory appears whole or not at all; ``force`` replaces an earlier adapter there."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty; choose a new directory")
+    _check_out(out, force)
     b, t = open_source(base), open_source(tuned)
     try:
         if set(b.infos) != set(t.infos):
@@ -101,7 +105,37 @@ def extract_lora(
         "rank_pattern": different, "alpha_pattern": different, "lora_dropout": 0.0,
         "fan_in_fan_out": False, "inference_mode": True,
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out)
+    try:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        fsync_tree(tmp)
+        if out.exists():
+            shutil.rmtree(out)  # an adapter (checked above): replaced only with force
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "rank": r, "lora_modules": len(ranks), "full_tensors": len(full)}
+
+
+_ADAPTER = {"adapter_model.safetensors", "adapter_config.json"}
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """``out`` may be new, an empty directory, or (with ``force``) an earlier adapter."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory; choose a new directory")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return
+    if not force:
+        raise ConfigError(f"{out} exists and is not empty; choose a new directory or --force")
+    if not names <= _ADAPTER:
+        raise ConfigError(
+            f"{out} holds files that are not a LoRA adapter ({sorted(names - _ADAPTER)[:3]});"
+            " refusing to replace it even with --force: choose a new directory"
+        )
