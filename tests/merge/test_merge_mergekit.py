@@ -69,13 +69,13 @@ def test_linear_and_slerp() -> None:
 def test_yaml_file_and_ignored_keys_warn(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text(
-        yaml.safe_dump(_cfg(tokenizer_source="base", parameters={"int8_mask": True, "weight": 1}))
+        yaml.safe_dump(_cfg(chat_template="chatml", parameters={"int8_mask": True, "weight": 1}))
     )
     with pytest.warns(UserWarning) as record:
         cfg = load_config(path)
     messages = " ".join(str(w.message) for w in record)
-    assert "tokenizer_source" in messages and "int8_mask" in messages
-    assert cfg.inputs[1].weight == 0.7
+    assert "chat_template" in messages and "int8_mask" in messages
+    assert cfg.inputs[1].weight == 0.7 and cfg.tokenizer_source is None
 
 
 @pytest.mark.parametrize(

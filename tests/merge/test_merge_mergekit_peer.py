@@ -192,3 +192,68 @@ def test_extract_lora_bit_identical_to_mergekit(tmp_path: Path) -> None:
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "a")
     merged = peft.PeftModel.from_pretrained(model, tmp_path / "st").merge_and_unload()
     assert merged(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+
+
+@pytest.mark.parametrize(
+    "tokenizer",
+    [
+        {"tokenizer_source": "union"},
+        {"tokenizer_source": "base"},
+        {"tokenizer": {"source": "union", "pad_to_multiple_of": 32}},
+        {
+            "tokenizer": {
+                "source": "union",
+                "tokens": {
+                    "t3": {"source": "B", "force": True},
+                    "u0": {"source": {"kind": "zero"}},
+                },
+            }
+        },
+    ],
+    ids=["union", "base", "padded", "tokens"],
+)
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_vocabulary_union_same_rows_as_mergekit(
+    tmp_path: Path, tokenizer: dict[str, Any], method: str
+) -> None:
+    """tokenizer_source union/base/tokens/padding: every token's rows equal mergekit's (mergekit
+    numbers the tokens a union adds in a per-process hash order, so rows are compared by token)."""
+    from test_merge_vocab import two_vocab_models, union_config
+
+    run_yaml = pytest.importorskip("mergekit.scripts.run_yaml").main
+    transformers = pytest.importorskip("transformers")
+    two_vocab_models(tmp_path)
+    cfg = union_config(
+        tmp_path,
+        **json.loads(json.dumps(tokenizer).replace('"B"', json.dumps(str(tmp_path / "b")))),
+    )
+    if "tokenizer" in tokenizer:
+        del cfg["tokenizer_source"]
+    cfg["merge_method"] = method
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    with contextlib.redirect_stderr(io.StringIO()):
+        run_yaml.main(
+            [str(path), str(tmp_path / "mk"), "--no-cuda", "--quiet"], standalone_mode=False
+        )
+    merge_to_dir(parse_config(cfg), tmp_path / "st", force=True)
+    vocabs = {
+        d: transformers.AutoTokenizer.from_pretrained(tmp_path / d).get_vocab()
+        for d in ("mk", "st")
+    }
+    assert set(vocabs["mk"]) == set(vocabs["st"])
+    theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
+    ours = load_file(str(tmp_path / "st" / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    n = len(vocabs["st"])
+    for name in ours:
+        if "embed" not in name and "lm_head" not in name:
+            assert torch.equal(ours[name], theirs[name]), name
+            continue
+        assert ours[name].shape == theirs[name].shape, name
+        for token, i in vocabs["st"].items():
+            assert torch.equal(ours[name][i], theirs[name][vocabs["mk"][token]]), (name, token)
+        # padding rows: the mean of the token rows, summed in a different row order
+        assert torch.allclose(ours[name][n:], theirs[name][n:], rtol=0, atol=1e-6), name
+    mk, st = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("mk", "st"))
+    assert mk["vocab_size"] == st["vocab_size"]

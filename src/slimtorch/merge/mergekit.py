@@ -16,9 +16,10 @@ Supported (mergekit 0.1.5 semantics)::
     out_dtype: bfloat16           # store in this dtype (default: the merge dtype)
 
 Parameters must be scalars: mergekit's gradients (lists) and ``filter`` conditions are rejected
-with an error, as are ``slices`` and ``modules``. ``tokenizer_source``, ``tokenizer`` and
-``chat_template`` are ignored with a warning (the base's tokenizer files are copied). Any other
-top-level key is an error. Method-specific shared parameters (``filter_wise``,
+with an error, as are ``slices`` and ``modules``. ``tokenizer_source: union | base | MODEL`` and
+``tokenizer: {source, tokens, pad_to_multiple_of}`` merge models whose vocabularies differ
+(:mod:`slimtorch.merge.tokenizer`); without them the base's tokenizer files are copied.
+``chat_template`` is ignored with a warning. Any other top-level key is an error. Method-specific shared parameters (``filter_wise``,
 ``nuslerp_row_wise``, ``nuslerp_flatten``, ``normalize_weights``, ``eps``, ``max_iter``, ``tol``,
 ``select_topk``) land in ``MergeConfig.options``; DELLA's per-model ``epsilon`` and passthrough's
 ``scale`` in each :class:`MergeInput`. ``rescale`` also accepts ``"density"`` (DARE's paper: divide the kept
@@ -59,8 +60,9 @@ DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
 METHODS: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined]
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
-_IGNORED_KEYS = {"tokenizer_source", "tokenizer", "chat_template"}
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "tokenizer"}  # fmt: skip
+_IGNORED_KEYS = {"chat_template"}
 _UNSUPPORTED_KEYS = {"slices", "modules"}
 _TASK_PARAMS = {"weight", "density", "normalize", "rescale", "lambda", "int8_mask"}
 # per method: (shared parameters, per-model parameters); per-model ones may also be global
@@ -127,6 +129,13 @@ class MergeConfig(StrictModel):
     options: dict[str, float | int | bool] = Field(
         default_factory=dict, description="method-specific shared parameters (mergekit's names)"
     )
+    tokenizer_source: str | None = Field(
+        default=None, description="union, base or a model path: the output vocabulary"
+    )
+    tokens: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="tokenizer.tokens: {TOKEN: {source, force}}"
+    )
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
     @property
     def base_index(self) -> int | None:
@@ -194,8 +203,8 @@ def _check_keys(data: dict[str, Any]) -> None:
         )
     for key in sorted(_IGNORED_KEYS & set(data)):
         warnings.warn(
-            f"merge config key {key!r} is ignored: the tokenizer files of the base (or first)"
-            " model are copied unchanged",
+            f"merge config key {key!r} is ignored: the chat template of the tokenizer files"
+            " written is kept",
             stacklevel=3,
         )
 
@@ -323,6 +332,7 @@ def parse_config(data: Any) -> MergeConfig:
             dtype=_dtype(data.get("dtype"), "dtype"),  # type: ignore[arg-type]
             out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),  # type: ignore[arg-type]
             options={k: v for k, v in glob.items() if k in _OPTION_KEYS},
+            **_tokenizer(data),
         )
     except ValidationError as exc:
         errs = "; ".join(
@@ -335,9 +345,14 @@ def parse_config(data: Any) -> MergeConfig:
 def _sliced(data: dict[str, Any]) -> MergeConfig:
     from slimtorch.merge.slices import parse_slices  # imports the streaming half
 
-    extra = sorted(set(data) & {"models", "base_model", "parameters"})
+    extra = sorted(
+        set(data) & {"models", "base_model", "parameters", "tokenizer_source", "tokenizer"}
+    )
     if extra:
-        raise ConfigError(f"passthrough with `slices` takes no {extra}; put models in the slices")
+        raise ConfigError(
+            f"passthrough with `slices` takes no {extra}: the models go in the slices, which"
+            " must share one vocabulary"
+        )
     slices = parse_slices(data["slices"])
     models = list(dict.fromkeys(s.model for s in slices))
     return MergeConfig(
@@ -347,6 +362,37 @@ def _sliced(data: dict[str, Any]) -> MergeConfig:
         out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),  # type: ignore[arg-type]
         slices=[dict(s.__dict__) for s in slices],
     )
+
+
+def _tokenizer(data: dict[str, Any]) -> dict[str, Any]:
+    """``tokenizer_source`` / ``tokenizer`` as MergeConfig fields (mergekit: ``tokenizer`` wins)."""
+    raw, source = data.get("tokenizer"), data.get("tokenizer_source")
+    if raw is None:
+        return {"tokenizer_source": _source(source)} if source is not None else {}
+    if not isinstance(raw, dict) or set(raw) - {"source", "tokens", "pad_to_multiple_of"}:
+        raise ConfigError(
+            f"`tokenizer` must be a mapping of source, tokens, pad_to_multiple_of; got {raw!r}"
+        )
+    tokens = raw.get("tokens") or {}
+    if not isinstance(tokens, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) and set(v) <= {"source", "force"}
+        for k, v in tokens.items()
+    ):
+        raise ConfigError(
+            "tokenizer.tokens must map each token to {source: MODEL | {kind: zero} |"
+            " {kind: model_token, model: MODEL, token: T | token_id: N}, force: BOOL}"
+        )
+    return {
+        "tokenizer_source": _source(raw.get("source", "union")),
+        "tokens": tokens,
+        "pad_to_multiple_of": raw.get("pad_to_multiple_of"),
+    }
+
+
+def _source(value: Any) -> str:
+    if isinstance(value, str) and value:
+        return value
+    raise ConfigError(f"tokenizer source must be union, base or a model path, got {value!r}")
 
 
 def _slerp_t(glob: dict[str, Any]) -> float:

@@ -48,6 +48,7 @@ from slimtorch.formats.streaming import (
 from slimtorch.merge import methods as M
 from slimtorch.merge.extra import EXTRA_METHODS, kernel_dtype, merge_extra
 from slimtorch.merge.mergekit import MergeConfig
+from slimtorch.merge.tokenizer import VocabPlan, aligned, patch_files, sources_plan
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +202,7 @@ def _mismatch(
     if vocab:
         return ConfigError(
             f"vocabularies differ: {name} has {sa[0]} rows in {a.spec} and {sb[0]} in {b.spec};"
-            " merge only models that share one tokenizer (mergekit's tokenizer_source union is"
-            " unsupported)"
+            " set `tokenizer_source: union` (or base, or a model) to align their vocabularies"
         )
     return ConfigError(
         f"tensor {name!r} has shape {list(sa)} in {a.spec} but {list(sb)} in {b.spec}; all models"
@@ -210,8 +210,11 @@ def _mismatch(
     )
 
 
-def check_compatible(sources: list[TensorSource], ref: TensorSource) -> list[str]:
-    """The tensor names to merge (the reference's order); errors on missing or mismatched ones."""
+def check_compatible(
+    sources: list[TensorSource], ref: TensorSource, vocab: set[str] | None = None
+) -> list[str]:
+    """The tensor names to merge (the reference's order); errors on missing or mismatched ones
+    (the rows of the token tensors in ``vocab`` may differ: they are aligned first)."""
     names = list(ref.infos)
     for src in sources:
         if src is ref:
@@ -225,7 +228,8 @@ def check_compatible(sources: list[TensorSource], ref: TensorSource) -> list[str
                 f" (e.g. {extra[:3]}); merge models of one architecture"
             )
         for n in names:
-            if src.infos[n][0] != ref.infos[n][0]:
+            skip = 1 if vocab and n in vocab else 0
+            if src.infos[n][0][skip:] != ref.infos[n][0][skip:]:
                 raise _mismatch(n, ref, ref.infos[n][0], src, src.infos[n][0])
     return names
 
@@ -306,7 +310,12 @@ def _hf_files(root: Path, out_dtype: str | None, record: dict[str, Any]) -> dict
 
 
 def _writer(
-    ref: TensorSource, config: MergeConfig, out: Path, specs: list[TensorSpec], force: bool
+    ref: TensorSource,
+    config: MergeConfig,
+    out: Path,
+    specs: list[TensorSpec],
+    force: bool,
+    plan: VocabPlan | None = None,
 ) -> StreamingArtifactWriter | StreamingSafetensorsDir:
     record = {"merge": config.model_dump(mode="json"), "inputs": [i.model for i in config.inputs]}
     if ref.kind in ("builtin", "artifact"):
@@ -328,7 +337,7 @@ def _writer(
         if ref.kind == "hf" and ref.root
         else {}
     )
-    return StreamingSafetensorsDir(out, specs, files, overwrite=force)
+    return StreamingSafetensorsDir(out, specs, patch_files(files, plan) if plan else files, force)
 
 
 def merge_to_dir(
@@ -353,17 +362,22 @@ def merge_to_dir(
             sources.append(src)
         ref_index = config.base_index if config.base_index is not None else 0
         ref = sources[ref_index]
-        names = check_compatible(sources, ref)
+        plan, vocab = sources_plan(config, sources, config_dir)
+        names = check_compatible(sources, ref, vocab)
         specs = [
             TensorSpec(
-                n, ref.infos[n][0], output_dtype(config, [s.infos[n] for s in sources], ref_index)
+                n,
+                (plan.size, *ref.infos[n][0][1:]) if plan and n in vocab else ref.infos[n][0],
+                output_dtype(config, [s.infos[n] for s in sources], ref_index),
             )
             for n in names
         ]
         merged = 0
-        with _writer(ref, config, out, specs, force) as writer:
+        with _writer(ref, config, out, specs, force, plan) as writer:
             for n in names:
                 tensors = [s.read(n) for s in sources]
+                if plan and n in vocab:
+                    tensors = aligned(config, plan, tensors)
                 merged += all(t.is_floating_point() for t in tensors)
                 writer.write(n, merge_tensor(config, n, tensors, seed))
                 del tensors
@@ -378,4 +392,5 @@ def merge_to_dir(
         "tensors_copied": len(names) - merged,
         "out": str(out),
         "bytes_on_disk": size,
+        **({"vocab_size": plan.size, "tokenizer_source": config.tokenizer_source} if plan else {}),
     }
