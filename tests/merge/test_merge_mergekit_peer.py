@@ -257,3 +257,36 @@ def test_vocabulary_union_same_rows_as_mergekit(
         assert torch.allclose(ours[name][n:], theirs[name][n:], rtol=0, atol=1e-6), name
     mk, st = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("mk", "st"))
     assert mk["vocab_size"] == st["vocab_size"]
+
+
+@pytest.mark.parametrize(
+    "mode", ["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random"]
+)
+def test_moe_bit_identical_to_mergekit_moe(tmp_path: Path, mode: str) -> None:
+    """`slimtorch moe` and mergekit-moe on the same YAML: every tensor and the config equal
+    (random routers: mergekit draws from the global generator, seeded here as ours is)."""
+    from test_merge_moe import moe_config, moe_models
+
+    from slimtorch.workflows.moe import build_moe
+
+    main = pytest.importorskip("mergekit.scripts.moe").main
+    moe_models(tmp_path)
+    path = tmp_path / "moe.yaml"
+    cfg = moe_config(tmp_path, mode)
+    cfg["experts"][0]["negative_prompts"] = ["t60 t61"]
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    torch.manual_seed(3)
+    with contextlib.redirect_stderr(io.StringIO()):
+        main.main([str(path), str(tmp_path / "mk"), "--no-cuda", "--quiet"], standalone_mode=False)
+    build_moe(path, tmp_path / "st", seed=3)
+    theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
+    ours = load_file(str(tmp_path / "st" / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), (
+            name
+        )
+    mk, st = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("mk", "st"))
+    assert {k: v for k, v in mk.items() if k != "transformers_version"} == {
+        k: v for k, v in st.items() if k != "transformers_version"
+    }

@@ -27,9 +27,11 @@ from slimtorch.cli.commands import (
     inspect,
     merge,
     methods,
+    moe,
     recipes,
     report,
     sensitivity,
+    split,
 )
 from slimtorch.core.errors import UserInputError
 
@@ -52,6 +54,7 @@ COMMANDS: dict[str, Command] = {
     "demo": demo,
     "merge": merge,
     "extract-lora": extract_lora,
+    "moe": moe,
     "distill": distill,
     "export": export,
     "generate": generate,
@@ -59,6 +62,7 @@ COMMANDS: dict[str, Command] = {
     "report": report,
     "auto": auto,
     "methods": methods,
+    "split": split,
 }
 
 

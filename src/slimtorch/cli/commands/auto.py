@@ -58,14 +58,41 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="CPUs each trial reserves (default: its torch threads, 1)",
     )
     p.add_argument("--ray-gpus-per-trial", type=float, default=0.0, help="GPUs each trial reserves")
+    g = p.add_argument_group("per-tensor GGUF types for an LLM (--max-bpw or --to gguf)")
+    g.add_argument("--max-bpw", help="bits per weight of the GGUF file's tensors, e.g. 4.9")
+    g.add_argument("--to", choices=["gguf"], help="choose GGUF types per tensor (a file budget)")
+    g.add_argument("--gguf-types", help="types to choose from (default Q4_0,Q5_0,Q8_0,Q4_K,...)")
+    g.add_argument("--scan-samples", type=int, default=16, help="scan windows of text")
+    g.add_argument("--scan-tokens", type=int, default=256, help="tokens per scan window")
+    g.add_argument("--imatrix", help="llama-imatrix file weighting the rounding (default: own)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return p
+
+
+def _run_bpw(args: argparse.Namespace) -> dict[str, Any]:
+    from slimtorch.core.errors import UserInputError
+    from slimtorch.workflows.auto import BpwJob, auto_bpw
+
+    unused = [f for f in ("max_latency_ms", "max_drop", "profile") if getattr(args, f) is not None]
+    if unused or args.runner != "local":
+        names = ", ".join("--" + f.replace("_", "-") for f in unused) or "--runner ray"
+        raise UserInputError(
+            f"{names} does not apply to the GGUF type plan (--max-bpw / --to gguf): its budgets"
+            " are --max-bpw and --max-size"
+        )
+    job = BpwJob(model=args.model, out=args.out, max_bpw=args.max_bpw, max_size=args.max_size,
+                 data=args.data, types=args.gguf_types, samples=args.scan_samples,
+                 tokens=args.scan_tokens, imatrix=args.imatrix, force=args.force,
+                 seed=args.seed)  # fmt: skip
+    return auto_bpw(job)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``slimtorch auto``; returns the report of OUT (auto.json plus Pareto rows)."""
     from slimtorch.workflows.auto import AutoJob, RaySettings, auto_to_dir
 
+    if args.max_bpw is not None or args.to == "gguf":
+        return _run_bpw(args)
     job = AutoJob(
         model=args.model,
         out=args.out,
@@ -108,8 +135,25 @@ def _row(r: dict[str, Any]) -> str:
     )
 
 
+def _render_bpw(result: dict[str, Any]) -> str:
+    written = result["written"]
+    counts = ", ".join(f"{k} {v}" for k, v in written["tensors"].items())
+    scan = result["scan"]
+    cached = "cached" if scan["fisher_cached"] else "computed"
+    return "\n".join([
+        f"{result['model']}: GGUF type plan, {result['bpw']:.4f} bits per weight"
+        f" (budget {_or(result['budgets']['max_bpw'])}), predicted KLD"
+        f" {result['predicted_kld']:.4g}",
+        f"scan: Fisher {cached}, {scan['tensors_cached']} tensors cached,"
+        f" {scan['scan_seconds']} s",
+        f"wrote {written['out']}: {written['bytes']:,} bytes ({counts})",
+    ])  # fmt: skip
+
+
 def render(result: dict[str, Any]) -> str:
     """Plain-text summary of :func:`run`'s result."""
+    if "written" in result:
+        return _render_bpw(result)
     base, budgets = result["baseline"], result["budgets"]
     lines = [
         f"{result['model']}: {result['status']} after {result['trials']} trials"

@@ -161,6 +161,45 @@ def _render_gguf(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _render_openvino(result: dict[str, Any]) -> str:  # H-OVCM
+    consts = ", ".join(f"{t} {v['bytes']:,} B" for t, v in result["constants"].items())
+    layers = ", ".join(f"{n} x {k}" for k, n in result["runtime_layers"].items())
+    shapes = " and ".join("x".join(map(str, s[0])) for s in result["checked_shapes"])
+    lines = [
+        f"wrote {result['out']} + .bin ({result['bytes']:,} bytes; fp32 IR"
+        f" {result['dense_float_bytes']:,} bytes): constants {consts}",
+        f"OpenVINO CPU plugin (f32, no dynamic activation quantization) matches slimtorch to"
+        f" {result['max_abs_diff']:.3g} (tolerance {result['atol']} + {result['rtol']} x |value|)"
+        f" at input shapes {shapes}; runs {layers}",
+        f"latency (1 thread, median): OpenVINO {result['openvino_ms']:.3f} ms (plugin defaults"
+        f" {result['openvino_default_ms']:.3f} ms, off by {result['openvino_default_max_abs_diff']:.3g}),"
+        f" PyTorch {result['torch_ms']:.3f} ms",
+    ]
+    lines += [f"dense float: {d['param']} ({d['reason']})" for d in result["dense_layers"]]
+    return "\n".join(lines)
+
+
+def _render_coreml(result: dict[str, Any]) -> str:  # H-OVCM
+    kinds: dict[str, int] = {}
+    for w in result["compressed_weights"]:
+        key = (
+            f"LUT {w['lut_entries']} x {w['lut_dtype']} ({w['indices']} indices)"
+            if w["op"] == "constexpr_lut_to_dense"
+            else f"{w['data']} blockwise shift-scale"
+        )
+        kinds[key] = kinds.get(key, 0) + 1
+    lines = [
+        f"wrote {result['out']} ({result['bytes']:,} bytes; fp32 package"
+        f" {result['dense_float_bytes']:,} bytes), ML program iOS18, inputs"
+        f" {result['input_shapes']}",
+        "compressed weights: " + (", ".join(f"{n} x {k}" for k, n in kinds.items()) or "none"),
+        f"read back from disk: {result['decoded_equal']} compressed weights decode exactly to"
+        " slimtorch's; Core ML cannot run on Linux, so the package was not executed here",
+    ]
+    lines += [f"dense float: {d['param']} ({d['reason']})" for d in result["dense_layers"]]
+    return "\n".join(lines)
+
+
 def _shapes(result: dict[str, Any]) -> str:
     axes = result.get("dynamic_axes") or {}
     names = ", ".join(
@@ -179,6 +218,10 @@ def render(result: dict[str, Any]) -> str:
         return _render_ct(result)
     if result["format"] == "gguf":
         return _render_gguf(result)
+    if result["format"] == "openvino":
+        return _render_openvino(result)
+    if result["format"] == "coreml":
+        return _render_coreml(result)
     fits = (
         f"outputs match to {result['max_abs_diff']:.3g}"
         f" (tolerance {result['atol']} + {result['rtol']} x |value|)"
