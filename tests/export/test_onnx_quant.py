@@ -85,7 +85,12 @@ def test_dynamic_int8_runs_integer_matmuls(tmp_path) -> None:
     assert "MatMulInteger" in _ops(proto) and "DynamicQuantizeLinear" not in _ops(proto)
     assert sum(x["op"] == "MatMulInteger" for x in report["lowbit_layers"]) == 7
     assert report["layer_tolerance_used"] <= 1 and report["tolerance_used"] <= 1
-    assert report["dense_float_bytes"] / report["bytes"] > 1.1  # tiny: ~20 nodes per layer dominate
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert not any(n.metadata_props for n in proto.graph.node)  # no stack traces, local paths
+    # 16-wide layers: the int8 graph's quantize nodes outweigh the bytes the codes save, so the
+    # size check takes a model whose weights dominate its file
+    report, _ = _export(_mlp(), DYNAMIC, torch.randn(4, 64), tmp_path / "mlp")
+    assert report["dense_float_bytes"] / report["bytes"] > 2.5
 
 
 @pytest.mark.parametrize("kernel", ["auto", "int_mm"])

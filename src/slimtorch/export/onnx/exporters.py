@@ -86,6 +86,30 @@ def _export_error(model: nn.Module, inputs: tuple[Any, ...], errors: dict[str, E
     )
 
 
+def strip_node_metadata(path: Path) -> None:
+    """Drop the per-node metadata the dynamo exporter writes (each node's Python stack trace
+    with this machine's paths, module hierarchy and FX node: most of a small model's file and
+    nothing any runtime reads); external weight files are left as they are."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    graphs = [proto.graph]
+    found = 0
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            found += len(node.metadata_props)
+            del node.metadata_props[:]
+            graphs += [a.g for a in node.attribute if a.HasField("g")]
+            graphs += [g for a in node.attribute for g in a.graphs]
+    for function in proto.functions:
+        for node in function.node:
+            found += len(node.metadata_props)
+            del node.metadata_props[:]
+    if found:
+        onnx.save(proto, str(path))
+
+
 def _run_exporters(
     model: nn.Module, sig: Signature, path: Path, opset: int | None
 ) -> tuple[str, str | None]:
@@ -124,6 +148,7 @@ def _run_exporters(
             for stale in path.parent.iterdir():
                 stale.unlink()
             continue
+        strip_node_metadata(path)
         reason = _summary(errors["dynamo"]) if errors else None
         if reason:
             log.warning("dynamo ONNX exporter failed (%s); used the TorchScript exporter", reason)
