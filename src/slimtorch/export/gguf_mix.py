@@ -116,20 +116,34 @@ class KMix:
     layers: int
     head: str
     importance: dict[str, np.ndarray] = field(default_factory=dict)
+    # per-tensor GGUF types by GGUF name (``slimtorch auto --max-bpw``'s plan), over the mix
+    types: dict[str, str] = field(default_factory=dict)
 
 
 def encode_weight(name: str, values: np.ndarray, kmix: KMix) -> tuple[str, np.ndarray, np.ndarray]:
     """``(GGUF type, block bytes, decoded float32 values)`` of the weight ``name`` under
-    ``kmix`` (its importance row when the imatrix has one)."""
+    ``kmix`` (its per-tensor type when ``kmix.types`` names it; its importance row when the
+    imatrix has one)."""
+    cols = values.shape[-1]
+    wanted = kmix.types.get(name) or mix_type(kmix.mix, name, kmix.layers, name == kmix.head)
+    ggml_type = fallback(wanted, cols)
+    return encode_typed(name, values, ggml_type, kmix.importance.get(name))
+
+
+def encode_typed(
+    name: str, values: np.ndarray, ggml_type: str, importance: np.ndarray | None = None
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """``(GGUF type, block bytes, decoded float32 values)`` of the weight ``name`` as
+    ``ggml_type`` (:data:`PLAN_TYPES` or F16), rounding weighted by ``importance`` (per input)
+    where the encoder takes one: slimtorch's k-quant / Q4_0 / Q5_0 / Q8_0 encoders; Q4_1 / Q5_1
+    by the gguf package's reference rounding."""
     from slimtorch.export.gguf_kquants import ENCODED_TYPES, encode
     from slimtorch.models.gguf import gguf_module
 
     cols = values.shape[-1]
-    ggml_type = fallback(mix_type(kmix.mix, name, kmix.layers, name == kmix.head), cols)
     if ggml_type == "F16":
         half = values.astype(np.float16)
         return "F16", half, half.astype(np.float32)
-    importance = kmix.importance.get(name)
     if importance is not None and importance.shape[0] != cols:
         raise UserInputError(
             f"the imatrix has {importance.shape[0]} entries for {name}, which has {cols} inputs:"
@@ -138,8 +152,46 @@ def encode_weight(name: str, values: np.ndarray, kmix: KMix) -> tuple[str, np.nd
     if ggml_type in ENCODED_TYPES:
         enc = encode(values, ggml_type, importance)
         return ggml_type, enc.data, enc.values
-    gguf = gguf_module()  # Q5_1 (the Q5_K fallback): llama.cpp's reference rounding
+    if ggml_type == "Q4_0":
+        data, decoded = encode_q4_0(values, importance)
+        return ggml_type, data, decoded
+    gguf = gguf_module()  # Q4_1 / Q5_1: llama.cpp's reference rounding
     qtype = gguf.GGMLQuantizationType[ggml_type]
     data = gguf.quants.quantize(values, qtype)
     decoded = np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
     return ggml_type, data, decoded.reshape(values.shape)
+
+
+# the types a per-tensor plan may give a weight, and their (block size, block bytes)
+PLAN_TYPES = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
+
+
+def encode_q4_0(values: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 blocks of ``values`` ``[rows, cols]`` (``x = d * (q - 8)``, ``q`` in 0..15, fp16
+    ``d`` per 32) and what they decode to; the scale chosen by the importance-weighted fit of
+    :func:`~slimtorch.export.gguf_kquants.fit_symmetric` (llama.cpp's max-abs rule without)."""
+    from slimtorch.export.gguf_blocks import pack
+    from slimtorch.export.gguf_kquants import fit_symmetric
+
+    rows, cols = values.shape
+    x = np.ascontiguousarray(values, dtype=np.float64).reshape(-1, 32)
+    if importance is None:
+        big = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
+        scale = big / -8
+    else:
+        qw = np.tile(np.maximum(np.asarray(importance, np.float64), 0).reshape(-1, 32), (rows, 1))
+        scale = fit_symmetric(x, qw * np.sqrt((x * x).mean(axis=1, keepdims=True) + x * x), 8)
+    d = np.asarray(scale, dtype=np.float32).astype(np.float16)
+    d32 = d.astype(np.float64)[:, None]
+    k = np.where(d32 != 0, np.clip(np.rint(x / np.where(d32 != 0, d32, 1.0)), -8, 7), 0)
+    data = pack("Q4_0", (k + 8).astype(np.uint8).reshape(rows, cols), d.reshape(rows, -1), None)
+    return data, (d32 * k).astype(np.float32).reshape(rows, cols)

@@ -39,6 +39,13 @@ class Profile(StrictModel):
     threads: int = Field(1, ge=1, le=256)
     latency_batch: int = Field(1, ge=1)
     runtime: Literal["torch", "onnx"] = "torch"
+    speed: float = Field(
+        1.0,
+        gt=0,
+        description="compute speed relative to one thread of the machine that measures (2.0:"
+        " twice as fast); `slimtorch split` scales measured latency by it. A model of the"
+        " device class, not a measurement of it",
+    )
 
 
 def parse_size(text: str | int, dense_bytes: int) -> int:

@@ -17,6 +17,7 @@ from slimtorch.search import outdir
 from slimtorch.search.auto import AutoOptions, Budgets, auto_search
 from slimtorch.search.profiles import parse_duration
 from slimtorch.search.ray_runner import RaySettings
+from slimtorch.workflows.auto_bpw import BpwJob, auto_bpw  # noqa: F401 (--max-bpw / --to gguf)
 
 
 @dataclass
