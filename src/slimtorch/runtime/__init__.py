@@ -21,6 +21,7 @@ from slimtorch.runtime.hadamard import OnlineHadamardLinear
 from slimtorch.runtime.int4 import Int4WeightOnlyLinear
 from slimtorch.runtime.int8 import Int8DynamicLinear, onednn_available, quantize_weight_int8
 from slimtorch.runtime.int8_weight import Int8WeightOnlyLinear
+from slimtorch.runtime.lora_lowbit import LoRALinear
 from slimtorch.runtime.lowrank import LowRankConv2d, LowRankLinear
 from slimtorch.runtime.moe import UnfusedExperts
 from slimtorch.runtime.rnn_int8 import Int8DynamicGRU, Int8DynamicLSTM
@@ -43,6 +44,7 @@ RUNTIME_MODULES.add("ActQuantLinear", ActQuantLinear)  # H-ROT
 RUNTIME_MODULES.add("UnfusedExperts", UnfusedExperts)
 RUNTIME_MODULES.add("Int8DynamicLSTM", Int8DynamicLSTM)  # H-RNN
 RUNTIME_MODULES.add("Int8DynamicGRU", Int8DynamicGRU)  # H-RNN
+RUNTIME_MODULES.add("LoRALinear", LoRALinear)  # H-RECOV
 
 __all__ = [
     "RUNTIME_MODULES",
