@@ -1,7 +1,7 @@
 """slimtorch.distill: knowledge distillation as recipe stages.
 
 The maths is in ``losses``, ``trainer`` and ``student``; the recipe stages ``distill.finetune``,
-``distill.teacher`` and ``distill.shrink`` are in :mod:`slimtorch.distill.stages` (found by
+``distill.teacher``, ``distill.shrink`` and ``distill.data_free`` are in :mod:`slimtorch.distill.stages` (found by
 discovery, see :mod:`slimtorch.core.methods`), whose configs are importable from here.
 """
 
@@ -13,12 +13,18 @@ from slimtorch.distill.losses import (
     kd_loss,
     soft_target_loss,
 )
-from slimtorch.distill.stages import DistillFinetuneConfig, DistillTeacherConfig, ShrinkConfig
+from slimtorch.distill.stages import (
+    DataFreeConfig,
+    DistillFinetuneConfig,
+    DistillTeacherConfig,
+    ShrinkConfig,
+)
 from slimtorch.distill.student import shrink_layers
 from slimtorch.distill.trainer import AttentionPair, DistillOptions, DistillTask, HiddenPair
 
 __all__ = [
     "AttentionPair",
+    "DataFreeConfig",
     "DistillFinetuneConfig",
     "DistillOptions",
     "DistillTask",

@@ -1,4 +1,5 @@
-"""The recipe stages of distill: ``distill.finetune``, ``distill.teacher`` and ``distill.shrink``.
+"""The recipe stages of distill: ``distill.finetune``, ``distill.teacher``, ``distill.shrink``
+and ``distill.data_free``.
 
     - method: distill.shrink           # MiniLM with 3 of its 6 layers
       keep: [1, 3, 5]
@@ -8,6 +9,9 @@
         hidden:
           - {student: encoder.layer.2, teacher: encoder.layer.5}
       train: {steps: 2000, lr: 1.0e-4, batch_size: 32}
+
+``distill.data_free`` recovers without data: a generator invents the inputs the student learns
+the teacher on (:mod:`slimtorch.distill.data_free_task`).
 
 ``distill.teacher`` wraps the run's task so that every *later* training stage (``train.finetune``,
 ``quantize.qat``, ...) distils instead of training on labels alone.
@@ -22,16 +26,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from slimtorch.artifact.load import load_artifact
+from slimtorch.calibrate.inputs import require_inputs
 from slimtorch.calibrate.sentences import DEFAULT_SENTENCES, SentenceTask, load_sentences
-from slimtorch.calibrate.train import TrainOptions, train
+from slimtorch.calibrate.train import TrainOptions, seeded_rng, train
 from slimtorch.core.config import StageConfig
-from slimtorch.core.errors import ConfigError
+from slimtorch.core.errors import ConfigError, UnsupportedModelError
 from slimtorch.core.methods import Run, Task, register_method
 from slimtorch.core.targets import Targets
+from slimtorch.distill.data_free_task import DataFreeOptions, DataFreeTask, GeneratorOptions
+from slimtorch.distill.generator import make_generator
 from slimtorch.distill.student import shrink_layers
 from slimtorch.distill.trainer import DistillOptions, DistillTask
 from slimtorch.formats.artifact import MANIFEST_FILE
@@ -210,3 +218,73 @@ def teacher_stage(model: nn.Module, config: DistillTeacherConfig, run: Run) -> N
 )
 def shrink(model: nn.Module, config: ShrinkConfig, run: Run) -> None:
     shrink_layers(model, config.keep, config.layers)
+
+
+class DataFreeConfig(StageConfig):
+    """Recover towards a teacher on generated inputs: no data. ``targets``: what trains."""
+
+    teacher: str | None = Field(
+        default=None, description="builtin:NAME | model dir | artifact dir; None = the original"
+    )
+    trust_factory: bool = Field(
+        default=False, description="a `teacher:` artifact of a package.module:factory model may run"
+    )
+    generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
+    data_free: DataFreeOptions = Field(default_factory=DataFreeOptions)
+    train: TrainOptions = Field(default_factory=lambda: TrainOptions(steps=500, lr=1e-3))
+
+
+def generated_shape(model: nn.Module, method: str) -> tuple[int, ...]:
+    """The shape (without batch) of the one float input ``model`` takes, or a clear refusal."""
+    try:
+        inputs = require_inputs(model, method)
+    except ConfigError:
+        raise ConfigError(
+            f"{method} generates inputs of the model's input shape and does not know it: load"
+            " the model as builtin:NAME, or record its input with"
+            " slimtorch.core.info.update_info(model, input={'shape': [1, C, H, W],"
+            " 'dtype': 'float32'})"
+        ) from None
+    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+        raise UnsupportedModelError(
+            f"{method} generates one input tensor, but the model takes {len(inputs)} inputs;"
+            " recover it with train.finetune or distill.finetune on --data"
+        )
+    if not inputs[0].is_floating_point():
+        raise UnsupportedModelError(
+            f"{method}: the model takes {inputs[0].dtype} inputs (token ids), so there is no"
+            " continuous input to generate; recover it with distill.finetune on text"
+            " (`sentences:`) or on --data"
+        )
+    return tuple(inputs[0].shape[1:])
+
+
+@register_method(
+    "distill.data_free",
+    DataFreeConfig,
+    "recover towards the teacher on generated inputs (DFAD/DAFL, BatchNorm prior): no data",
+)
+def data_free(model: nn.Module, config: DataFreeConfig, run: Run) -> None:
+    method = "distill.data_free"
+    shape = generated_shape(model, method)
+    teacher = resolve_teacher(config.teacher, run, model, method, config.trust_factory)
+    param = next(model.parameters(), None)
+    with seeded_rng(run.ctx):
+        gen = make_generator(shape, config.generator.latent, config.generator.width)
+    if param is not None:
+        gen = gen.to(param.device)
+    task = DataFreeTask(teacher, model, gen, (config.generator, config.data_free))
+    frozen = _freeze_untargeted(model, config)
+    try:
+        losses = train(model, task, run.ctx, config.train)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    log.info(
+        "%s: %d steps, disagreement %.4f -> %.4f (generator: %s)",
+        method,
+        len(losses),
+        losses[0],
+        losses[-1],
+        ", ".join(f"{k} {v:.4f}" for k, v in task.last_terms.items()),
+    )
