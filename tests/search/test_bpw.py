@@ -165,7 +165,7 @@ def test_plan_meets_the_budget_and_gguf_reads_the_chosen_types(
     assert report["bpw"] <= 5.2 and report["bpw"] > 4.9  # the budget is used, not exceeded
     reader = gguf.GGUFReader(str(out / "model.gguf"))
     written = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert {k: written[k] for k in doc["types"]} == doc["types"]
+    assert {k: written[k] for k in doc["types"]} == doc["types"] == report["types"]
     assert len(set(doc["types"].values())) > 1  # a mix, not one type
     numel = sum(int(np.prod(t.shape)) for t in reader.tensors)
     assert 8 * sum(int(t.n_bytes) for t in reader.tensors) / numel <= 5.2

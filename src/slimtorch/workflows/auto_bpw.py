@@ -92,7 +92,7 @@ def auto_bpw(job: BpwJob) -> dict[str, Any]:
     budget = (max_bpw, max_bytes, numel, fixed)
     result = _plan_and_write(job, model, costs, importance, budget, (ids[:1, :128],))
     result.update(scan=info, budgets={"max_bpw": max_bpw, "max_bytes": max_bytes},
-                  model=job.model, types=list(types))  # fmt: skip
+                  model=job.model, candidate_types=list(types))  # fmt: skip
     (out / "auto.json").write_text(json.dumps(result, indent=1))
     return result
 
