@@ -12,16 +12,19 @@ from slimtorch.testing.models import tiny_cnn
 
 
 def test_targets_are_the_registered_exporters() -> None:
-    assert sorted(TARGETS) == EXPORTERS.names() == ["compressed-tensors", "gguf", "hf", "onnx"]
+    assert sorted(TARGETS) == EXPORTERS.names() == [
+        "compressed-tensors", "coreml", "executorch", "gguf", "hf", "onnx", "openvino"]  # fmt: skip
     assert options_of("onnx") == ["opset", "quantized", "strict", "decode", "static"]
     assert options_of("gguf") == ["requantize", "imatrix"]
     assert options_of("hf") == options_of("compressed-tensors") == []
+    assert options_of("openvino") == options_of("coreml") == []
+    assert options_of("executorch") == ["quantized"]
 
 
 def test_unknown_target_lists_the_known_ones(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown export target 'onx'; did you mean 'onnx'") as e:
         export(tiny_cnn(), to="onx", out=tmp_path / "m.onnx")
-    assert "compressed-tensors, gguf, hf, onnx" in str(e.value)
+    assert "compressed-tensors, coreml, executorch, gguf, hf, onnx, openvino" in str(e.value)
     with pytest.raises(ConfigError, match="Known export targets"):
         export(tiny_cnn(), to="tflite", out=tmp_path / "m.tflite")
     assert list(tmp_path.iterdir()) == []

@@ -87,12 +87,54 @@ def _gguf(
     return export_gguf(model, inputs, out, overwrite, requantize, imatrix=imatrix)
 
 
+def _openvino(
+    model: nn.Module, inputs: Sequence[Any], out: str | Path, overwrite: bool = False
+) -> dict[str, Any]:
+    """OpenVINO IR (.xml + .bin) keeping low-bit weights compressed, run in its CPU plugin
+    (:func:`slimtorch.export.openvino.export_openvino`)."""
+    from slimtorch.export.openvino import export_openvino
+
+    return export_openvino(model, inputs, out, overwrite)
+
+
+def _coreml(
+    model: nn.Module, inputs: Sequence[Any], out: str | Path, overwrite: bool = False
+) -> dict[str, Any]:
+    """Core ML .mlpackage with k-means codebooks as LUT weights and int8/int4 as blockwise
+    quantized weights, read back and checked (Core ML cannot run on Linux)
+    (:func:`slimtorch.export.coreml.export_coreml`)."""
+    from slimtorch.export.coreml import export_coreml
+
+    return export_coreml(model, inputs, out, overwrite)
+
+
+def _executorch(  # H-ET
+    model: nn.Module,
+    inputs: Sequence[Any],
+    out: str | Path,
+    overwrite: bool = False,
+    *,
+    quantized: bool = True,
+) -> dict[str, Any]:
+    """ExecuTorch .pte with the XNNPACK backend, our int8/4-bit codes lowered as they are (dynamic
+    int8 activations), run in ExecuTorch's runtime
+    (:func:`slimtorch.export.executorch.export_executorch`); ``quantized=False``: all fp32."""
+    from slimtorch.export.executorch import export_executorch
+
+    return export_executorch(model, inputs, out, overwrite, quantized=quantized)
+
+
 EXPORTERS.add("onnx", _onnx)
 EXPORTERS.add("hf", _hf)
 EXPORTERS.add("compressed-tensors", _compressed_tensors)
 EXPORTERS.add("gguf", _gguf)
+EXPORTERS.add("executorch", _executorch)  # H-ET
+EXPORTERS.add("openvino", _openvino)  # H-OVCM
+EXPORTERS.add("coreml", _coreml)  # H-OVCM
 
 TARGETS: tuple[str, ...] = ("onnx", "hf", "compressed-tensors", "gguf")  # in the order --help shows
+TARGETS += ("openvino", "coreml")  # H-OVCM
+TARGETS += ("executorch",)  # H-ET
 
 
 def options_of(to: str) -> list[str]:

@@ -161,6 +161,34 @@ def _render_gguf(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _render_executorch(result: dict[str, Any]) -> str:  # H-ET
+    layouts: dict[str, int] = {}
+    for c in result["carried"]:
+        layouts[c["layout"]] = layouts.get(c["layout"], 0) + 1
+    kinds = ", ".join(f"{n} x {k}" for k, n in layouts.items()) or "none (all fp32)"
+    codes = result["codes_in_file"]
+    vs = result["vs_model"]
+    top1 = f", top-1 agreement {vs['top1_agreement']:.3f}" if "top1_agreement" in vs else ""
+    lines = [
+        f"wrote {result['out']} ({result['bytes']:,} bytes, ExecuTorch XNNPACK, {result['scheme']})",
+        f"our codes lowered as they are: {kinds}; found byte for byte in the file:"
+        f" {codes['found']} of {codes['of']}",
+        f"ExecuTorch runtime reproduces the lowered model to {result['max_abs_diff']:.3g}"
+        f" (allowed {result['allowed']:.3g}); vs slimtorch's model"
+        f" {vs['max_abs_diff']:.3g} (relative {vs['relative_diff']:.3g}{top1})",
+        f"latency (median): ExecuTorch {result['pte_ms']:.3f} ms"
+        f" ({result['executorch_threads'] or '?'} thread(s)), PyTorch {result['torch_ms']:.3f} ms"
+        f" ({result['threads']} thread(s))",
+    ]
+    if result["batchnorm_folded"]:
+        lines.append(f"BatchNorm folded into the scales: {len(result['batchnorm_folded'])}")
+    lines += [f"dense float: {d['param']} ({d['reason']})" for d in result["dense"]]
+    if result["outside_delegate"]:
+        ops = ", ".join(f"{n} x {k}" for k, n in result["outside_delegate"].items())
+        lines.append(f"outside XNNPACK (portable kernels): {ops}")
+    return "\n".join(lines)
+
+
 def _render_openvino(result: dict[str, Any]) -> str:  # H-OVCM
     consts = ", ".join(f"{t} {v['bytes']:,} B" for t, v in result["constants"].items())
     layers = ", ".join(f"{n} x {k}" for k, n in result["runtime_layers"].items())
@@ -220,6 +248,8 @@ def render(result: dict[str, Any]) -> str:
         return _render_gguf(result)
     if result["format"] == "openvino":
         return _render_openvino(result)
+    if result["format"] == "executorch":  # H-ET
+        return _render_executorch(result)
     if result["format"] == "coreml":
         return _render_coreml(result)
     fits = (
