@@ -6,7 +6,9 @@
 For each model and link bandwidth (dense, and with ``--cut-int8``), ``slimtorch.workflows.split``
 chooses the cut for a phone device (profile ``phone``, speed 0.5) and a server (``server``,
 speed 8.0) - speeds relative to one thread of this machine, a model of those devices, not a
-measurement of them. "Predicted" sums per-segment onnxruntime latencies measured here, divided
+measurement of them. Every time is the CPU time of the one thread that runs it, fastest of
+repeated runs (the cores here are shared: wall time of long runs is inflated by preemption).
+"Predicted" sums per-segment onnxruntime latencies measured here, divided
 by each side's speed, plus bytes / bandwidth. "Measured" runs the two exported ONNX parts here
 in onnxruntime (one thread), divided by the same speeds, plus the bytes the device part really
 returned / bandwidth: transfer is computed, not sent over a network. Then a few interior cuts
@@ -110,7 +112,7 @@ def _line(r: dict[str, Any]) -> str:
 def _int8_cell(r: dict[str, Any]) -> str:
     if r["int8"]:
         return "yes"
-    return "asked, nothing crosses" if r.get("int8_requested") else "no"
+    return "asked; no float crosses" if r.get("int8_requested") else "no"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -148,20 +150,26 @@ def main() -> None:
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = Path(args.work or tempfile.mkdtemp(prefix="split-bench-"))
-    models = args.models.split(",")
-    rows = run(models, args.bandwidths.split(","), work)
+    rows: list[dict[str, Any]] = []
+    for model in args.models.split(","):  # the file is written after each model
+        rows = _save(run([model], args.bandwidths.split(","), work), model)
+    print(table(rows))
+
+
+def _save(new: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
     kept = harness.read_result(RESULTS, {"rows": []})["rows"]  # other models' rows stay
-    rows = [r for r in kept if r["model"] not in models] + rows
+    rows = [r for r in kept if r["model"] != model] + new
     record = {
         "what": "slimtorch split: chosen cut per bandwidth; predicted vs measured latency",
         "profiles": {"device": "phone (speed 0.5)", "server": "server (speed 8.0)"},
         "how": "predicted: per-segment onnxruntime ms here / speed + bytes/bandwidth; measured:"
         " the two ONNX parts run here in onnxruntime (1 thread) / speed + bytes really returned"
-        " by the device part / bandwidth (computed, no network)",
+        " by the device part / bandwidth (computed, no network); times: CPU time of the"
+        " running thread, fastest of repeated runs",
         "rows": rows,
     }
     harness.save_result(RESULTS, record, packages=("onnxruntime", "onnx"))
-    print(table(rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Measure a split: per-segment latency, and the ONNX parts run in onnxruntime.
 
 Segments are timed here, one thread, batch of the example inputs: the fastest of repeated
-runs after warm-up (:func:`segment_ms`), in onnxruntime (each segment exported to memory) or
+runs after warm-up, in CPU time of the calling thread (:func:`segment_ms`), in onnxruntime (each segment exported to memory) or
 PyTorch. The onnxruntime helpers run the exported parts.
 """
 
@@ -22,17 +22,20 @@ from slimtorch.search.split_graph import Traced, part
 
 
 def _fastest_ms(fn: Callable[[], Any], budget_s: float = 2.0, max_repeats: int = 50) -> float:
-    """Fastest milliseconds of ``fn()`` over repeated runs after two warm-up calls: the
-    fastest, not the median, because other processes share this machine's cores."""
+    """Fastest milliseconds of ``fn()`` over repeated runs after two warm-up calls, in CPU time
+    of the calling thread (one-thread PyTorch and onnxruntime run on it): the time on a core of
+    its own, which wall time is not when other processes share the cores (they preempt long
+    runs more often than short ones, so a whole part and the sum of its segments would not
+    compare)."""
     fn()
     start = time.perf_counter()
     fn()
     once = max(time.perf_counter() - start, 1e-6)
     times = []
     for _ in range(max(20, min(max_repeats, int(budget_s / once)))):
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        times.append((time.perf_counter() - start) * 1000.0)
+        times.append((time.thread_time() - start) * 1000.0)
     return float(min(times))
 
 

@@ -225,8 +225,9 @@ def _measured(result: dict[str, Any], planned: Planned, all_device: bool) -> dic
         "transfer_ms": transfer,
         "server_ms": srv,
         "total_ms": dev + transfer + srv,
-        "how": "both parts run here in onnxruntime (1 thread), divided by each profile's"
-        " speed; transfer computed from the bytes sent / bandwidth (+ RTT)",
+        "how": "both parts run here in onnxruntime (1 thread; CPU time of the fastest of"
+        " repeated runs), divided by each profile's speed; transfer computed from the bytes"
+        " sent / bandwidth (+ RTT)",
     }
 
 
