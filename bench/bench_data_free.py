@@ -1,7 +1,7 @@
 """Data-free recovery (distill.data_free) against fine-tuning on 1,000 real images and against none.
 
     .venv/bin/python bench/bench_data_free.py [--models lenet5,resnet18] [--scenarios p95,p90-int4]
-                                              [--steps lenet5=300,resnet18=100] [--n-real 1000]
+                                              [--steps lenet5=300,resnet18=60] [--n-real 1000]
                                               [--out bench/results/data_free.json]
 
 For each builtin Fashion-MNIST classifier (builtin:lenet5-fashion, builtin:resnet18-fashion) and
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="lenet5,resnet18")
     parser.add_argument("--scenarios", default="p95,p90-int4")
-    parser.add_argument("--steps", default="lenet5=300,resnet18=100")
+    parser.add_argument("--steps", default="lenet5=300,resnet18=60")
     parser.add_argument("--recoveries", default="none,data_free,finetune_1k")
     parser.add_argument("--n-real", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=OUT_DEFAULT)
