@@ -35,7 +35,9 @@ def unrecovered_warning(rec: Recipe, data: str | None, evaluator: str | None) ->
         f" accuracy by training ({', '.join(dict.fromkeys(skipped))}), which is skipped without"
         " --data: one-shot it can destroy the model's accuracy, and slimtorch has no evaluator"
         " for this model to show it. Pass --data with training data (Python:"
-        " slimtorch.compress(model, recipe, data=loader, loss_fn=...)), or use a one-shot recipe"
+        " slimtorch.compress(model, recipe, data=loader, loss_fn=...)), add a distill.data_free"
+        " stage after the pruning (recovery without data, for models taking one float input),"
+        " or use a one-shot recipe"
         " (int8, int4, dynamic-int8, kmeans8) and check the result on your own data"
     )
 
