@@ -2,7 +2,8 @@
 
     .venv-bench/bin/python bench/bench_llm_width.py [--cuts 9:486 19:450,396]
         [--recover-steps 40] [--recover-batch 1] [--recover-window 256] [--recover-lr 3e-4]
-        [--no-decode] [--work /tmp/llm_width] [--out bench/results/llm_width.json]
+        [--no-recover | --recover-only NAME ...] [--no-decode | --decode-only]
+        [--work /tmp/llm_width] [--out bench/results/llm_width.json] [--resume]
 
 Model builtin:smollm2-135m (30 blocks, hidden 576, MLP 1536, 9 query / 3 key-value heads, tied
 embedding; 134,515,008 parameters). A cut ``N:H1,H2`` is "the parameters of N decoder blocks"
@@ -21,8 +22,11 @@ logits at temperature 1, alpha 1: no LM loss), Adam at ``--recover-lr`` (cosine)
 ``--recover-steps`` steps of ``--recover-batch`` random ``--recover-window``-token windows of
 the train split of wikipedia + austen, one thread; wall time reported. Decoding speed: new tokens
 per CPU-second (greedy, batch 1, KV cache, 64-token prompt, 32 new tokens; bench_llm_prune's
-``cpu_tokens_per_s``) of the base and every row, interleaved in one process at the end.
-OMP_NUM_THREADS=1. Results after every row: ``--out`` (``--resume`` keeps finished rows).
+``cpu_tokens_per_s``) of the base and every row, interleaved in one process at the end
+(``--decode-only``: only that, on twins pruned to the same shapes by weight magnitude, so without
+calibration passes). ``--no-recover`` / ``--recover-only`` split the work over parallel runs
+(each with its own ``--out``). Hidden sizes must be multiples of the 9 heads (transformers
+refuses other configs). OMP_NUM_THREADS=1. Results after every row: ``--out`` (``--resume`` keeps finished rows).
 """
 
 from __future__ import annotations
