@@ -51,8 +51,8 @@ def recipes(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     recon_calib = {"samples": args.recon_samples, "batch_size": args.batch}
     train = {"steps": args.recon_steps, "weight_lr": args.weight_lr, "scale_lr": args.scale_lr}
     return {
-        "rtn": [{"method": "quantize.rtn", "signed": False, "targets": [r"re:\.layers\."], **g},
-                EMBED],
+        "rtn": [{"method": "quantize.rtn", "signed": False, "targets": ["Linear"],
+                 "ignore": ["lm_head"], **g}, EMBED],
         "gptq": [{"method": "quantize.gptq", "observer": "minmax", "act_order": True,
                   "calibration": calib, **g}, EMBED],
         "recon": [{"method": "quantize.reconstruct", "calibration": recon_calib, "train": train,
