@@ -38,6 +38,7 @@ from pydantic import Field, ValidationError
 from slimtorch.core.config import StrictModel
 from slimtorch.core.errors import ConfigError
 from slimtorch.core.registry import nearest
+from slimtorch.merge.tokenizer_config import tokenizer_fields
 
 MethodName = Literal[
     "linear",
@@ -332,7 +333,7 @@ def parse_config(data: Any) -> MergeConfig:
             dtype=_dtype(data.get("dtype"), "dtype"),  # type: ignore[arg-type]
             out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),  # type: ignore[arg-type]
             options={k: v for k, v in glob.items() if k in _OPTION_KEYS},
-            **_tokenizer(data),
+            **tokenizer_fields(data),
         )
     except ValidationError as exc:
         errs = "; ".join(
@@ -362,37 +363,6 @@ def _sliced(data: dict[str, Any]) -> MergeConfig:
         out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),  # type: ignore[arg-type]
         slices=[dict(s.__dict__) for s in slices],
     )
-
-
-def _tokenizer(data: dict[str, Any]) -> dict[str, Any]:
-    """``tokenizer_source`` / ``tokenizer`` as MergeConfig fields (mergekit: ``tokenizer`` wins)."""
-    raw, source = data.get("tokenizer"), data.get("tokenizer_source")
-    if raw is None:
-        return {"tokenizer_source": _source(source)} if source is not None else {}
-    if not isinstance(raw, dict) or set(raw) - {"source", "tokens", "pad_to_multiple_of"}:
-        raise ConfigError(
-            f"`tokenizer` must be a mapping of source, tokens, pad_to_multiple_of; got {raw!r}"
-        )
-    tokens = raw.get("tokens") or {}
-    if not isinstance(tokens, dict) or not all(
-        isinstance(k, str) and isinstance(v, dict) and set(v) <= {"source", "force"}
-        for k, v in tokens.items()
-    ):
-        raise ConfigError(
-            "tokenizer.tokens must map each token to {source: MODEL | {kind: zero} |"
-            " {kind: model_token, model: MODEL, token: T | token_id: N}, force: BOOL}"
-        )
-    return {
-        "tokenizer_source": _source(raw.get("source", "union")),
-        "tokens": tokens,
-        "pad_to_multiple_of": raw.get("pad_to_multiple_of"),
-    }
-
-
-def _source(value: Any) -> str:
-    if isinstance(value, str) and value:
-        return value
-    raise ConfigError(f"tokenizer source must be union, base or a model path, got {value!r}")
 
 
 def _slerp_t(glob: dict[str, Any]) -> float:
