@@ -85,8 +85,17 @@ def adapter_targets(model: nn.Module, config: StageConfig) -> list[str]:
     blocks = find_blocks(model).container
     sel = Targets.of(config.targets, config.ignore)
     found: dict[str, bool] = {}
+    # nn.MultiheadAttention reads out_proj.weight itself (F.multi_head_attention_forward), so a
+    # wrapper there would never run: those projections keep no adapter
+    inside_mha = {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not sel.selects(name, module):
+            continue
+        if name in inside_mha:
             continue
         if blocks and not name.startswith(f"{blocks}."):
             continue
