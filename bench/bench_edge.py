@@ -107,7 +107,7 @@ def _et_method(path: Path) -> Any:
 
 
 def _et_row(variant: str, path: Path, case: Case, reference: nn.Module) -> dict[str, Any]:
-    from slimtorch.export.executorch_check import median_ms
+    from slimtorch.export.onnx.verify import median_ms
 
     method = _et_method(path)
     x = case.images[:1]

@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import ConfigError, UnsupportedModelError, UserInputError
-from slimtorch.export.executorch_check import codes_in_file, compare, flat_outputs, median_ms
+from slimtorch.export.executorch_check import codes_in_file, compare, flat_outputs
 from slimtorch.export.executorch_plan import plan_model
+from slimtorch.export.onnx.verify import median_ms
 
 INSTALL = "pip install 'executorch==1.5.1' (it keeps torch 2.13)"
 # file vs the lowered model in PyTorch on the example inputs: float files to float rounding;

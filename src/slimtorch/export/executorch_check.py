@@ -5,9 +5,7 @@ Pure functions over tensors and bytes (no ExecuTorch import).
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -51,20 +49,6 @@ def compare(got: Sequence[Tensor], reference: Any) -> dict[str, Any]:
     if rows:
         result["top1_agreement"] = agree / rows
     return result
-
-
-def median_ms(fn: Callable[[], Any], budget_s: float = 1.5, max_repeats: int = 30) -> float:
-    """Median milliseconds of ``fn()`` after two warm-up calls."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    repeats = max(3, min(max_repeats, int(budget_s / max(time.perf_counter() - start, 1e-6))))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(statistics.median(times))
 
 
 def stored_bytes(c: Carried, codes: Tensor) -> tuple[bytes, bytes]:

@@ -20,10 +20,10 @@ from slimtorch.core.errors import UnsupportedModelError
 from slimtorch.export.onnx.verify import (
     ATOL,
     RTOL,
-    _median_ms,
     _torch_ms,
     _torch_outputs,
     compare_outputs,
+    median_ms,
 )
 
 EXACT = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
@@ -85,8 +85,8 @@ def verify(ov: Any, model: nn.Module, path: Path, args: tuple[Any, ...]) -> dict
         "rtol": RTOL,
         "config": {k: str(v) for k, v in EXACT.items()},
         "checked_shapes": shapes,
-        "openvino_ms": _median_ms(lambda: compiled(feed)),
-        "openvino_default_ms": _median_ms(lambda: default(feed)),
+        "openvino_ms": median_ms(lambda: compiled(feed)),
+        "openvino_default_ms": median_ms(lambda: default(feed)),
         "openvino_default_max_abs_diff": default_diff,
         "torch_ms": _torch_ms(model, args),
     }

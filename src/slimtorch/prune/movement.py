@@ -33,13 +33,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from slimtorch.calibrate.train import TrainingCallback
 from slimtorch.core.errors import ConfigError
 from slimtorch.formats.state import WeightState, apply_state, get_state
 from slimtorch.graph.weights import WeightRef, select_weights
 from slimtorch.prune.criteria import lowest_k_mask, num_pruned
 from slimtorch.prune.masking import Scope, current, sparsity_of
-from slimtorch.prune.schedules import CubicSchedule
+from slimtorch.prune.schedules import CubicSchedule, ScheduledPruning
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class _Tracked:
         apply_state(self.ref.module, self.ref.param, new)
 
 
-class MovementPruning(TrainingCallback):
+class MovementPruning(ScheduledPruning):
     """Hard movement pruning on ``schedule`` during training (see the module docstring).
 
     ``history`` records ``(step, scheduled, achieved)`` per pruning event.
@@ -127,14 +126,8 @@ class MovementPruning(TrainingCallback):
         ignore: Sequence[str] = (),
         scope: Scope = "layer",
     ) -> None:
-        if scope not in ("layer", "global"):
-            raise ConfigError(f"scope must be 'layer' or 'global', got {scope!r}")
-        self.schedule = schedule
-        self.targets = list(targets) if targets is not None else None
-        self.ignore = list(ignore)
-        self.scope: Scope = scope
+        super().__init__(schedule, targets, ignore, scope)
         self.tracked: list[_Tracked] = []
-        self.history: list[tuple[int, float, float]] = []
 
     @property
     def refs(self) -> list[WeightRef]:

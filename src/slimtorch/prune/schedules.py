@@ -94,13 +94,10 @@ class CubicSchedule:
         )
 
 
-class GradualPruning(TrainingCallback):
-    """Magnitude-prunes the selected weights to the scheduled sparsity at each pruning step.
-
-    Weights are selected by name (``targets``/``ignore``, as in recipes) when training begins,
-    or at the first :meth:`on_step_end` in a hand-written loop. ``history`` records
-    ``(step, scheduled, achieved)`` per pruning event.
-    """
+class ScheduledPruning(TrainingCallback):
+    """What every pruning-while-training callback holds: the schedule, which weights
+    (``targets``/``ignore``, as in recipes), the scope of the ranking, and ``history``:
+    ``(step, scheduled, achieved)`` per pruning event."""
 
     def __init__(
         self,
@@ -115,8 +112,26 @@ class GradualPruning(TrainingCallback):
         self.targets = list(targets) if targets is not None else None
         self.ignore = list(ignore)
         self.scope: Scope = scope
-        self.refs: list[WeightRef] | None = None
         self.history: list[tuple[int, float, float]] = []
+
+
+class GradualPruning(ScheduledPruning):
+    """Magnitude-prunes the selected weights to the scheduled sparsity at each pruning step.
+
+    Weights are selected by name (``targets``/``ignore``, as in recipes) when training begins,
+    or at the first :meth:`on_step_end` in a hand-written loop. ``history`` records
+    ``(step, scheduled, achieved)`` per pruning event.
+    """
+
+    def __init__(
+        self,
+        schedule: CubicSchedule,
+        targets: Sequence[str] | None = None,
+        ignore: Sequence[str] = (),
+        scope: Scope = "layer",
+    ) -> None:
+        super().__init__(schedule, targets, ignore, scope)
+        self.refs: list[WeightRef] | None = None
 
     def on_train_begin(self, model: nn.Module) -> None:
         self.refs = select_weights(model, self.targets, self.ignore)

@@ -103,7 +103,7 @@ def compare_outputs(
     return {"ok": used <= 1, "max_abs_diff": max_abs, "tolerance_used": used, "worst_output": worst}
 
 
-def _median_ms(fn: Callable[[], Any], budget_s: float = 2.0, max_repeats: int = 20) -> float:
+def median_ms(fn: Callable[[], Any], budget_s: float = 2.0, max_repeats: int = 20) -> float:
     """Median milliseconds of ``fn()`` after two warm-up calls, at most ``max_repeats`` runs."""
     fn()
     start = time.perf_counter()
@@ -122,7 +122,7 @@ def _torch_ms(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
     torch.set_num_threads(1)  # the same as onnxruntime's intra_op_num_threads below
     try:
         with torch.inference_mode():
-            return _median_ms(lambda: model(*inputs, **_forward_kwargs(model)))
+            return median_ms(lambda: model(*inputs, **_forward_kwargs(model)))
     finally:
         torch.set_num_threads(threads)
 
@@ -246,7 +246,7 @@ def _verify(
         "op_types": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         **layer_check,
         "outputs": [list(a.shape) for a in actual],
-        "onnxruntime_ms": _median_ms(lambda: session.run(None, feeds)),
+        "onnxruntime_ms": median_ms(lambda: session.run(None, feeds)),
         "torch_ms": _torch_ms(model, sig.inputs),
     }
 
