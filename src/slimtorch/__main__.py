@@ -1,9 +1,8 @@
 """``python -m slimtorch ...``: the ``slimtorch`` command (the entry ``torchrun -m slimtorch``
-starts on every rank of a distributed run)."""
+starts on every rank of a distributed run; a rank exits through
+:func:`slimtorch.calibrate.distributed.exit_rank`)."""
 
-import sys
-
-from slimtorch.cli.main import main
+from slimtorch.cli.main import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -1,7 +1,8 @@
 """Offloaded compression (``--max-memory``, block by block from a checkpoint, resumable) on two
-gloo processes: the artifact is the one-process offloaded artifact bit for bit, and a job whose
-rank 1 is SIGKILLed resumes, with the same two processes, to that same artifact; resuming on
-another number of processes is refused with the fix.
+gloo processes: the artifact is the one-process offloaded artifact bit for bit (a tiny Mixtral's
+too, with the experts no calibration token reached listed in its ``data_free_layers`` as in
+memory), and a job whose rank 1 is SIGKILLed resumes, with the same two processes, to that same
+artifact; resuming on another number of processes is refused with the fix.
 
 A tiny checkpoint is far below any real ``--max-memory`` (the estimate counts the process's own
 resident memory, hundreds of MiB with torch imported), so both sides leave that term out
@@ -16,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -28,29 +30,40 @@ from slimtorch.core.errors import ConfigError
 HERE = Path(__file__).resolve()
 BUDGET = "1MB"
 CAL = {"samples": 4, "batch_size": 1}
+MOE_CAL = {"samples": 2, "batch_size": 1}
 HEADS = {"method": "quantize.rtn", "bits": 8, "granularity": "per_channel",
          "targets": ["Embedding", "lm_head"], "missing": "skip"}  # fmt: skip
 RECIPES: dict[str, list[dict[str, Any]]] = {
     "gptq": [{"method": "quantize.gptq", "bits": 4, "group_size": 16, "calibration": CAL}, HEADS],
     "awq": [{"method": "quantize.awq", "bits": 4, "group_size": 16, "calibration": CAL}],
+    # the tiny Mixtral (checkpoint ckpt-moe) on a text of one repeated word: every token takes
+    # the same expert (top-1), the 7 others of each layer get none and are rounded to nearest
+    "moe": [{"method": "quantize.gptq", "bits": 4, "group_size": 16, "calibration": MOE_CAL}],
 }
 
 
-def _compress(ckpt: Path, recipe: Path, out: Path, work: Path) -> dict[str, Any]:
-    """``slimtorch compress --max-memory 1MB`` (the estimate without the process's own memory)."""
+def _compress(
+    root: Path, method: str, out: Path, work: Path | None, budget: str | None = BUDGET
+) -> dict[str, Any]:
+    """``slimtorch compress --max-memory 1MB`` (the estimate without the process's own memory)
+    of ``method`` on its checkpoint (in memory: ``budget`` None)."""
     from slimtorch.workflows import offloaded
     from slimtorch.workflows.compress import CompressOptions, compress_to_dir
 
     offloaded._resident_now = lambda: 0  # type: ignore[assignment]
-    options = CompressOptions(max_memory=BUDGET, work_dir=str(work),
-                              tokenizer="builtin:austen-lm", llm_windows=0)  # fmt: skip
+    moe = method == "moe"
+    options = CompressOptions(max_memory=budget, work_dir=str(work) if work else None,
+                              tokenizer="builtin:austen-lm", llm_windows=0,
+                              data=str(root / "moe.txt") if moe else None)  # fmt: skip
+    ckpt, recipe = root / ("ckpt-moe" if moe else "ckpt"), root / f"{method}.yaml"
     return compress_to_dir(str(ckpt), str(recipe), out, options, Context(progress=False))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint, the recipes and the one-process offloaded artifacts."""
-    from slimtorch.testing.models import tiny_llama
+    from slimtorch.formats.artifact import read_manifest
+    from slimtorch.testing.models import tiny_llama, tiny_moe
     from slimtorch.workflows import offloaded
 
     root = tmp_path_factory.mktemp("dist-offload")
@@ -58,15 +71,22 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        layers=3)  # fmt: skip
     model.save_pretrained(root / "ckpt")
     assert offloaded.checkpoint_fp32_bytes(root / "ckpt") > offloaded.parse_bytes(BUDGET) // 2
+    moe: Any = tiny_moe("mixtral", vocab=2048, hidden=32, intermediate=32, experts=8, top_k=1)
+    moe.save_pretrained(root / "ckpt-moe")
+    assert offloaded.checkpoint_fp32_bytes(root / "ckpt-moe") > offloaded.parse_bytes(BUDGET) // 2
+    (root / "moe.txt").write_text("the " * 600)
     saved = offloaded._resident_now
     try:
         for method, stages in RECIPES.items():
             (root / f"{method}.yaml").write_text(json.dumps({"stages": stages}))  # JSON is YAML
-            report = _compress(root / "ckpt", root / f"{method}.yaml", root / "one" / method,
-                               root / "work-one")  # fmt: skip
+            report = _compress(root, method, root / "one" / method, root / "work-one")
             assert report["offloaded"] is True and "distributed" not in report
+        _compress(root, "moe", root / "memory-moe", None, budget=None)
     finally:
         offloaded._resident_now = saved  # type: ignore[assignment]
+    starved = read_manifest(root / "memory-moe")["metadata"]["data_free_layers"]
+    assert len(starved) == 2 * 7 * 3  # 2 layers x 7 idle experts x 3 Linears
+    assert read_manifest(root / "one" / "moe")["metadata"]["data_free_layers"] == starved
     return root
 
 
@@ -96,10 +116,11 @@ def _assert_same(one: Path, two: Path) -> None:
 
 
 def test_two_ranks_offloaded_give_the_one_process_artifact(setup: Path, tmp_path: Path) -> None:
-    """GPTQ (+ RTN of the embedding and LM head: every rank) and AWQ (a whole block per owner)."""
+    """GPTQ (+ RTN of the embedding and LM head: every rank), AWQ (a whole block per owner) and
+    GPTQ of the tiny Mixtral (its metadata, ``data_free_layers`` included, is the same)."""
     reports = tmp_path / "reports"
     done = _torchrun(str(setup), str(tmp_path / "two"), str(reports), *RECIPES)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     for method in RECIPES:
         _assert_same(setup / "one" / method, tmp_path / "two" / method)
         report = json.loads((reports / f"{method}.json").read_text())
@@ -136,13 +157,13 @@ def test_a_killed_rank_resumes_on_the_same_ranks(setup: Path, tmp_path: Path) ->
     saved = offloaded._resident_now
     try:
         with pytest.raises(ConfigError, match=r"started on 2 process\(es\).*--nproc 2"):
-            _compress(setup / "ckpt", setup / "gptq.yaml", tmp_path / "one", work)
+            _compress(setup, "gptq", tmp_path / "one", work)
     finally:
         offloaded._resident_now = saved  # type: ignore[assignment]
     assert (work / "progress.json").is_file() and not (tmp_path / "one").exists()
 
     resumed = _torchrun(str(setup), str(out), str(reports), "gptq")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr
     assert f"resuming after block {progress['done']}" in resumed.stderr
     _assert_same(setup / "one" / "gptq", out / "gptq")
     assert not work.exists()
@@ -157,8 +178,7 @@ def _rank_main(root: Path, out: Path, reports: Path, methods: list[str]) -> None
     try:
         for method in methods:
             comm.blocks.clear()
-            report = _compress(root / "ckpt", root / f"{method}.yaml", out / method,
-                               out / f"work-{method}")  # fmt: skip
+            report = _compress(root, method, out / method, out / f"work-{method}")
             if comm.rank == 0:
                 reports.mkdir(parents=True, exist_ok=True)
                 (reports / f"{method}.json").write_text(json.dumps(report))
@@ -168,5 +188,12 @@ def _rank_main(root: Path, out: Path, reports: Path, methods: list[str]) -> None
         distributed.shutdown()
 
 
-if __name__ == "__main__":
-    _rank_main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
+if __name__ == "__main__":  # a rank: ends as `python -m slimtorch` ranks do (exit_rank)
+    from slimtorch.calibrate.distributed import exit_rank
+
+    try:
+        _rank_main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
+    except BaseException:
+        traceback.print_exc()
+        exit_rank(1)
+    exit_rank(0)

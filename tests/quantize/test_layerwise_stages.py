@@ -135,6 +135,27 @@ def test_scale_groups_found_without_tables() -> None:
     ]
     assert sorted(groups["post_attention_layernorm"]) == ["mlp.gate_proj", "mlp.up_proj"]
     assert "self_attn.v_proj" not in groups  # grouped-query attention: v -> o cannot fold
+    assert groups["mlp.up_proj"] == ["mlp.down_proj"]  # act(gate(x)) * up(x): up's rows fold
+    assert "mlp.gate_proj" not in groups  # the activation is not linear
+
+
+def test_products_fold_into_the_linear_before() -> None:
+    """Linears whose input is a product no module produces: SwiGLU's down_proj takes its scales
+    from up_proj, and with one key/value head per query head o_proj takes them from v_proj
+    (AutoAWQ's tables, found here by the exact-fold check)."""
+    from slimtorch.quantize.scaling import _Producers, scale_groups
+
+    model = testing_models.tiny_llama(vocab=96, heads=4, kv_heads=4)
+    block = model.model.layers[0]
+    layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    producers = _Producers(block, set(layers))
+    with torch.no_grad():
+        model(torch.randint(0, 96, (2, 16)))
+    producers.remove()
+    groups = dict(scale_groups(block, layers, producers))
+    assert groups["self_attn.v_proj"] == ["self_attn.o_proj"]
+    assert groups["mlp.up_proj"] == ["mlp.down_proj"]
+    assert "self_attn.q_proj" not in groups and "self_attn.k_proj" not in groups
 
 
 def test_awq_beats_rtn_and_smoothquant_keeps_outputs() -> None:

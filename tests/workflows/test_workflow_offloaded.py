@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.recipe import load_recipe
+from slimtorch.testing.artifacts import stored_parts
 from slimtorch.workflows.offloaded import (
     checkpoint_fp32_bytes,
     compress_large,
@@ -104,23 +105,6 @@ def test_offloaded_gptq_equals_in_memory(checkpoint: Path, tmp_path: Path) -> No
     assert model(torch.randint(0, 2048, (1, 8))).logits.shape == (1, 8, 2048)
 
 
-def _stored_parts(path: Path) -> dict[str, tuple[Any, ...]]:
-    """Each stored part of an artifact's model.safetensors: dtype, shape, sha256 of its bytes."""
-    import hashlib
-    import json
-    import struct
-
-    raw = (path / "model.safetensors").read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    header.pop("__metadata__")
-    return {
-        k: (v["dtype"], v["shape"], hashlib.sha256(raw[8 + n + a : 8 + n + b]).hexdigest())
-        for k, v in header.items()
-        for a, b in [v["data_offsets"]]
-    }
-
-
 _HEADS = {"method": "quantize.rtn", "bits": 8, "granularity": "per_channel",
           "targets": ["Embedding", "lm_head", "embed_out"], "missing": "skip"}  # fmt: skip
 _GPTQ = {"method": "quantize.gptq", "bits": 4, "group_size": 16,
@@ -164,7 +148,7 @@ def test_offloaded_quantizes_a_tied_embedding_once_as_in_memory(
         == {"lm_head.weight": "model.embed_tokens.weight"}
     )
     # the same stored parts, byte for byte; only their order in the file (the header) differs
-    parts = [_stored_parts(tmp_path / d) for d in ("off", "mem")]
+    parts = [stored_parts(tmp_path / d) for d in ("off", "mem")]
     assert parts[0] == parts[1]
     model = st.load(tmp_path / "off")
     assert model.lm_head.weight is model.model.embed_tokens.weight

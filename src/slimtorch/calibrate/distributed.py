@@ -3,33 +3,37 @@
 Launched by ``torchrun`` (or ``slimtorch compress --nproc N``), every process (rank) holds the
 whole model and a contiguous shard of the calibration batches, in rank order. Per block: each
 rank runs its shard through the block; the statistics are combined (:meth:`Comm.sum` of the
-float64 sums, :meth:`Comm.maximum`, rows concatenated in rank order: ``Accumulator.reduce``);
-each layer is compressed once, on the rank :func:`assign_owners` gives it (greedy by
-``out * in^2``, the cost of GPTQ/SparseGPT), and its weight and compression state are
-broadcast from there, so every rank enters the next block with the same bits. Compressors
-whose layers are coupled (AWQ, SmoothQuant: scales folded into a norm) are compressed whole by
-one rank, round-robin over the blocks; cheap data-free ones (RTN) run on every rank.
+running sums, float64 unless ``calibration.sum_dtype: float32``, :meth:`Comm.maximum`, rows
+concatenated in rank order: ``Accumulator.reduce``); each layer is compressed once, on the rank
+:func:`assign_owners` gives it (greedy by ``out * in^2``, the cost of GPTQ/SparseGPT), and its
+weight and compression state are broadcast from there, so every rank enters the next block
+with the same bits. Compressors whose layers are coupled (AWQ, SmoothQuant: scales folded into
+a norm) are compressed whole by one rank, round-robin over the blocks; cheap data-free ones
+(RTN) run on every rank.
 
 The pure parts (:func:`shard_range`, :func:`assign_owners`, :func:`layer_cost`,
-:func:`state_header`) take no process group. Technique folders only see the small
-``Reducer`` protocol of :mod:`slimtorch.calibrate.statistics` and the ``split`` attribute of
-their compressors.
+:func:`state_header`) take no process group. Technique folders only see the ``Reducer``
+protocol of :mod:`slimtorch.calibrate.statistics` and the ``split`` of their compressors.
 """
 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from slimtorch.calibrate.statistics import agree_shared, shared_links
 from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.formats.state import (
     QuantState,
@@ -39,6 +43,7 @@ from slimtorch.formats.state import (
     iter_states,
     set_state,
 )
+from slimtorch.runtime.moe import ExpertMLP
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +150,16 @@ class Comm:
     _owner_turn: int = 0
 
     def _run(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        import torch.distributed as dist
-
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as exc:
-            raise PeerLostError(
-                f"rank {self.rank}: {what} failed ({exc}); another rank stopped"
-            ) from exc
+            stopped = f"rank {self.rank}: {what} failed ({exc}); another rank stopped"
+            raise PeerLostError(stopped) from exc
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self.device).contiguous()
 
     def _all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
-        import torch.distributed as dist
-
         buf = self._out(t)
         self.sent += buf.numel() * buf.element_size()
         self._run("all_reduce", dist.all_reduce, buf, op=getattr(dist.ReduceOp, op))
@@ -175,8 +175,6 @@ class Comm:
         return int(self.sum(torch.tensor([n], dtype=torch.int64)).item())
 
     def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        import torch.distributed as dist
-
         buf = self._out(t)
         self.sent += buf.numel() * buf.element_size()
         parts = [torch.empty_like(buf) for _ in range(self.world)]
@@ -195,8 +193,6 @@ class Comm:
 
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
         """``t`` of rank ``src`` on every rank (the others' ``t`` gives shape and dtype)."""
-        import torch.distributed as dist
-
         if t.dtype == torch.bool:  # not every backend sends bool
             return self.broadcast(t.to(torch.uint8), src).to(torch.bool)
         buf = self._out(t)
@@ -213,9 +209,11 @@ class Comm:
             raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return json.loads(bytes(self.broadcast(raw, src).tolist()).decode())
 
-    def barrier(self) -> None:
-        import torch.distributed as dist
+    def gather_json(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (small JSON: names, notes) in rank order, on every rank."""
+        return [self.broadcast_json(value, src) for src in range(self.world)]
 
+    def barrier(self) -> None:
         self._run("barrier", dist.barrier)
 
     def next_owner(self) -> int:
@@ -241,8 +239,6 @@ def launched() -> bool:
 def init_from_env(device: str = "cpu") -> Comm:
     """Join the process group torchrun described in the environment: gloo on CPU, NCCL when
     ``device`` is CUDA. Collectives wait at most $SLIMTORCH_DIST_TIMEOUT seconds (1800)."""
-    import torch.distributed as dist
-
     if _ACTIVE:
         return _ACTIVE[0]
     try:
@@ -257,6 +253,8 @@ def init_from_env(device: str = "cpu") -> Comm:
     target = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(target)
+    if not faulthandler.is_enabled():  # a rank dying in native code says where it was
+        faulthandler.enable()
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     comm = Comm(dist.get_rank(), dist.get_world_size(), target)
@@ -266,11 +264,22 @@ def init_from_env(device: str = "cpu") -> Comm:
 
 
 def shutdown() -> None:
-    import torch.distributed as dist
-
     _ACTIVE.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a torchrun rank with ``code``: leave the process group, flush, and exit without the
+    interpreter's native teardown. Ranks that had finished their work and destroyed the group
+    still aborted at exit now and then (SIGABRT, "terminate called without an active
+    exception", no Python frame left: a gloo/c10d thread still joinable when the process
+    ends), and torchrun then reported a finished job as failed."""
+    shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def traffic(comm: Comm) -> dict[str, Any]:
@@ -311,8 +320,11 @@ def shard(batches: Sequence[Any], comm: Comm) -> list[Any]:
     return list(batches[start:stop])
 
 
-def reduce_stats(stats: dict[str, Any], comm: Comm) -> None:
-    """Combine every accumulator over the ranks (shared ones once), in a fixed key order."""
+def reduce_stats(stats: dict[str, Any], comm: Comm, experts: bool = False) -> None:
+    """Combine every accumulator over the ranks (shared ones once), in a fixed key order. In a
+    block of ``experts``, which layers share one can differ between ranks: agreed first."""
+    if experts:
+        agree_shared(stats, comm.gather_json(shared_links(stats)))
     done: set[int] = set()
     for key in sorted(stats):
         acc = stats[key]
@@ -373,7 +385,7 @@ def compress_shared(
     says (see :mod:`slimtorch.calibrate.sequential`) and send the results from their owners."""
     sent = comm.sent
     if stats:
-        reduce_stats(stats, comm)
+        reduce_stats(stats, comm, any(isinstance(m, ExpertMLP) for m in block.modules()))
     split = getattr(compressor, "split", "block")
     if split == "replicated":
         compressor.compress(name, block, stats)

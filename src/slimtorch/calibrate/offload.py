@@ -16,6 +16,10 @@ memory; rank 0 alone writes the blocks, the progress and the artifact. Then the 
 blocks are written: streamed as they are, or, when the recipe has data-free stages (RTN of the
 embeddings and LM head), read again and compressed by those stages as in memory. Finally the
 parts are joined into one artifact (:func:`slimtorch.formats.concat.concat_artifacts`).
+
+On ``--device`` (``ctx.device``) tensors are read on the CPU and moved there: the capture,
+each block's calibration, compression and next inputs (kept there) run there; what is written
+goes through the CPU (:mod:`slimtorch.calibrate.offload_work`, "Devices").
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ from torch import nn
 
 from slimtorch.calibrate import distributed
 from slimtorch.calibrate.capture import Forward, _call, capture_block_inputs
-from slimtorch.calibrate.offload_work import OffloadPlan, WorkDir, fingerprint
+from slimtorch.calibrate.offload_work import (
+    HOST,
+    OffloadPlan,
+    WorkDir,
+    fingerprint,
+    place_buffers,
+    to_host,
+)
 from slimtorch.calibrate.sequential import (
     BlockCompressor,
     DataFree,
@@ -44,12 +55,16 @@ from slimtorch.calibrate.sequential import (
     find_blocks,
     next_inputs,
 )
+from slimtorch.calibrate.statistics import share_data_free
 from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
-from slimtorch.formats.artifact import write_artifact
+from slimtorch.formats.artifact import read_manifest, write_artifact
 from slimtorch.formats.concat import concat_artifacts
 from slimtorch.formats.state import clear_state, iter_states
 from slimtorch.formats.streaming import StreamingArtifactWriter, TensorSpec
+from slimtorch.runtime.moe import Part, checkpoint_names
+
+DATA_FREE = "data_free_layers"  # the artifact's note (ModelInfo) of layers compressed without data
 
 __all__ = ["Checkpoint", "OffloadPlan", "compress_offloaded", "empty_parameters", "fingerprint"]
 
@@ -103,18 +118,37 @@ class Checkpoint:
                 " shards (save_pretrained(..., safe_serialization=True))"
             )
         self.where: dict[str, Path] = {}
+        # a model parameter stored under another name or inside a fused tensor (Mixtral's
+        # original experts.{i}.w1, fused experts.gate_up_proj): its key and part of it
+        self.parts: dict[str, tuple[str, Part]] = {}
         for file in files:
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                     self.where[key] = file
+                    shape = f.get_slice(key).get_shape()
+                    for name, part in checkpoint_names(key, shape).items():
+                        self.parts.setdefault(name, (key, part))
+        self.parts = {n: kp for n, kp in self.parts.items() if n not in self.where}
+        self.where.update({n: self.where[key] for n, (key, _) in self.parts.items()})
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.where[name]), "pt") as f:
-            return f.get_tensor(name)
+        key, part = self.parts.get(name, (name, None))
+        with safe_open(str(self.where[key]), "pt") as f:
+            if part is None:
+                return f.get_tensor(key)
+            expert, first, end = part
+            return f.get_slice(key)[expert, first:end]
 
 
-def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, ties: dict[str, str]) -> None:
-    """Give ``module``'s meta parameters their values from the checkpoint."""
+def materialize(
+    module: nn.Module,
+    prefix: str,
+    ckpt: Checkpoint,
+    ties: dict[str, str],
+    device: torch.device = HOST,
+) -> None:
+    """Give ``module``'s meta parameters their values from the checkpoint, on ``device`` (read
+    on the CPU, then moved)."""
     for pname, param in list(module.named_parameters(recurse=True)):
         full = f"{prefix}.{pname}" if prefix else pname
         key = full if full in ckpt.where else ties.get(full, full)
@@ -122,7 +156,7 @@ def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, ties: dict[str
             raise UserInputError(f"{ckpt.root}: tensor {full!r} is not in the checkpoint")
         owner, _, leaf = pname.rpartition(".")
         target = module.get_submodule(owner) if owner else module
-        value = ckpt.get(key).to(torch.float32)
+        value = ckpt.get(key).to(device, torch.float32)
         if type(target).__name__ == "Conv1DLinear" and leaf == "weight":
             value = value.t().contiguous()  # stored [in, out] by transformers' Conv1D
         target._parameters[leaf] = nn.Parameter(value, requires_grad=param.requires_grad)
@@ -141,16 +175,18 @@ def release(module: nn.Module) -> None:
                 )
 
 
-def _block_artifact(block: nn.Module, prefix: str, path: Path) -> None:
+def _block_artifact(block: nn.Module, prefix: str, path: Path, data_free: list[str]) -> None:
+    """One block's part of the artifact, with the block's layers compressed without data."""
     tensors = {f"{prefix}.{k}": v.detach() for k, v in block.state_dict().items()}
     states = {
         (f"{prefix}.{m}.{p}" if m else f"{prefix}.{p}"): s for m, _, p, s in iter_states(block)
     }
-    write_artifact(path, tensors, states, {}, overwrite=True)
+    notes = {DATA_FREE: data_free} if data_free else {}
+    write_artifact(path, *to_host(tensors, states), notes, overwrite=True)
 
 
 def _module_artifact(parts: tuple[dict[str, torch.Tensor], dict[str, Any]], path: Path) -> None:
-    write_artifact(path, parts[0], parts[1], {}, overwrite=True)
+    write_artifact(path, *to_host(*parts), {}, overwrite=True)
 
 
 def _outside_stages(
@@ -186,8 +222,10 @@ def compress_offloaded(
 ) -> dict[str, Any]:
     """Compress ``model`` (built under :func:`empty_parameters`) block by block from ``ckpt``;
     writes the artifact ``plan.out`` and returns its manifest. Under torchrun every rank calls
-    it with the same arguments; rank 0 writes and returns the manifest, the others ``{}``."""
+    it with the same arguments; rank 0 writes and returns the manifest, the others ``{}``.
+    Tensors are computed on ``ctx.device`` and written from the CPU (module docstring)."""
     comm = distributed.active()
+    device = ctx.torch_device
     blocks = find_blocks(model)
     if blocks.names == [""]:
         raise UserInputError("offloaded compression needs a model with repeated blocks")
@@ -197,7 +235,8 @@ def compress_offloaded(
         batches = distributed.shard(list(batches), comm)
     work = WorkDir(plan, comm)
     done = work.start()
-    _materialize_outside(model, blocks, ckpt, ties)
+    place_buffers(model, device)
+    _materialize_outside(model, blocks, ckpt, ties, device)
     data_free = [isinstance(c, DataFree) for c in compressors]
     if not all(data_free):  # data-free stages before the first calibrated one change its inputs
         _outside_stages(model, blocks.container, compressors[: data_free.index(False)])
@@ -209,6 +248,11 @@ def compress_offloaded(
     return_freed_memory()
     if done >= 0 and done + 1 < len(modules):
         inputs = work.load_inputs(done + 1, calls[done + 1])
+    # the in-memory run calibrates every stage on the blocks as the stages before it left
+    # them: the data-free stages after the last calibrated one must not change the inputs the
+    # next block is calibrated on, so they run after those inputs are computed
+    calibrated = [k for k, c in enumerate(compressors) if not isinstance(c, DataFree)]
+    feeding = calibrated[-1] + 1 if calibrated else len(compressors)
     bar = ctx.progress_bar(list(enumerate(blocks.names)), "blocks", len(blocks.names))
     for i, name in bar:
         if i <= done:
@@ -216,14 +260,18 @@ def compress_offloaded(
         if comm is not None:
             distributed.check_fault(comm, i)
         block = modules[i]
-        materialize(block, name, ckpt, ties)
-        for compressor in compressors:  # with comm: reduced statistics, owners broadcast
+        materialize(block, name, ckpt, ties, device)
+        for compressor in compressors[:feeding]:  # with comm: reduced statistics, owners broadcast
             compress_block(block, name, inputs, compressor, comm)
-        if work.lead:
-            _block_artifact(block, name, plan.work_dir / f"block{i:05d}")
         if i + 1 < len(blocks.names):
             inputs = next_inputs(block, inputs, calls[i + 1])
             work.save_inputs(i + 1, inputs)
+        for compressor in compressors[feeding:]:  # data-free stages after the last calibrated
+            compress_block(block, name, inputs, compressor, comm)
+        noted = share_data_free(compressors, comm)  # a collective: each rank noted its own
+        if work.lead:  # the block's notes go with it: a resumed run still lists them
+            mine = [n for n in noted if n.startswith(f"{name}.")]
+            _block_artifact(block, name, plan.work_dir / f"block{i:05d}", mine)
         calls[i] = []
         work.block_done(i)  # a barrier, then rank 0 marks the block done
         release(block)
@@ -235,13 +283,16 @@ def compress_offloaded(
     if not head.exists():
         outside = [c for c in compressors if isinstance(c, DataFree)]
         if outside:  # RTN of the embeddings / LM head: the layers outside the blocks at once
-            _materialize_outside(model, blocks, ckpt, ties)
+            _materialize_outside(model, blocks, ckpt, ties, device)
             _module_artifact(_outside_stages(model, blocks.container, outside), head)
             release(model)
         else:  # dense: streamed from the checkpoint one tensor at a time
             _outside_artifact(model, blocks.container, ckpt, ties, buffers, head)
     parts = [head] + [plan.work_dir / f"block{i:05d}" for i in range(len(blocks.names))]
-    manifest = concat_artifacts(parts, plan.out, plan.manifest, overwrite=plan.overwrite)
+    noted = sorted(n for p in parts[1:] for n in read_manifest(p).get(DATA_FREE, []))
+    meta = {**plan.manifest.get("metadata", {}), DATA_FREE: noted}
+    keys = {**plan.manifest, "metadata": meta} if noted else plan.manifest  # as in memory
+    manifest = concat_artifacts(parts, plan.out, keys, overwrite=plan.overwrite)
     shutil.rmtree(plan.work_dir, ignore_errors=True)
     return manifest
 
@@ -266,7 +317,7 @@ def _outside_params(model: nn.Module, container: str) -> list[str]:
 
 
 def _materialize_outside(
-    model: nn.Module, blocks: Any, ckpt: Checkpoint, ties: dict[str, str]
+    model: nn.Module, blocks: Any, ckpt: Checkpoint, ties: dict[str, str], device: torch.device
 ) -> None:
     for name in _outside_params(model, blocks.container):
         if name in ties:
@@ -279,7 +330,7 @@ def _materialize_outside(
         stored = [k for k in (name, *(a for a, t in ties.items() if t == name)) if k in ckpt.where]
         if not stored:
             raise UserInputError(f"{ckpt.root}: tensor {name!r} is not in the checkpoint")
-        module._parameters[leaf] = nn.Parameter(ckpt.get(stored[0]).to(torch.float32))
+        module._parameters[leaf] = nn.Parameter(ckpt.get(stored[0]).to(device, torch.float32))
     for alias, target in ties.items():
         if not alias.startswith(blocks.container + "."):
             owner, _, leaf = alias.rpartition(".")
@@ -290,10 +341,10 @@ def _materialize_outside(
 
 
 def _outside_buffers(model: nn.Module, container: str) -> dict[str, torch.Tensor]:
-    """Persistent buffers outside the blocks (written as they are)."""
+    """Persistent buffers outside the blocks (written as they are): CPU copies."""
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     return {
-        k: v.detach().clone()
+        k: v.detach().to(HOST, copy=True)
         for k, v in model.state_dict().items()
         if k not in params and not k.startswith(container + ".") and v.device.type != "meta"
     }

@@ -16,6 +16,14 @@ barrier; rank 0 marks the block done. A kill anywhere leaves ``done`` at a block
 rank had finished and saved, so a rerun with the same command resumes after it. Rank 0 reads
 the progress and broadcasts it: the other ranks only need their own inputs files (the work dir
 need not be shared between nodes, but must be the same path on each and survive the kill).
+
+Devices: tensors are read from the shards on the CPU and moved to ``--device``
+(``ctx.device``); the calibration batches run there up to block 0, each block calibrates,
+compresses and produces the next block's inputs there, and those inputs stay there (the simple
+choice: on the models this path is for they are much smaller than a block, and a trip to the
+CPU would cost two copies a block). What is written goes through the CPU: blocks from CPU
+copies (:func:`to_host`), inputs files as CPU tensors, read back onto the device of the call
+they feed (:func:`input_device`), so a run resumes on another device or on the CPU.
 """
 
 from __future__ import annotations
@@ -27,20 +35,25 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from slimtorch.calibrate.capture import Inputs, hidden_of, with_hidden
 from slimtorch.calibrate.distributed import Comm
 from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.formats.atomic import fsync_dir, write_file
+from slimtorch.formats.state import WeightState
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
+HOST = torch.device("cpu")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -120,14 +133,15 @@ class WorkDir:
 
     def save_inputs(self, block: int, inputs: Sequence[Inputs]) -> None:
         """This rank's inputs of ``block``, written atomically."""
-        tensors = {f"h{i}": hidden_of(call).contiguous() for i, call in enumerate(inputs)}
+        tensors = {f"h{i}": host(hidden_of(call)).contiguous() for i, call in enumerate(inputs)}
         path = self.inputs_file(block)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(path)
 
     def load_inputs(self, block: int, calls: Sequence[Inputs]) -> list[Inputs]:
-        """This rank's saved inputs of ``block``, on the recorded ``calls`` of its shard."""
+        """This rank's saved inputs of ``block``, on the recorded ``calls`` of its shard, each
+        on the device of the hidden states it replaces (:func:`input_device`)."""
         path = self.inputs_file(block)
         if not path.is_file():
             raise UserInputError(
@@ -141,7 +155,7 @@ class WorkDir:
                 f"{path} holds {len(saved)} batches, this rank runs {len(calls)}; delete"
                 f" {self.root} to start again"
             )
-        return [with_hidden(c, saved[f"h{i}"]) for i, c in enumerate(calls)]
+        return [with_hidden(c, saved[f"h{i}"].to(input_device(c))) for i, c in enumerate(calls)]
 
     def block_done(self, block: int) -> None:
         """Every rank finished ``block`` (barrier), then rank 0 marks it done. Inputs files of
@@ -168,3 +182,62 @@ class WorkDir:
             m = pattern.fullmatch(path.name)
             if m and (below is None or int(m.group(1)) < below):
                 path.unlink(missing_ok=True)
+
+
+def input_device(call: Inputs) -> torch.device:
+    """Where a block call's hidden states live (the CPU when it records none): a resumed run's
+    saved inputs go there, next to the rest of the call (masks, position embeddings)."""
+    hidden = hidden_of(call)
+    return hidden.device if isinstance(hidden, torch.Tensor) else HOST
+
+
+def host(t: torch.Tensor, memo: dict[tuple[Any, ...], torch.Tensor] | None = None) -> torch.Tensor:
+    """``t`` on the CPU: itself when it is there already (no copy), else a detached copy. With
+    ``memo``, every tensor that is the same view of one device storage gets the same copy, so
+    ties (an embedding and its LM head, a shared codebook) survive the move."""
+    if t.device == HOST:
+        return t
+    if memo is None:
+        return t.detach().to(HOST)
+    key = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+           tuple(t.stride()), t.dtype)  # fmt: skip
+    if key not in memo:
+        memo[key] = t.detach().to(HOST)
+    return memo[key]
+
+
+def _host_fields(value: _T, memo: dict[tuple[Any, ...], torch.Tensor]) -> _T:
+    """A dataclass (a compression state and the quantization state inside it) with every tensor
+    field on the CPU; the same object when all are there already."""
+    if isinstance(value, torch.Tensor):
+        return host(value, memo)  # type: ignore[return-value]
+    if not is_dataclass(value) or isinstance(value, type):
+        return value
+    changes = {}
+    for f in fields(value):
+        old = getattr(value, f.name)
+        new = _host_fields(old, memo)
+        if new is not old:
+            changes[f.name] = new
+    return replace(value, **changes) if changes else value
+
+
+def to_host(
+    tensors: dict[str, torch.Tensor], states: dict[str, WeightState]
+) -> tuple[dict[str, torch.Tensor], dict[str, WeightState]]:
+    """A part's tensors and compression states on the CPU, as the artifact writer gets them
+    (:func:`host`: tensors already on the CPU are passed as they are, tied ones stay tied)."""
+    memo: dict[tuple[Any, ...], torch.Tensor] = {}
+    return (
+        {k: host(v, memo) for k, v in tensors.items()},
+        {k: _host_fields(v, memo) for k, v in states.items()},
+    )
+
+
+def place_buffers(model: nn.Module, device: torch.device) -> None:
+    """Move the real buffers of ``model`` (rotary frequencies, ...) to ``device``; parameters
+    are left alone (still on ``meta``: the offloaded run gives them their values there)."""
+    for sub in model.modules():
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.device.type != "meta" and buf.device != device:
+                sub._buffers[name] = buf.to(device)

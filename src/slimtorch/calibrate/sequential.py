@@ -44,6 +44,7 @@ from slimtorch.calibrate.capture import (
     capture_first_inputs,
     with_hidden,
 )
+from slimtorch.calibrate.statistics import AccumDtype, share_data_free
 from slimtorch.core.config import StageConfig, StrictModel
 from slimtorch.core.context import Context
 from slimtorch.core.methods import Run
@@ -238,21 +239,23 @@ def run_sequential(
         if blocks.names == [""]:
             inputs = capture_first_inputs(model, model, batches, forward)
             compress_block(model, "", inputs, compressor, comm)
-            return [""]
-        modules = [model.get_submodule(n) for n in blocks.names]
-        calls = capture_block_inputs(model, modules, batches, forward)
-        inputs = calls[0]
-        bar = ctx.progress_bar(list(enumerate(blocks.names)), "blocks", len(blocks.names))
-        for i, name in bar:
-            block = modules[i]
-            if comm is not None:
-                distributed.check_fault(comm, i)
-            compress_block(block, name, inputs, compressor, comm)
-            if i + 1 < len(blocks.names):
-                inputs = next_inputs(block, inputs, calls[i + 1])
-                calls[i] = calls[i + 1] = []  # free what only these blocks needed
-            if on_block_done is not None:
-                on_block_done(i, name)
+        else:
+            modules = [model.get_submodule(n) for n in blocks.names]
+            calls = capture_block_inputs(model, modules, batches, forward)
+            inputs = calls[0]
+            bar = ctx.progress_bar(list(enumerate(blocks.names)), "blocks", len(blocks.names))
+            for i, name in bar:
+                block = modules[i]
+                if comm is not None:
+                    distributed.check_fault(comm, i)
+                compress_block(block, name, inputs, compressor, comm)
+                if i + 1 < len(blocks.names):
+                    inputs = next_inputs(block, inputs, calls[i + 1])
+                    calls[i] = calls[i + 1] = []  # free what only these blocks needed
+                if on_block_done is not None:
+                    on_block_done(i, name)
+        if comm is not None:  # each layer was noted on its owner rank: every rank gets all
+            share_data_free([compressor], comm)
         return blocks.names
     finally:
         model.train(was_training)
@@ -292,10 +295,22 @@ class CalibrationOptions(StrictModel):
     )
 
 
+class LayerwiseCalibration(CalibrationOptions):
+    """The calibration of the layer-wise methods: also how their statistics are summed."""
+
+    sum_dtype: AccumDtype = Field(
+        default="float64",
+        description="dtype of the running sums of the statistics (GPTQ's and SparseGPT's"
+        " Hessians, Wanda's input norms; the other methods keep none) and of what a distributed"
+        " run sends of them: float64 is exact, bit-identical on any number of processes;"
+        " float32 halves their memory and bytes, within a bound (docs/distributed.md)",
+    )
+
+
 class LayerwiseConfig(StageConfig):
     """Options shared by the layer-wise methods (GPTQ, SparseGPT, Wanda, AWQ, SmoothQuant)."""
 
-    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+    calibration: LayerwiseCalibration = Field(default_factory=LayerwiseCalibration)
 
 
 def calibration_batches(run: Run, options: CalibrationOptions, method: str) -> list[Any]:

@@ -2,10 +2,13 @@
 
 Every accumulator takes inputs shaped ``[..., in_features]`` (any rank: ``[tokens, in]``,
 ``[batch, seq, in]``, ...); each row of the last axis is one sample (one token). Each batch's
-contribution is computed in the accumulator's dtype and the running sums are kept in float64
-(read back in the accumulator's dtype), so the order in which batches are summed, in one
-process or across the ranks of a distributed run (:meth:`reduce`), changes the result at most
-in the float64 rounding (docs/distributed.md states the bound; usually not at all).
+contribution is computed in the accumulator's ``dtype`` and the running sums are kept in its
+``sum_dtype`` (default float64; read back in ``dtype``), so the order in which batches are
+summed, in one process or across the ranks of a distributed run (:meth:`reduce`), changes the
+result at most in the float64 rounding (docs/distributed.md states the bound; usually not at
+all). ``sum_dtype="float32"`` (``calibration.sum_dtype``, :func:`use_sum_dtype`) halves the
+memory of the sums and what a distributed run sends, and gives up that exactness: the result
+then depends on the summation order in the float32 rounding (docs/distributed.md).
 
     HessianAccumulator    H = 2/n * sum x x^T              GPTQ, SparseGPT
     InputNormAccumulator  sum_t x_tj^2 per input channel     Wanda, OWL
@@ -19,6 +22,7 @@ are shared by the second-order methods (GPTQ in ``quantize``, SparseGPT in ``pru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import torch
@@ -48,26 +52,47 @@ class Reducer(Protocol):
         """The rows of every process concatenated in rank order, the first ``limit`` kept."""
 
 
-def _add64(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
-    """``total += part`` in float64; the in-place add casts ``part`` on the fly (the same bits
-    as converting it first, without a float64 copy of an ``[in, in]`` Hessian per batch)."""
-    return part.to(torch.float64) if total is None else total.add_(part)
+def _add(total: torch.Tensor | None, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``total += part`` in ``dtype``; the in-place add casts ``part`` on the fly (the same bits
+    as converting it first, without a float64 copy of an ``[in, in]`` Hessian per batch).
+    ``part`` is a fresh temporary, so starting the total with it (same dtype) copies nothing."""
+    return part.to(dtype) if total is None else total.add_(part)
 
 
-def _reduce_sum(total: torch.Tensor | None, shape: tuple[int, ...], comm: Reducer) -> torch.Tensor:
-    return comm.sum(torch.zeros(shape, dtype=torch.float64) if total is None else total)
+def _reduce_sum(
+    total: torch.Tensor | None, shape: tuple[int, ...], comm: Reducer, dtype: torch.dtype
+) -> torch.Tensor:
+    return comm.sum(torch.zeros(shape, dtype=dtype) if total is None else total)
+
+
+def _dtype(what: str, name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise UserInputError(f"{what}={name!r}; use 'float32' or 'float64'")
+    return _DTYPES[name]
+
+
+def use_sum_dtype(stats: dict[str, Any], sum_dtype: AccumDtype) -> dict[str, Any]:
+    """``stats`` with the running sums of its accumulators kept in ``sum_dtype`` (a stage's
+    ``calibration.sum_dtype``; set before the first batch). Maxima and kept rows ignore it."""
+    dtype = _dtype("calibration.sum_dtype", sum_dtype)
+    for acc in stats.values():
+        if isinstance(acc, _ChannelAccumulator):
+            acc.sum_dtype = dtype
+    return stats
 
 
 class _ChannelAccumulator:
-    """Shared plumbing: shape/finite checks, the row count and the accumulation dtype."""
+    """Shared plumbing: shape/finite checks, the row count, the accumulation dtype and the
+    dtype of the running sums (``sum_dtype``)."""
 
-    def __init__(self, in_features: int, dtype: AccumDtype = "float32") -> None:
+    def __init__(
+        self, in_features: int, dtype: AccumDtype = "float32", sum_dtype: AccumDtype = "float64"
+    ) -> None:
         if in_features < 1:
             raise UserInputError(f"in_features must be >= 1, got {in_features}")
-        if dtype not in _DTYPES:
-            raise UserInputError(f"dtype={dtype!r}; use 'float32' or 'float64'")
         self.in_features = in_features
-        self.dtype = _DTYPES[dtype]
+        self.dtype = _dtype("dtype", dtype)
+        self.sum_dtype = _dtype("sum_dtype", sum_dtype)
         self.count = 0  # rows (tokens) seen
         # no row seen: give neutral statistics instead of refusing (an expert no calibration
         # token was routed to: its method then runs in its data-free form; see starved_experts)
@@ -109,18 +134,20 @@ class _ChannelAccumulator:
 class HessianAccumulator(_ChannelAccumulator):
     """``H = 2/n * sum_t x_t x_t^T`` over every row ``x_t`` seen (``n`` rows in all)."""
 
-    def __init__(self, in_features: int, dtype: AccumDtype = "float32") -> None:
-        super().__init__(in_features, dtype)
+    def __init__(
+        self, in_features: int, dtype: AccumDtype = "float32", sum_dtype: AccumDtype = "float64"
+    ) -> None:
+        super().__init__(in_features, dtype, sum_dtype)
         self._sum: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         rows = self._rows(x)
-        self._sum = _add64(self._sum, rows.T @ rows)
+        self._sum = _add(self._sum, rows.T @ rows, self.sum_dtype)
 
     def reduce(self, comm: Reducer) -> None:
         """Sum the partial statistics of every process (every process ends with the total)."""
         n = self.in_features
-        self._sum = _reduce_sum(self._sum, (n, n), comm)
+        self._sum = _reduce_sum(self._sum, (n, n), comm, self.sum_dtype)
         self.count = comm.total(self.count)
 
     def hessian(self) -> torch.Tensor:
@@ -134,15 +161,17 @@ class HessianAccumulator(_ChannelAccumulator):
 class InputNormAccumulator(_ChannelAccumulator):
     """Per-input-channel sum of squares ``sum_t x_tj^2`` (Wanda's ``||X_j||^2``)."""
 
-    def __init__(self, in_features: int, dtype: AccumDtype = "float32") -> None:
-        super().__init__(in_features, dtype)
+    def __init__(
+        self, in_features: int, dtype: AccumDtype = "float32", sum_dtype: AccumDtype = "float64"
+    ) -> None:
+        super().__init__(in_features, dtype, sum_dtype)
         self._sq: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        self._sq = _add64(self._sq, self._rows(x).pow(2).sum(dim=0))
+        self._sq = _add(self._sq, self._rows(x).pow(2).sum(dim=0), self.sum_dtype)
 
     def reduce(self, comm: Reducer) -> None:
-        self._sq = _reduce_sum(self._sq, (self.in_features,), comm)
+        self._sq = _reduce_sum(self._sq, (self.in_features,), comm, self.sum_dtype)
         self.count = comm.total(self.count)
 
     def sq_norm(self) -> torch.Tensor:
@@ -159,8 +188,10 @@ class InputNormAccumulator(_ChannelAccumulator):
 class AbsMaxAccumulator(_ChannelAccumulator):
     """Per-input-channel ``max_t |x_tj|`` (SmoothQuant's activation ranges)."""
 
-    def __init__(self, in_features: int, dtype: AccumDtype = "float32") -> None:
-        super().__init__(in_features, dtype)
+    def __init__(
+        self, in_features: int, dtype: AccumDtype = "float32", sum_dtype: AccumDtype = "float64"
+    ) -> None:
+        super().__init__(in_features, dtype, sum_dtype)
         self._max: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
@@ -183,15 +214,17 @@ class AbsMaxAccumulator(_ChannelAccumulator):
 class AbsMeanAccumulator(_ChannelAccumulator):
     """Per-input-channel ``mean_t |x_tj|`` (AWQ's activation salience)."""
 
-    def __init__(self, in_features: int, dtype: AccumDtype = "float32") -> None:
-        super().__init__(in_features, dtype)
+    def __init__(
+        self, in_features: int, dtype: AccumDtype = "float32", sum_dtype: AccumDtype = "float64"
+    ) -> None:
+        super().__init__(in_features, dtype, sum_dtype)
         self._sum: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        self._sum = _add64(self._sum, self._rows(x).abs().sum(dim=0))
+        self._sum = _add(self._sum, self._rows(x).abs().sum(dim=0), self.sum_dtype)
 
     def reduce(self, comm: Reducer) -> None:
-        self._sum = _reduce_sum(self._sum, (self.in_features,), comm)
+        self._sum = _reduce_sum(self._sum, (self.in_features,), comm, self.sum_dtype)
         self.count = comm.total(self.count)
 
     def absmean(self) -> torch.Tensor:
@@ -310,6 +343,48 @@ def expert_statistics(block: nn.Module, stats: dict[str, Any]) -> dict[str, Any]
         if isinstance(acc, _ChannelAccumulator) and parent:
             acc.data_free = isinstance(block.get_submodule(parent), ExpertMLP)
     return stats
+
+
+def shared_links(stats: dict[str, Any]) -> dict[str, str]:
+    """Each key of ``stats`` -> the first key (sorted) holding the same accumulator: the layers
+    that read one input share one (``observe_block``)."""
+    first: dict[int, str] = {}
+    return {key: first.setdefault(id(stats[key]), key) for key in sorted(stats)}
+
+
+def agree_shared(stats: dict[str, Any], every: Sequence[dict[str, str]]) -> None:
+    """Join the accumulators that :func:`shared_links` of any rank (``every``) shares, so all
+    ranks combine the same ones. A group reads one tensor whenever it runs, so ranks differ
+    only where one never ran it (an expert no token of its shard reached): those accumulators
+    are empty and are joined. A fed one seen alone here cannot be: refused."""
+    for links in every:
+        for key, lead in sorted(links.items()):
+            if stats[key] is stats[lead]:
+                continue
+            if getattr(stats[key], "count", 0):
+                raise UnsupportedModelError(
+                    f"{key} read the same input as {lead} on one rank and another one here;"
+                    " run this model's calibration in one process"
+                )
+            stats[key] = stats[lead]
+
+
+def share_data_free(compressors: Sequence[Any], comm: Any | None) -> list[str]:
+    """The layers ``compressors`` compressed data-free (their ``data_free`` lists, see
+    :func:`starved`), sorted, each once. With ``comm`` (a distributed run, where each layer is
+    noted on its owner rank only) the union over the ranks: a collective (``gather_json``),
+    every rank calls it. Each list becomes its union in place (it is the run's note,
+    ``Run.data_free``, that the artifact's ``data_free_layers`` records)."""
+    held = [names for c in compressors if isinstance(names := getattr(c, "data_free", None), list)]
+    lists = {id(names): names for names in held}
+    found: set[str] = set()
+    for names in lists.values():  # the same order on every rank: the compressors'
+        union = sorted(set(names))
+        if comm is not None:
+            union = sorted({n for part in comm.gather_json(union) for n in part})
+        names[:] = union
+        found.update(union)
+    return sorted(found)
 
 
 def starved(block_name: str, stats: dict[str, Any], keys: list[str]) -> list[str]:

@@ -13,7 +13,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from slimtorch.cli.commands import (
     auto,
@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS.values():
         command.add_parser(sub)
     return parser
+
+
+def run() -> NoReturn:
+    """The process entry of ``python -m slimtorch`` (and of every rank ``torchrun -m
+    slimtorch`` starts): :func:`main`, then exit with its code."""
+    from slimtorch.workflows.compress_distributed import end_process
+
+    end_process(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

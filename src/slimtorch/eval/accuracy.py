@@ -8,12 +8,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import UserInputError
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
+from slimtorch.eval.latency import model_device
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimtorch.core.errors import UserInputError
+from slimtorch.eval.latency import synchronize
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 PROMPT_TOKENS = 64
@@ -75,6 +76,7 @@ def _greedy(
 def _seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
     start = time.perf_counter()
     _greedy(model, ids, new_tokens, exact=True)
+    synchronize(ids.device)  # a CUDA device runs ahead of the clock
     return time.perf_counter() - start
 
 
@@ -140,6 +142,7 @@ def generate_text(
     with torch.inference_mode():
         start = time.perf_counter()
         out = _greedy(model, ids, max_new_tokens, exact=False, cache=cache)
+        synchronize(ids.device)
         seconds = time.perf_counter() - start
     new = out[0].tolist()
     result = {

@@ -94,21 +94,27 @@ def awq_search_scales(
     grid: int = 20,
     duo_scaling: bool = True,
     block: BlockFn | None = None,
+    rows: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """Per-input-channel scales ``[in]`` for the linears ``weights`` reading ``x`` ``[..., in]``.
 
     ``block``, if given, maps the list of (fake-quantized) weights to an output tensor (e.g. the
     attention module run with them); its squared error against the float weights replaces the
-    linears' own output error.
+    linears' own output error. ``rows``, if given, holds per weight the inputs its output
+    error is measured on (None: ``x``; no rows: it adds nothing): the experts of a
+    mixture-of-experts layer share one scale, from all tokens ``x``, but each computes on the
+    tokens routed to it.
     """
     ws = [weights] if isinstance(weights, Tensor) else list(weights)
     if grid < 1:
         raise ConfigError(f"grid={grid}; use at least 1 candidate (AWQ uses 20)")
     x2 = _check_inputs(ws, x)
+    if rows is not None and len(rows) != len(ws):
+        raise UserInputError(f"{len(rows)} row sets for {len(ws)} weights; give one per weight")
     ws = [w.detach().to(torch.float32) for w in ws]
     x_mean = x2.abs().mean(dim=0)
     w_mean = _weight_absmean(ws, spec) if duo_scaling else None
-    gram = x2.t() @ x2 if x2.shape[0] > x2.shape[1] else None
+    seen = _loss_inputs(ws, x2, rows)
     ref = block(ws).detach() if block is not None else None
     best, best_loss, best_ratio = torch.ones_like(x_mean), float("inf"), 0.0
     for i in range(grid):
@@ -117,11 +123,30 @@ def awq_search_scales(
         if ref is not None and block is not None:
             loss = float((block(effs).detach() - ref).float().pow(2).sum())
         else:
-            loss = sum(float(output_error(e - w, x2, gram)) for e, w in zip(effs, ws, strict=True))
+            loss = sum(
+                float(output_error(e - w, *xg)) for e, w, xg in zip(effs, ws, seen, strict=True)
+            )
         if loss < best_loss:
             best, best_loss, best_ratio = s, loss, i / grid
     log.debug("awq scales: ratio %.2f, loss %.4g", best_ratio, best_loss)
     return best
+
+
+def _loss_inputs(
+    ws: Sequence[Tensor], x: Tensor, rows: Sequence[Tensor | None] | None
+) -> list[tuple[Tensor, Tensor | None]]:
+    """Per weight, the inputs of its output error and their Gram matrix ``x^T x`` (None when
+    there are fewer rows than columns: then the error is computed directly); shared rows once."""
+    done: dict[int, tuple[Tensor, Tensor | None]] = {}
+    out = []
+    for i, w in enumerate(ws):
+        r = x if rows is None or rows[i] is None else rows[i]
+        assert r is not None
+        if id(r) not in done:
+            r2 = x if r is x else _check_inputs([w], r) if r.numel() else x[:0]
+            done[id(r)] = (r2, r2.t() @ r2 if r2.shape[0] > r2.shape[1] else None)
+        out.append(done[id(r)])
+    return out
 
 
 def _clip_errors(d: Tensor, xg: Tensor, gram: Tensor | None) -> Tensor:

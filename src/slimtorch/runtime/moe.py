@@ -8,7 +8,10 @@ quantizer that walks ``nn.Linear`` modules never sees them. :func:`unfuse_expert
 such module by :class:`UnfusedExperts`: the same routing arithmetic over ``E`` small
 ``ExpertMLP`` modules (``{i}.gate_proj``, ``{i}.up_proj``, ``{i}.down_proj``: the names of the
 per-expert checkpoints vLLM and older transformers read). :func:`fused_state` gives the 3-D
-tensors back for a transformers export.
+tensors back for a transformers export. :func:`checkpoint_names` maps the tensors of the
+checkpoint layouts transformers reads (Mixtral's original ``block_sparse_moe.experts.{i}.w1``,
+per-expert ``experts.{i}.gate_proj``, fused ``experts.gate_up_proj``) to the names of the
+unfused model's parameters, for the offloaded reader.
 
 ``calibrate_all``: during calibration every expert also runs on every token (its ``nn.Linear``
 hooks then see all tokens), while the layer's output still uses only the router's choice: the
@@ -17,7 +20,8 @@ model's function is unchanged, the experts the router starves get statistics too
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -185,3 +189,38 @@ def all_experts(model: nn.Module, enabled: bool = True) -> Iterator[list[str]]:
     finally:
         for (_, m), old in zip(found, before, strict=True):
             m.calibrate_all = old
+
+
+# Mixtral's original checkpoint names: w1 = gate_proj, w2 = down_proj, w3 = up_proj
+_ORIGINAL = re.compile(r"(.*\.experts\.\d+\.)w([123])\.weight")
+_FUSED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")
+_W = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
+
+# a part of a stored tensor: (expert, first row, end row) of a fused [E, rows, cols] tensor,
+# or None for the whole tensor
+Part = tuple[int, int, int] | None
+
+
+def checkpoint_names(key: str, shape: Sequence[int]) -> dict[str, Part]:
+    """The parameters of a transformers v5 model with :class:`UnfusedExperts` (names as
+    ``named_parameters`` gives them) that the checkpoint tensor ``key`` of ``shape`` holds, each
+    with the part of the tensor it is; ``{}`` when ``key`` needs no other name. What
+    transformers' conversion mapping does on load: Mixtral's ``.block_sparse_moe.`` is
+    ``.mlp.`` and its experts' ``w1``/``w3``/``w2`` are ``gate_proj``/``up_proj``/``down_proj``;
+    a fused ``experts.gate_up_proj`` ``[E, 2I, H]`` (``save_pretrained(...,
+    save_original_format=False)``) holds every expert's gate rows then up rows, and
+    ``experts.down_proj`` ``[E, H, I]`` every expert's down projection."""
+    name = key.replace(".block_sparse_moe.", ".mlp.")
+    if m := _ORIGINAL.fullmatch(name):
+        return {f"{m.group(1)}{_W[m.group(2)]}.weight": None}
+    m = _FUSED.fullmatch(name)
+    if m is not None and len(shape) == 3:
+        experts, rows = int(shape[0]), int(shape[1])
+        if m.group(2) == "down_proj":
+            return {f"{m.group(1)}.{e}.down_proj.weight": (e, 0, rows) for e in range(experts)}
+        if rows % 2 == 0:
+            half = rows // 2
+            gate = {f"{m.group(1)}.{e}.gate_proj.weight": (e, 0, half) for e in range(experts)}
+            up = {f"{m.group(1)}.{e}.up_proj.weight": (e, half, rows) for e in range(experts)}
+            return {**gate, **up}
+    return {name: None} if name != key else {}

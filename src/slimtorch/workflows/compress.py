@@ -34,6 +34,7 @@ from slimtorch.workflows.figures import (
     summary,
     vocab_size,
 )
+from slimtorch.workflows.generate import on_device
 from slimtorch.workflows.oneshot import warn_unrecovered
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def compress_to_dir(
         tokenizer=tokenizer,
     )
     lead = comm is None or comm.rank == 0  # rank 0 alone measures and writes
+    on_device(loaded.model, ctx)  # --device: the original is measured (and compared) there
     before = api.evaluate(loaded.model, ctx=ctx, latency_batch=latency_batch) if lead else {}
     result = api.compress(loaded.model, rec, task, ctx)
     traffic = distributed.traffic(comm) if comm is not None else None
@@ -136,6 +138,7 @@ def compress_to_dir(
         return {"model": model, "recipe": rec.name, "out": None, "distributed": traffic}
     api.save(result.model, out, force=force)
     reloaded = api.load(out, trust_factory=True)  # written just above from the user's --model
+    reloaded = on_device(reloaded, ctx)
     measured = api.evaluate(reloaded, ctx=ctx, latency_batch=latency_batch)
     report = summary(out, measured, result.dense_bytes)
     report.update(

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from slimtorch.calibrate import distributed
 from slimtorch.calibrate.distributed import DistributedError, PeerLostError
@@ -31,6 +31,14 @@ from slimtorch.workflows.compress import CompressOptions, check_distributable
 
 RESULT_ENV = "SLIMTORCH_DIST_RESULT"  # where rank 0 writes its report (for the launcher)
 ERRORS_ENV = "SLIMTORCH_DIST_ERRORS"  # where a failing rank writes its message
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with ``code``; a torchrun rank through :func:`distributed.exit_rank` (no native
+    teardown: finished ranks aborted at exit now and then)."""
+    if distributed.launched():
+        distributed.exit_rank(code)
+    sys.exit(code)
 
 
 def without_nproc(argv: Sequence[str]) -> list[str]:
@@ -117,9 +125,11 @@ def failure(errors: Path, log: str, nproc: int) -> tuple[str, int]:
         return f"rank {first['rank']} of {nproc} failed: {first['message']}", code
     seen = _torchrun_failures(log)
     if seen:
-        # a survivor that aborts (gloo's SIGABRT on a lost peer) or is terminated by torchrun
-        # can be observed before the rank that caused it: a rank that died otherwise goes first
-        rank, status = next(((r, s) for r, s in seen if s not in CONSEQUENT), seen[0])
+        # torchrun can observe a consequence before its cause: a rank killed by a signal from
+        # outside (SIGKILL: the OOM killer) goes first, then one that exited with a code (a
+        # survivor stops with 1 once its peer is lost), then one that aborted (gloo's SIGABRT)
+        # or was terminated by torchrun (SIGTERM)
+        rank, status = min(seen, key=lambda rs: _cause_rank(rs[1]))
         how = f"was killed by signal {-status}" if status < 0 else f"exited with {status}"
         return f"rank {rank} of {nproc} {how}; the job stopped and wrote no artifact", 1
     tail = " | ".join(line for line in log.strip().splitlines()[-3:])
@@ -127,6 +137,11 @@ def failure(errors: Path, log: str, nproc: int) -> tuple[str, int]:
 
 
 CONSEQUENT = (-6, -15)  # SIGABRT, SIGTERM
+
+
+def _cause_rank(status: int) -> int:
+    """How likely an exit ``status`` is the cause of a failed job (lower: more; see failure)."""
+    return 2 if status in CONSEQUENT else 0 if status < 0 else 1
 
 
 def _torchrun_failures(log: str) -> list[tuple[int, int]]:

@@ -1,4 +1,6 @@
-"""Measure an artifact and, when its source is known, the original model beside it."""
+"""Measure an artifact and, when its source is known, the original model beside it, on the
+context's device (``--device``): both models are moved there after loading, and every
+measurement (latency, quality, the LLM suite, decoding) feeds its inputs there."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from slimtorch.workflows.figures import (
     summary,
 )
 from slimtorch.workflows.figures import baseline as baseline_figures
-from slimtorch.workflows.generate import kv_config
+from slimtorch.workflows.generate import kv_config, on_device
 
 
 def names_code(spec: str) -> bool:
@@ -94,7 +96,7 @@ def evaluate_dir(
         raise UserInputError("--kv-bits scores the LLM suite's windows: give --llm-windows >= 1")
     path = api.require_dir(path)
     given = load_model(model).model if model is not None else None
-    loaded = api.load(path, width=width, model=given, trust_factory=trust_factory)
+    loaded = on_device(api.load(path, width=width, model=given, trust_factory=trust_factory), ctx)
     info = model_info(loaded)
     if tokenizer is not None:
         tokenizer_file(tokenizer)  # a bad --tokenizer fails before anything is measured
@@ -107,6 +109,7 @@ def evaluate_dir(
     original = None
     if baseline and info.source:
         original = _original(info.source, model, trust_factory)
+        original.model = on_device(original.model, ctx)
         update_info(
             original.model,
             architecture=original.architecture,
@@ -126,6 +129,7 @@ def evaluate_dir(
         served = loaded
         if kernels:
             served = api.load(path, width=width, model=given, trust_factory=trust_factory)
-            report["decode_kernel_layers"] = len(use_kernels(served))
+            report["decode_kernel_layers"] = len(use_kernels(served))  # swapped on the CPU
+            served = on_device(served, ctx)
         report.update(decode_figures(served, original.model if original is not None else None))
     return report

@@ -5,13 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from slimtorch import api
 from slimtorch.calibrate.text import missing_tokenizer, tokenizer_file
+from slimtorch.core.context import Context
 from slimtorch.core.errors import UserInputError
 from slimtorch.core.info import model_info
 from slimtorch.eval.decode import cannot_generate, generate_text, load_tokenizer
 from slimtorch.models.registry import load_model
 from slimtorch.runtime.kv_quant import KVQuantConfig
+
+
+def on_device(model: nn.Module, ctx: Context) -> nn.Module:
+    """``model`` moved to ``ctx.device`` (``--device``) for measuring or decoding; on the CPU
+    (the default, where artifacts load) it is returned untouched."""
+    if ctx.device == "cpu":
+        return model
+    return model.to(ctx.torch_device)
 
 
 def kv_config(
@@ -36,6 +47,7 @@ def generate_dir(
     trust_factory: bool = False,
     kernels: bool = False,
     kv: tuple[int | None, int | None, int | None] = (None, None, None),
+    ctx: Context | None = None,
 ) -> dict[str, Any]:
     """The greedy continuation of ``prompt`` by the causal LM saved at ``path`` (KV cache, at
     most ``max_new_tokens`` tokens, stopping at the end-of-sequence token), tokenized with
@@ -45,13 +57,16 @@ def generate_dir(
     its int8 kernel. ``kv`` = ``(bits, group, window)`` decodes with the quantized KV cache
     (:func:`kv_config`). Returns ``prompt``, ``text`` (the continuation), ``new_tokens``,
     ``seconds``, ``tokens_per_s``, ``tokenizer`` and with ``kv`` ``kv_cache`` (settings, bytes
-    per token against the float cache's)."""
+    per token against the float cache's). The model runs on ``ctx.device`` (default: the CPU);
+    ``kernels`` there picks each layer's kernel for that device (torch's CUDA int4 kernel on a
+    GPU of compute capability 8.0 or newer, the dequantized product where none applies)."""
     if max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     quant = kv_config(*kv)
     path = api.require_dir(path)
     given = load_model(model).model if model is not None else None
     loaded = api.load(path, kernels=kernels, model=given, trust_factory=trust_factory)
+    loaded = on_device(loaded, ctx or Context(progress=False))
     reason = cannot_generate(loaded)
     if reason is not None:
         raise UserInputError(f"cannot generate text with {path}: {reason}")

@@ -165,13 +165,14 @@ def compress_large(
     if not_layerwise:
         raise ConfigError(
             f"stages {not_layerwise} need the whole model in memory; with --max-memory only"
-            " layer-wise stages run (quantize.rtn/gptq/awq/smoothquant, prune.sparsegpt/wanda)"
+            " layer-wise stages run (`slimtorch methods` marks them: quantize.rtn/hqq/gptq/awq/"
+            "smoothquant/mxfp4/nvfp4/fp8, prune.sparsegpt/wanda)"
         )
     arch = read_architecture(root)
     with empty_parameters():
         model = from_config(arch)
-        # fused 3-D experts as one Linear each, on meta like the rest: their tensors are read
-        # by the per-expert names transformers v5 saves (``experts.{i}.gate_proj.weight``)
+        # fused 3-D experts as one Linear each, on meta like the rest: the checkpoint's
+        # per-expert, Mixtral-original or fused tensors are read per expert (Checkpoint)
         experts = unfuse_experts(model)
     swapped = linearize_conv1d(model)  # GPT-2's Conv1D run as Linear, recorded in the manifest
     check_targets(model, recipe)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from slimtorch.cli.options import add_common, add_trust
+from slimtorch.cli.options import add_common, add_trust, context
 from slimtorch.cli.render import fmt
 
 
@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--kernels",
         action="store_true",
-        help="run weight-only quantized layers on torch's int4 / int8 CPU kernels (faster)",
+        help="run weight-only quantized layers on torch's int4 / int8 kernels (int4 also on CUDA)",
     )
     p.add_argument(
         "--kv-bits",
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trust_factory=args.trust_factory,
         kernels=args.kernels,
         kv=(args.kv_bits, args.kv_group, args.kv_window),
+        ctx=context(args),
     )
 
 

@@ -15,21 +15,16 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from slimtorch.calibrate.per_layer import PerLayerCompressor
 from slimtorch.calibrate.sequential import (
     Accumulator,
     LayerwiseConfig,
-    block_matrices,
     calibration_batches,
     matrix_weight,
     run_layerwise,
     run_sequential,
 )
-from slimtorch.calibrate.statistics import (
-    HessianAccumulator,
-    InputNormAccumulator,
-    expert_statistics,
-    starved,
-)
+from slimtorch.calibrate.statistics import HessianAccumulator, InputNormAccumulator
 from slimtorch.core.errors import ConfigError
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import from_matrix, get_state, to_matrix
@@ -80,53 +75,34 @@ def _full(block: str, key: str) -> str:
     return f"{block}.{rel}" if block and rel else block or rel
 
 
-class SparseGPTCompressor:
-    split = "layers"  # a distributed run: each layer compressed by one rank
+class SparseGPTCompressor(PerLayerCompressor):
+    stage, fallback = "prune.sparsegpt", "magnitude"
+    config: SparseGPTConfig
 
-    def __init__(self, config: SparseGPTConfig, data_free: list[str] | None = None) -> None:
-        self.config = config
-        self.data_free = [] if data_free is None else data_free  # the run's note
-        self.layers: dict[str, tuple[nn.Module, str]] = {}
+    def accumulator(self, columns: int) -> Accumulator:
+        return HessianAccumulator(columns)
 
-    def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
-        self.layers = block_matrices(block, name, self.config)
-        return expert_statistics(
-            block,
-            {
-                n: HessianAccumulator(matrix_weight(m, p).shape[1])
-                for n, (m, p) in self.layers.items()
-            },
-        )
-
-    def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
-        self.compress_layers(name, block, stats, list(self.layers))
-
-    def compress_layers(
-        self, name: str, block: nn.Module, stats: dict[str, Accumulator], keys: list[str]
+    def compress_layer(
+        self, block_name: str, key: str, layer: nn.Module, param: str, acc: Accumulator
     ) -> None:
         c = self.config
-        if none := starved(name, stats, keys):
-            log.warning("prune.sparsegpt: no calibration token reached %s: magnitude instead", none)
-            self.data_free.extend(none)
-        for lname in keys:
-            layer, param = self.layers[lname]
-            acc = stats[lname]
-            assert isinstance(acc, HessianAccumulator)
-            weight = matrix_weight(layer, param)
-            prior = _prior(layer, param)
-            shape = weight.shape
-            w, keep = sparsegpt_prune(
-                to_matrix(weight.detach()), acc.hessian(), c.sparsity, n=c.n, m=c.m,
-                block_size=c.block_size, damp=c.damp,
-                prior=None if prior is None else to_matrix(prior),
-            )  # fmt: skip
-            with torch.no_grad():
-                weight.copy_(from_matrix(w, shape))
-            set_mask(WeightRef(_full(name, lname), layer, param), from_matrix(keep, shape))
+        assert isinstance(acc, HessianAccumulator)
+        weight = matrix_weight(layer, param)
+        prior = _prior(layer, param)
+        shape = weight.shape
+        w, keep = sparsegpt_prune(
+            to_matrix(weight.detach()), acc.hessian(), c.sparsity, n=c.n, m=c.m,
+            block_size=c.block_size, damp=c.damp,
+            prior=None if prior is None else to_matrix(prior),
+        )  # fmt: skip
+        with torch.no_grad():
+            weight.copy_(from_matrix(w, shape))
+        set_mask(WeightRef(_full(block_name, key), layer, param), from_matrix(keep, shape))
 
 
-class WandaCompressor:
-    split = "layers"  # a distributed run: each layer pruned by one rank
+class WandaCompressor(PerLayerCompressor):
+    stage, fallback = "prune.wanda", "magnitude"
+    config: WandaConfig
 
     def __init__(
         self,
@@ -134,45 +110,27 @@ class WandaCompressor:
         sparsities: dict[str, float] | None = None,
         data_free: list[str] | None = None,
     ) -> None:
-        self.config = config
-        self.data_free = [] if data_free is None else data_free  # the run's note
+        super().__init__(config, data_free)
         self.sparsities = sparsities or {}
-        self.layers: dict[str, tuple[nn.Module, str]] = {}
         self.ratios: dict[str, float] = {}
 
-    def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
-        self.layers = block_matrices(block, name, self.config)
-        return expert_statistics(
-            block,
-            {
-                n: InputNormAccumulator(matrix_weight(m, p).shape[1])
-                for n, (m, p) in self.layers.items()
-            },
-        )
+    def accumulator(self, columns: int) -> Accumulator:
+        return InputNormAccumulator(columns)
 
     def outliers(self, name: str, stats: dict[str, Accumulator]) -> None:
         weights = [matrix_weight(m, p).detach() for m, p in self.layers.values()]
         norms = [_sq_norm(stats[n]) for n in self.layers]
         self.ratios[name] = outlier_ratio(weights, norms, self.config.owl_threshold)
 
-    def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
-        self.compress_layers(name, block, stats, list(self.layers))
-
-    def compress_layers(
-        self, name: str, block: nn.Module, stats: dict[str, Accumulator], keys: list[str]
+    def compress_layer(
+        self, block_name: str, key: str, layer: nn.Module, param: str, acc: Accumulator
     ) -> None:
         c = self.config
-        sparsity = self.sparsities.get(name, c.sparsity)
-        if none := starved(name, stats, keys):
-            log.warning("prune.wanda: no calibration token reached %s: magnitude instead", none)
-            self.data_free.extend(none)
-        for lname in keys:
-            layer, param = self.layers[lname]
-            mask = wanda_mask(
-                matrix_weight(layer, param).detach(), _sq_norm(stats[lname]), sparsity, n=c.n, m=c.m,
-                prior=_prior(layer, param),
-            )  # fmt: skip
-            set_mask(WeightRef(_full(name, lname), layer, param), mask)
+        mask = wanda_mask(
+            matrix_weight(layer, param).detach(), _sq_norm(acc),
+            self.sparsities.get(block_name, c.sparsity), n=c.n, m=c.m, prior=_prior(layer, param),
+        )  # fmt: skip
+        set_mask(WeightRef(_full(block_name, key), layer, param), mask)
 
 
 def _sq_norm(acc: Accumulator) -> torch.Tensor:

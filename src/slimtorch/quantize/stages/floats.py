@@ -7,6 +7,11 @@ the bit codes (FP4 two per byte) and one byte per block scale. ``quantize.fp8`` 
 ``activations: dynamic`` swaps each Linear for :class:`~slimtorch.runtime.Fp8Linear` (W8A8:
 activations in E4M3 per token at run time; ``torch._scaled_mm`` on Ada/Hopper GPUs, simulated
 exactly elsewhere).
+
+All three also run offloaded (``slimtorch compress --max-memory``): each block as it streams
+by, then the layers outside the blocks (:func:`_blockwise`); ``quantize.fp8 activations:
+dynamic`` is refused there, since the offloaded artifact records no runtime modules swapped in
+during compression.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from slimtorch.calibrate.sequential import DataFree
 from slimtorch.core.config import StageConfig
-from slimtorch.core.errors import TargetError, UnsupportedModelError
+from slimtorch.core.errors import ConfigError, TargetError, UnsupportedModelError
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import QuantState, clear_state, get_state
 from slimtorch.graph.weights import WeightRef, replace_module, select_weights
 from slimtorch.quantize import floats
-from slimtorch.quantize.stages.rtn import quantize_refs
+from slimtorch.quantize.stages.rtn import part_by_part, quantize_refs
 from slimtorch.runtime import Fp8Linear
 
 log = logging.getLogger(__name__)
@@ -51,7 +57,8 @@ class Fp8Config(FloatConfig):
     activations: Literal["none", "dynamic"] = Field(
         "none",
         description="'none': weight-only (W8A16); 'dynamic': Linear layers become Fp8Linear"
-        " with activations quantized to E4M3 per token at run time (W8A8)",
+        " with activations quantized to E4M3 per token at run time (W8A8; in memory only,"
+        " an offloaded --max-memory run refuses it)",
     )
 
 
@@ -70,6 +77,31 @@ def _quantize(model: nn.Module, config: FloatConfig, run: Run, stage: str, fn: Q
     quantize_refs(refs, fn, run.ctx, stage)
     log.info("%s: %d weights", stage, len(refs))
     return len(refs)
+
+
+def _blockwise(stage: str, fn: Quantizer) -> Callable[[FloatConfig, Run], DataFree]:
+    """The layer-wise compressor of a float stage (offloaded runs, ``--max-memory``): quantize
+    each block as it streams by, then the layers outside the blocks (the offloaded run calls it
+    on the model without its blocks: an untied LM head, or a tied embedding and LM head once).
+    A part with no target is skipped; ``missing: error`` is checked against the whole model up
+    front by the offloaded run. Every weight is quantized on its own (per row, per block of
+    inputs, NVFP4's per-tensor scale), so the result is the in-memory one, bit for bit."""
+
+    def build(config: FloatConfig, run: Run) -> DataFree:
+        if isinstance(config, Fp8Config) and config.activations == "dynamic":
+            raise ConfigError(
+                f"{stage} activations: dynamic swaps Linear layers for Fp8Linear modules, which"
+                " an offloaded run (--max-memory) cannot record in its artifact; compress in"
+                " memory (no --max-memory, or one at least twice the checkpoint's float32 size),"
+                " or use activations: none (FP8 weights only, W8A16)"
+            )
+
+        def apply(part: nn.Module, each: FloatConfig) -> None:
+            _quantize(part, each, run, stage, fn)
+
+        return part_by_part(config, apply)
+
+    return build
 
 
 def _to_fp8_linears(model: nn.Module, refs: list[WeightRef]) -> None:
@@ -107,6 +139,7 @@ def _to_fp8_linears(model: nn.Module, refs: list[WeightRef]) -> None:
     "quantize.fp8",
     Fp8Config,
     "FP8 E4M3 weights per output channel, optional dynamic per-token FP8 activations",
+    layerwise=_blockwise("quantize.fp8", floats.fp8_per_channel),
 )
 def fp8(model: nn.Module, config: Fp8Config, run: Run) -> None:
     if config.activations == "dynamic":
@@ -122,6 +155,7 @@ def fp8(model: nn.Module, config: Fp8Config, run: Run) -> None:
     "quantize.mxfp4",
     FloatConfig,
     "MXFP4 weights: FP4 E2M1 in blocks of 32 with a shared E8M0 scale (OCP MX, 4.25 bits)",
+    layerwise=_blockwise("quantize.mxfp4", floats.mxfp4),
 )
 def mxfp4(model: nn.Module, config: FloatConfig, run: Run) -> None:
     _quantize(model, config, run, "quantize.mxfp4", floats.mxfp4)
@@ -131,6 +165,7 @@ def mxfp4(model: nn.Module, config: FloatConfig, run: Run) -> None:
     "quantize.nvfp4",
     FloatConfig,
     "NVFP4 weights: FP4 E2M1 in blocks of 16, E4M3 block scales, fp32 tensor scale (4.5 bits)",
+    layerwise=_blockwise("quantize.nvfp4", floats.nvfp4),
 )
 def nvfp4(model: nn.Module, config: FloatConfig, run: Run) -> None:
     _quantize(model, config, run, "quantize.nvfp4", floats.nvfp4)

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from torch import nn
 
+from slimtorch.calibrate.per_layer import PerLayerCompressor
 from slimtorch.calibrate.sequential import (
     Accumulator,
     LayerwiseConfig,
@@ -22,7 +23,7 @@ from slimtorch.calibrate.sequential import (
     matrix_weight,
     run_layerwise,
 )
-from slimtorch.calibrate.statistics import HessianAccumulator, expert_statistics, starved
+from slimtorch.calibrate.statistics import HessianAccumulator
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import WeightState, apply_state, get_state, to_matrix
 from slimtorch.quantize.gptq import gptq_quantize
@@ -79,57 +80,44 @@ class GPTQConfig(LayerwiseConfig):
         )
 
 
-class GPTQCompressor:
-    split = "layers"  # a distributed run: each layer compressed by one rank
+class GPTQCompressor(PerLayerCompressor):
+    stage, fallback = "quantize.gptq", "RTN"
+    config: GPTQConfig
 
     def __init__(self, config: GPTQConfig, run: Run | None = None) -> None:
-        self.config = config
-        self.data_free = run.data_free if run is not None else []
+        super().__init__(config, run.data_free if run is not None else None)
         self.first = True
-        self.layers: dict[str, tuple[nn.Module, str]] = {}
 
-    def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
-        self.layers = block_matrices(block, name, self.config)
-        self.config = fix_group_size(self.config, "quantize.gptq", self.layers, self.first)
+    def accumulator(self, columns: int) -> Accumulator:
+        return HessianAccumulator(columns)
+
+    def select(self, name: str, block: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+        layers = block_matrices(block, name, self.config)
+        self.config = fix_group_size(self.config, "quantize.gptq", layers, self.first)
         self.first = False
-        return expert_statistics(
-            block,
-            {
-                n: HessianAccumulator(matrix_weight(m, p).shape[1])
-                for n, (m, p) in self.layers.items()
-            },
-        )
+        return layers
 
-    def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
-        self.compress_layers(name, block, stats, list(self.layers))
-
-    def compress_layers(
-        self, name: str, block: nn.Module, stats: dict[str, Accumulator], keys: list[str]
+    def compress_layer(
+        self, block_name: str, key: str, layer: nn.Module, param: str, acc: Accumulator
     ) -> None:
         c = self.config
-        if none := starved(name, stats, keys):
-            log.warning("quantize.gptq: no calibration token reached %s: RTN instead", none)
-            self.data_free.extend(none)
-        for lname in keys:
-            layer, param = self.layers[lname]
-            acc = stats[lname]
-            assert isinstance(acc, HessianAccumulator)
-            weight = matrix_weight(layer, param)
-            old = get_state(layer, param)
-            mask = old.mask if old is not None else None
-            result = gptq_quantize(
-                to_matrix(weight.detach()),
-                acc.hessian(),
-                c.spec(),
-                damp=c.damp,
-                block_size=c.block_size,
-                act_order=c.act_order,
-                static_groups=c.static_groups,
-                mask=None if mask is None else to_matrix(mask),
-            )
-            state = WeightState(mask=mask, quant=result.quant_state(tuple(weight.shape)))
-            apply_state(layer, param, state)
-            log.debug("gptq %s.%s: loss %.4g", name, lname, result.loss)
+        assert isinstance(acc, HessianAccumulator)
+        weight = matrix_weight(layer, param)
+        old = get_state(layer, param)
+        mask = old.mask if old is not None else None
+        result = gptq_quantize(
+            to_matrix(weight.detach()),
+            acc.hessian(),
+            c.spec(),
+            damp=c.damp,
+            block_size=c.block_size,
+            act_order=c.act_order,
+            static_groups=c.static_groups,
+            mask=None if mask is None else to_matrix(mask),
+        )
+        state = WeightState(mask=mask, quant=result.quant_state(tuple(weight.shape)))
+        apply_state(layer, param, state)
+        log.debug("gptq %s.%s: loss %.4g", block_name, key, result.loss)
 
 
 def _compressor(config: GPTQConfig, run: Run) -> GPTQCompressor:

@@ -25,7 +25,7 @@ from slimtorch.formats.state import QuantState, dequantize
 from slimtorch.graph.weights import select_weights
 from slimtorch.quantize.groups import AUTO_RULE, GroupSize, resolve_group_size
 from slimtorch.quantize.hqq import HQQParams, hqq_quantize
-from slimtorch.quantize.stages.rtn import in_features_of, quantize_refs
+from slimtorch.quantize.stages.rtn import in_features_of, part_by_part, quantize_refs
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +113,8 @@ def hqq_selected(model: nn.Module, config: HQQConfig, run: Run) -> int | None:
 
 
 def _hqq_blockwise(config: HQQConfig, run: Run) -> DataFree:
-    """Offloaded compression: each block as it streams by, then the layers outside the blocks;
-    an ``auto`` group size is chosen at the first part and kept."""
-    chosen: list[int] = []
-    each = config.model_copy(update={"missing": "skip"})
-
-    def one(part: nn.Module) -> None:
-        fixed = each.model_copy(update={"group_size": chosen[0]}) if chosen else each
-        size = hqq_selected(part, fixed, run)
-        if size is not None and not chosen:
-            chosen.append(size)
-
-    return DataFree(one)
+    """Offloaded compression: each block as it streams by, then the layers outside the blocks."""
+    return part_by_part(config, lambda part, each: hqq_selected(part, each, run))
 
 
 @register_method(

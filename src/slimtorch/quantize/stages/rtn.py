@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -119,21 +119,31 @@ def quantize_refs(
         apply_state(ref.module, ref.param, WeightState(mask=mask, quant=done[key], extra=extra))
 
 
-def _rtn_blockwise(config: RTNConfig, run: Run) -> DataFree:
-    """Offloaded compression: quantize each block as it streams by, then the layers outside the
+def part_by_part(config: StageConfig, apply: Callable[[nn.Module, Any], int | None]) -> DataFree:
+    """The layer-wise form of a data-free weight stage (offloaded runs, ``--max-memory``):
+    ``apply(part, config)`` on each block as it streams by, then on the layers outside the
     blocks (embeddings, LM head: the offloaded run calls it on the model without its blocks).
     A part with no target is skipped (the offloaded run checks ``missing: error`` against the
-    whole model up front); an ``auto`` group size is chosen at the first part and kept."""
+    whole model up front). ``apply`` returns the group size it used, if any: an ``auto`` group
+    size is chosen at the first part and kept."""
     chosen: list[int] = []
     each = config.model_copy(update={"missing": "skip"})
 
     def one(part: nn.Module) -> None:
         fixed = each.model_copy(update={"group_size": chosen[0]}) if chosen else each
-        spec = quantize_selected(part, fixed, run)
-        if spec is not None and spec.group_size is not None and not chosen:
-            chosen.append(spec.group_size)
+        size = apply(part, fixed)
+        if size is not None and not chosen:
+            chosen.append(size)
 
     return DataFree(one)
+
+
+def _rtn_blockwise(config: RTNConfig, run: Run) -> DataFree:
+    def apply(part: nn.Module, each: RTNConfig) -> int | None:
+        spec = quantize_selected(part, each, run)
+        return spec.group_size if spec is not None else None
+
+    return part_by_part(config, apply)
 
 
 def quantize_selected(model: nn.Module, config: RTNConfig, run: Run) -> QuantSpec | None:

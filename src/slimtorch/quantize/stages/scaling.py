@@ -4,7 +4,12 @@ a layer and the Linear layers that read its output (groups found by
 
 AWQ (Lin et al., 2024): per group, search the activation-aware scales, fold them, clip the
 weights (not the query/key maps), then round to nearest on the group grid (packed int4 with
-group scales and zero points in the artifact). SmoothQuant (Xiao et al., 2023): fold
+group scales and zero points in the artifact). Mixture-of-experts layers get AutoAWQ's groups
+(:func:`slimtorch.quantize.scaling.expert_groups`): one scale for the norm before every
+expert's ``gate_proj``/``up_proj`` (the router's weight takes the same scale, unquantized, so
+the routing is unchanged), searched on all tokens, and one per expert for ``up_proj ->
+down_proj`` on its routed rows; an expert no calibration token reached has its ``down_proj``
+rounded to nearest (listed in the run's note, ``data_free``). SmoothQuant (Xiao et al., 2023): fold
 ``s = max|x|^a / max|W|^(1-a)`` from norms into the Linear layers that follow, so that int8
 activations lose less; ``quantize.dynamic_int8`` (per-token int8 activations, int8 weights)
 then runs them (preset ``w8a8-smoothquant``).
@@ -17,7 +22,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
-from torch import nn
+from torch import Tensor, nn
 
 from slimtorch.calibrate.sequential import (
     Accumulator,
@@ -33,26 +38,33 @@ from slimtorch.quantize.affine import quantize_weight
 from slimtorch.quantize.awq import apply_awq_clip, apply_awq_scales, awq_clip, awq_search_scales
 from slimtorch.quantize.groups import AUTO_RULE, GroupSize, fix_group_size
 from slimtorch.quantize.primitives import QuantSpec
-from slimtorch.quantize.scaling import _Producers, scale_groups
+from slimtorch.quantize.scaling import ExpertGroup, _Producers, expert_groups, scale_groups
 from slimtorch.quantize.smoothquant import channel_absmax, smooth_scales
 from slimtorch.quantize.smoothquant import weight_absmax as weights_absmax
+from slimtorch.runtime.moe import ExpertMLP, UnfusedExperts
 
 log = logging.getLogger(__name__)
 
 _QK = re.compile(r"(^|\.)(q|k|q_proj|k_proj|query|key|q_lin|k_lin)$")
 
 
+def _in_expert(block: nn.Module, name: str) -> bool:
+    return isinstance(block.get_submodule(name.rpartition(".")[0]), ExpertMLP)
+
+
 class _ScalingCompressor:
-    def __init__(self, config: Any, limit: int) -> None:
+    def __init__(self, config: Any, limit: int, data_free: list[str] | None = None) -> None:
         self.config = config
         self.limit = limit
         self.layers: dict[str, nn.Linear] = {}
         self.producers: _Producers | None = None
+        self.data_free = [] if data_free is None else data_free  # the run's note
 
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
         self.layers = block_linears(block, name, self.config)
         self.producers = _Producers(block, set(self.layers))
-        return {n: FirstRowsAccumulator(self.limit) for n in self.layers}
+        experts = [n for n, m in block.named_modules() if isinstance(m, UnfusedExperts)]
+        return {n: FirstRowsAccumulator(self.limit) for n in [*self.layers, *experts]}
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         assert self.producers is not None
@@ -60,18 +72,33 @@ class _ScalingCompressor:
         rows = {n: s for n, s in stats.items() if isinstance(s, FirstRowsAccumulator)}
         layers: dict[str, nn.Module] = dict(self.layers)
         groups = scale_groups(block, layers, self.producers)
+        moe = expert_groups(block, layers, self.producers)
         self.producers = None
-        self.apply(name, block, groups, rows)
+        self.note_starved(name, block, rows)
+        self.apply(name, block, groups, moe, rows)
 
     def skip(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         """A distributed run's other ranks: another rank compresses this block (and sends it);
-        drop the hooks ``observe`` set here."""
+        drop the hooks ``observe`` set here (and note the same starved experts: the
+        statistics are combined over the ranks already)."""
         if self.producers is not None:
             self.producers.remove()
             self.producers = None
+        rows = {n: s for n, s in stats.items() if isinstance(s, FirstRowsAccumulator)}
+        self.note_starved(name, block, rows)
+
+    def note_starved(
+        self, name: str, block: nn.Module, rows: dict[str, FirstRowsAccumulator]
+    ) -> None:
+        """Add the layers this stage compresses without data to the run's note."""
 
     def apply(
-        self, name: str, block: nn.Module, groups: Any, rows: dict[str, FirstRowsAccumulator]
+        self,
+        name: str,
+        block: nn.Module,
+        groups: list[tuple[str, list[str]]],
+        moe: list[ExpertGroup],
+        rows: dict[str, FirstRowsAccumulator],
     ) -> None:
         raise NotImplementedError
 
@@ -103,6 +130,20 @@ class AWQConfig(LayerwiseConfig):
 class AWQCompressor(_ScalingCompressor):
     first = True
 
+    def note_starved(
+        self, name: str, block: nn.Module, rows: dict[str, FirstRowsAccumulator]
+    ) -> None:
+        """The experts' ``down_proj`` no calibration token reached: rounded to nearest (their
+        ``gate_proj``/``up_proj`` are scaled and clipped on all the tokens of the layer)."""
+        none = [
+            f"{name}.{n}" if name else n
+            for n in self.layers
+            if n.endswith(".down_proj") and _in_expert(block, n) and not rows[n].count
+        ]
+        if none:
+            log.warning("quantize.awq: no calibration token reached %s: RTN instead", none)
+            self.data_free.extend(none)
+
     def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
         stats = super().observe(name, block)
         layers = {n: (m, "weight") for n, m in self.layers.items()}
@@ -111,29 +152,50 @@ class AWQCompressor(_ScalingCompressor):
         return stats
 
     def apply(
-        self, name: str, block: nn.Module, groups: Any, rows: dict[str, FirstRowsAccumulator]
+        self,
+        name: str,
+        block: nn.Module,
+        groups: list[tuple[str, list[str]]],
+        moe: list[ExpertGroup],
+        rows: dict[str, FirstRowsAccumulator],
     ) -> None:
         spec = self.config.spec()
-        unseen = [n for n, r in rows.items() if not r.count]
+        unseen = [n for n, r in rows.items() if not r.count and not _in_expert(block, n)]
         if unseen:
             raise UnsupportedModelError(
                 f"quantize.awq: {', '.join(unseen)} in {name or 'the model'} received no inputs"
                 " while the block ran (a MultiheadAttention reads its out_proj weight directly),"
                 " so no scales can be searched; add them to `ignore`"
             )
-        x = {n: r.matrix() for n, r in rows.items()}
-        for prev, names in groups:
-            weights = [self.layers[n].weight.detach() for n in names]
-            s = awq_search_scales(weights, x[names[0]], spec, grid=self.config.grid)
-            apply_awq_scales(block.get_submodule(prev), [self.layers[n] for n in names], s)
-            for n in names:
-                x[n] = x[n] / s
+        held: dict[int, Tensor] = {}  # layers sharing an accumulator share one matrix
+        x: dict[str, Tensor] = {}  # a starved expert's layers: none
+        for n, r in rows.items():
+            if r.count:
+                x[n] = held[id(r)] if id(r) in held else held.setdefault(id(r), r.matrix())
+        shared: dict[str, str] = {}  # an expert's gate/up -> the experts module (all tokens)
+        for g in _all_groups(groups, moe):
+            if g.source not in x:
+                continue  # a starved expert's down_proj: rounded to nearest below
+            weights = [self.layers[n].weight.detach() for n in g.names]
+            routed = None  # the experts' norm group: each expert's error on its routed rows
+            if isinstance(block.get_submodule(g.source), UnfusedExperts):
+                routed = [x.get(n, x[g.source][:0]) for n in g.names]
+                shared.update({n: g.source for n in g.names})
+            s = awq_search_scales(weights, x[g.source], spec, grid=self.config.grid, rows=routed)
+            mods = [self.layers[n] for n in g.names] + [block.get_submodule(r) for r in g.riders]
+            apply_awq_scales(block.get_submodule(g.prev), mods, s)
+            for n in {*g.names, g.source}:
+                if n in x:
+                    x[n] = x[n] / s
         for lname, layer in self.layers.items():
             w = layer.weight.detach()
-            if self.config.clip and not _QK.search(lname):
-                w = apply_awq_clip(w, awq_clip(w, x[lname], spec), spec)
+            seen = x.get(lname, x.get(shared.get(lname, "")))  # routed rows, else all tokens
+            if seen is None and not lname.endswith(".down_proj"):  # no norm group was found
+                self.data_free.append(f"{name}.{lname}" if name else lname)
+            elif self.config.clip and not _QK.search(lname) and seen is not None:
+                w = apply_awq_clip(w, awq_clip(w, seen, spec), spec)
             apply_state(layer, "weight", WeightState(quant=quantize_weight(w, spec)))
-        log.debug("awq %s: %d scale groups", name, len(groups))
+        log.debug("awq %s: %d scale groups", name, len(groups) + len(moe))
 
 
 class SmoothQuantConfig(LayerwiseConfig):
@@ -145,21 +207,33 @@ class SmoothQuantConfig(LayerwiseConfig):
     )
 
 
+def _all_groups(groups: list[tuple[str, list[str]]], moe: list[ExpertGroup]) -> list[ExpertGroup]:
+    """The generic groups (their input: the first Linear's), then the experts' groups."""
+    return [ExpertGroup(prev, names, [], names[0]) for prev, names in groups] + moe
+
+
 class SmoothQuantCompressor(_ScalingCompressor):
     def apply(
-        self, name: str, block: nn.Module, groups: Any, rows: dict[str, FirstRowsAccumulator]
+        self,
+        name: str,
+        block: nn.Module,
+        groups: list[tuple[str, list[str]]],
+        moe: list[ExpertGroup],
+        rows: dict[str, FirstRowsAccumulator],
     ) -> None:
-        for prev, names in groups:
-            prev_mod = block.get_submodule(prev)
+        for g in _all_groups(groups, moe):
+            prev_mod = block.get_submodule(g.prev)
             if self.config.producers == "norms" and isinstance(prev_mod, nn.Linear):
                 continue
-            linears = [self.layers[n] for n in names]
+            if not rows[g.source].count:
+                continue  # an expert no calibration token reached
+            linears = [self.layers[n] for n in g.names]
             s = smooth_scales(
-                channel_absmax(rows[names[0]].matrix()),
+                channel_absmax(rows[g.source].matrix()),
                 weights_absmax([m.weight.detach() for m in linears]),
                 self.config.alpha,
             )
-            apply_awq_scales(prev_mod, linears, s)
+            apply_awq_scales(prev_mod, linears + [block.get_submodule(r) for r in g.riders], s)
 
 
 @register_method(
@@ -167,10 +241,11 @@ class SmoothQuantCompressor(_ScalingCompressor):
     AWQConfig,
     "AWQ: activation-aware scaling and clipping, then group-wise int4 weights",
     needs_data=True,
-    layerwise=lambda config, run: AWQCompressor(config, config.max_tokens),
+    layerwise=lambda config, run: AWQCompressor(config, config.max_tokens, run.data_free),
 )
 def awq(model: nn.Module, config: AWQConfig, run: Run) -> None:
-    run_layerwise(model, AWQCompressor(config, config.max_tokens), run, config, "quantize.awq")
+    compressor = AWQCompressor(config, config.max_tokens, run.data_free)
+    run_layerwise(model, compressor, run, config, "quantize.awq")
 
 
 @register_method(
