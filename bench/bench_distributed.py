@@ -2,12 +2,15 @@
 each rank sends per block, and whether the result is the same bits (issue 16 point 4).
 
     .venv/bin/python bench/bench_distributed.py [--nproc 2] [--models austen-lm llama-1b-2l]
+        [--sum-dtype float64|float32]
 
 For each model, ``st.compress(model, w4a16-gptq)`` is timed (calibration + GPTQ only: no model
 load, no evaluation, no saving) in one plain process and under ``torchrun --standalone
 --nproc_per_node N`` (gloo, one thread per process). Every run prints the SHA-256 of the
 compressed model's state dict (weights and quantization states), so the table says whether N
-processes gave exactly the single-process bits.
+processes gave exactly the single-process bits. ``--sum-dtype float32`` sets every stage's
+``calibration.sum_dtype``: the Hessian sums are kept and sent in float32 (half the bytes per
+block; not bit-exact, docs/distributed.md), results in bench/results/distributed_float32.json.
 
 * ``austen-lm``: builtin:austen-lm (4 layers, hidden 256), builtin:austen text, the preset's
   128 windows in batches of 8;
@@ -46,12 +49,25 @@ RESULTS = harness.result_path("distributed.json")
 MODELS = ("austen-lm", "llama-1b-2l")
 
 
-def build(name: str) -> tuple[Any, Any, Any]:
+def preset(sum_dtype: str) -> dict[str, Any]:
+    """The w4a16-gptq preset with ``calibration.sum_dtype`` set on its calibrated stage."""
+    import yaml
+
+    import slimtorch.recipe
+
+    path = Path(slimtorch.recipe.__file__).parent / "presets" / "w4a16-gptq.yaml"
+    rec: dict[str, Any] = yaml.safe_load(path.read_text())
+    rec["stages"][0]["calibration"]["sum_dtype"] = sum_dtype
+    return rec
+
+
+def build(name: str, sum_dtype: str = "float64") -> tuple[Any, Any, Any]:
     """``(model, recipe, task)`` of a benchmark model."""
     import torch
 
     from slimtorch.calibrate.lm import CausalLMTask
 
+    rec = preset(sum_dtype)
     if name == "austen-lm":
         from slimtorch.calibrate.tasks import make_task
         from slimtorch.calibrate.text import model_tokenizer
@@ -59,11 +75,7 @@ def build(name: str) -> tuple[Any, Any, Any]:
 
         loaded = load_model("builtin:austen-lm")
         tok = model_tokenizer("builtin:austen-lm", loaded.tokenizer, None)
-        return (
-            loaded.model,
-            "w4a16-gptq",
-            make_task(loaded.task or "causal-lm", "builtin:austen", tok),
-        )
+        return loaded.model, rec, make_task(loaded.task or "causal-lm", "builtin:austen", tok)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -75,13 +87,7 @@ def build(name: str) -> tuple[Any, Any, Any]:
     ids = torch.randint(
         0, config.vocab_size, (16 * 256,), generator=torch.Generator().manual_seed(0)
     )
-    import yaml
-
-    import slimtorch.recipe
-
-    path = Path(slimtorch.recipe.__file__).parent / "presets" / "w4a16-gptq.yaml"
-    rec: dict[str, Any] = yaml.safe_load(path.read_text())
-    rec["stages"][0]["calibration"] = {"samples": 16, "batch_size": 4}
+    rec["stages"][0]["calibration"].update(samples=16, batch_size=4)
     return model, rec, CausalLMTask(ids, window=256)
 
 
@@ -103,7 +109,7 @@ def digest(model: Any) -> str:
     return h.hexdigest()
 
 
-def child(name: str) -> None:
+def child(name: str, sum_dtype: str) -> None:
     """One process (or one rank under torchrun): time the compression, print a RESULT line."""
     import torch
 
@@ -112,7 +118,7 @@ def child(name: str) -> None:
 
     torch.set_num_threads(1)
     comm = distributed.init_from_env("cpu") if distributed.launched() else None
-    model, recipe, task = build(name)
+    model, recipe, task = build(name, sum_dtype)
     if comm is not None:
         comm.barrier()
     start = time.perf_counter()
@@ -122,16 +128,16 @@ def child(name: str) -> None:
     wall = time.perf_counter() - start
     traffic = distributed.traffic(comm) if comm is not None else None
     if comm is None or comm.rank == 0:
-        row = {"model": name, "processes": comm.world if comm else 1,
+        row = {"model": name, "processes": comm.world if comm else 1, "sum_dtype": sum_dtype,
                "compress_s": round(wall, 2), "sha256": digest(result.model), "traffic": traffic}  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
     if comm is not None:
         distributed.shutdown()
 
 
-def run(name: str, nproc: int) -> dict[str, Any]:
+def run(name: str, nproc: int, sum_dtype: str) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    me = [str(Path(__file__).resolve()), "--child", name]
+    me = [str(Path(__file__).resolve()), "--child", name, "--sum-dtype", sum_dtype]
     if nproc == 1:
         cmd = [sys.executable, *me]
     else:
@@ -213,12 +219,17 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimtorch-bench-dist-offload"))
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--sum-dtype", choices=("float64", "float32"), default="float64",
+                        help="calibration.sum_dtype: float32 halves the Hessian bytes")  # fmt: skip
     parser.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.child:
-        child(args.child)
+        child(args.child, args.sum_dtype)
         return
+    if args.out is None:
+        f32 = args.sum_dtype == "float32"
+        args.out = harness.result_path("distributed_float32.json") if f32 else RESULTS
     if args.offloaded:
         result = offloaded(args.nproc, args.samples, args.work)
         result.update({"command": "python " + " ".join(sys.argv),
@@ -228,7 +239,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         for n in (1, args.nproc):
-            row = run(name, n)
+            row = run(name, n, args.sum_dtype)
             print(json.dumps({k: v for k, v in row.items() if k != "traffic"}), flush=True)
             rows.append(row)
     for name in args.models:

