@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 from safetensors import safe_open
 
-from slimtorch.runtime.moe import checkpoint_names
+from slimtorch.runtime.moe import Part, checkpoint_names
 from slimtorch.testing.models import tiny_moe
 
 
@@ -41,14 +41,14 @@ def test_checkpoint_names_map_mixtral_and_fused_layouts() -> None:
     }
     fused = checkpoint_names(f"{pre}.mlp.experts.gate_up_proj", (2, 64, 16))
     assert fused == {
-        f"{pre}.mlp.experts.0.gate_proj.weight": (0, 0, 32),
-        f"{pre}.mlp.experts.1.gate_proj.weight": (1, 0, 32),
-        f"{pre}.mlp.experts.0.up_proj.weight": (0, 32, 64),
-        f"{pre}.mlp.experts.1.up_proj.weight": (1, 32, 64),
+        f"{pre}.mlp.experts.0.gate_proj.weight": Part(0, 0, 32),
+        f"{pre}.mlp.experts.1.gate_proj.weight": Part(1, 0, 32),
+        f"{pre}.mlp.experts.0.up_proj.weight": Part(0, 32, 64),
+        f"{pre}.mlp.experts.1.up_proj.weight": Part(1, 32, 64),
     }
     assert checkpoint_names(f"{pre}.mlp.experts.down_proj", (2, 16, 32)) == {
-        f"{pre}.mlp.experts.0.down_proj.weight": (0, 0, 16),
-        f"{pre}.mlp.experts.1.down_proj.weight": (1, 0, 16),
+        f"{pre}.mlp.experts.0.down_proj.weight": Part(0, 0, 16),
+        f"{pre}.mlp.experts.1.down_proj.weight": Part(1, 0, 16),
     }
     for same in ("lm_head.weight", f"{pre}.mlp.experts.2.gate_proj.weight", f"{pre}.mlp.w1.weight"):
         assert checkpoint_names(same, (4, 4)) == {}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import logging
 import shutil
 import sys
@@ -62,7 +63,8 @@ from slimtorch.formats.artifact import read_manifest, write_artifact
 from slimtorch.formats.concat import concat_artifacts
 from slimtorch.formats.state import clear_state, iter_states
 from slimtorch.formats.streaming import StreamingArtifactWriter, TensorSpec
-from slimtorch.runtime.moe import Part, checkpoint_names
+from slimtorch.runtime.moe import checkpoint_parts
+from slimtorch.runtime.moe_layouts import take_part
 
 DATA_FREE = "data_free_layers"  # the artifact's note (ModelInfo) of layers compressed without data
 
@@ -118,17 +120,15 @@ class Checkpoint:
                 " shards (save_pretrained(..., safe_serialization=True))"
             )
         self.where: dict[str, Path] = {}
-        # a model parameter stored under another name or inside a fused tensor (Mixtral's
-        # original experts.{i}.w1, fused experts.gate_up_proj): its key and part of it
-        self.parts: dict[str, tuple[str, Part]] = {}
+        shapes: dict[str, list[int]] = {}
         for file in files:
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                     self.where[key] = file
-                    shape = f.get_slice(key).get_shape()
-                    for name, part in checkpoint_names(key, shape).items():
-                        self.parts.setdefault(name, (key, part))
-        self.parts = {n: kp for n, kp in self.parts.items() if n not in self.where}
+                    shapes[key] = list(f.get_slice(key).get_shape())
+        # a model parameter stored under another name or inside a fused tensor (Mixtral's
+        # original experts.{i}.w1, fused experts.gate_up_proj: transposed, interleaved, MXFP4)
+        self.parts = checkpoint_parts(shapes, _config(root))
         self.where.update({n: self.where[key] for n, (key, _) in self.parts.items()})
 
     def get(self, name: str) -> torch.Tensor:
@@ -136,8 +136,21 @@ class Checkpoint:
         with safe_open(str(self.where[key]), "pt") as f:
             if part is None:
                 return f.get_tensor(key)
-            expert, first, end = part
-            return f.get_slice(key)[expert, first:end]
+            if part.step == 1 and not part.transposed and part.scales is None:
+                return f.get_slice(key)[part.expert, part.first : part.end]
+            expert = f.get_slice(key)[part.expert : part.expert + 1][0]
+        scales = None
+        if part.scales is not None:
+            with safe_open(str(self.where[part.scales]), "pt") as f:
+                scales = f.get_slice(part.scales)[part.expert : part.expert + 1][0]
+        return take_part(expert, part, scales)
+
+
+def _config(root: Path) -> Any:
+    """``root``'s config.json ({} if none or unreadable: the layout then comes from shapes)."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((root / "config.json").read_text())
+    return {}
 
 
 def materialize(
@@ -159,6 +172,11 @@ def materialize(
         value = ckpt.get(key).to(device, torch.float32)
         if type(target).__name__ == "Conv1DLinear" and leaf == "weight":
             value = value.t().contiguous()  # stored [in, out] by transformers' Conv1D
+        if value.shape != param.shape:
+            raise UserInputError(
+                f"{ckpt.root}: tensor {full!r} reads {tuple(value.shape)} from the checkpoint"
+                f" but the model's config gives {tuple(param.shape)}"
+            )
         target._parameters[leaf] = nn.Parameter(value, requires_grad=param.requires_grad)
 
 

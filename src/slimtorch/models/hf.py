@@ -214,6 +214,7 @@ def load_directory(path: str | Path) -> LoadedModel:
     architecture = read_architecture(path)
     tf = _transformers()
     cls = getattr(tf, architecture["class"])
+    extra = _dequantizing(tf, architecture)
     try:
         with _quiet_loading(tf):
             model = cls.from_pretrained(
@@ -222,6 +223,7 @@ def load_directory(path: str | Path) -> LoadedModel:
                 attn_implementation=architecture["attn_implementation"],
                 dtype="auto",
                 use_safetensors=True,  # never unpickle a user's pytorch_model.bin
+                **extra,
             )
     except OSError as exc:
         raise UserInputError(
@@ -230,6 +232,10 @@ def load_directory(path: str | Path) -> LoadedModel:
             " it once with `model.save_pretrained(dir, safe_serialization=True)` where you trust"
             " it)"
         ) from None
+    if extra:  # the weights are float now: nothing may claim they are still MXFP4
+        architecture["config"].pop("quantization_config", None)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     architecture["dtype"] = _dtype_name(next(model.parameters()).dtype)
     cfg = architecture["config"]
     seq = min(EXAMPLE_SEQ_LEN, int(cfg.get("max_position_embeddings") or EXAMPLE_SEQ_LEN))
@@ -244,6 +250,17 @@ def load_directory(path: str | Path) -> LoadedModel:
         task="causal-lm" if causal else None,  # next-token loss on --data text
         tokenizer=_tokenizer_beside(path),
     )
+
+
+def _dequantizing(tf: Any, architecture: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load a checkpoint stored in MXFP4 (gpt-oss on the Hub:
+    experts as ``*_blocks`` / ``*_scales``) as float weights: slimtorch compresses the float
+    model (transformers' own MXFP4 path needs Accelerate and GPU kernels)."""
+    quant = architecture["config"].get("quantization_config") or {}
+    if quant.get("quant_method") != "mxfp4":
+        return {}
+    log.info("%s: MXFP4 experts dequantized on load", architecture["class"])
+    return {"quantization_config": tf.Mxfp4Config(dequantize=True)}
 
 
 def _tokenizer_beside(path: Path) -> str | None:
