@@ -82,6 +82,12 @@ BENCHES: tuple[Bench, ...] = (
         results=("moe.json",),
     ),
     Bench(
+        "bench_moe_merge",
+        _runs(""),
+        _runs("--seeds 1 --samples 4"),
+        results=("moe_merge.json",),
+    ),
+    Bench(
         "bench_foundation",
         _runs(""),
         _runs("--only lenet"),

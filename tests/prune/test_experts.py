@@ -94,3 +94,45 @@ def test_bad_amounts_and_dense_models_are_refused() -> None:
         st.compress(tiny_moe("mixtral"), _recipe(count=1, fraction=0.5), data=task)
     with pytest.raises(UnsupportedModelError, match="no mixture-of-experts layer"):
         st.compress(tiny_llama(), _recipe(count=1), data=task)
+
+
+def _with_biased_routers(model: torch.nn.Module) -> torch.nn.Module:
+    """Every router of a tiny Mixtral given a bias (as gpt-oss's router has one)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    class BiasedRouter(MixtralTopKRouter):  # type: ignore[misc]
+        def __init__(self, config: object) -> None:
+            super().__init__(config)
+            self.bias = torch.nn.Parameter(torch.zeros(self.num_experts))
+
+        def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            logits = torch.nn.functional.linear(hidden, self.weight, self.bias)
+            top, index = torch.topk(logits.softmax(-1), self.top_k, dim=-1)
+            return logits, top / top.sum(-1, keepdim=True), index
+
+    gen = torch.Generator().manual_seed(3)
+    for layer in model.model.layers:
+        router = BiasedRouter(model.config)
+        with torch.no_grad():
+            router.weight.copy_(layer.mlp.gate.weight)
+            router.bias.copy_(torch.randn(router.num_experts, generator=gen))
+        layer.mlp.gate = router
+    return model
+
+
+@pytest.mark.parametrize("mode", ["drop", "merge"])
+def test_a_router_bias_is_cut_with_its_rows(mode: str) -> None:
+    model = _with_biased_routers(tiny_moe("mixtral", experts=8, top_k=2))
+    _, task = _data()
+    result = st.compress(model, _recipe(count=3, mode=mode), data=task)
+    hidden = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    for i, layer in enumerate(model.model.layers):
+        router = result.model.get_submodule(f"model.layers.{i}.mlp.gate")
+        rows = [
+            j for w in router.weight for j in range(8) if torch.equal(w, layer.mlp.gate.weight[j])
+        ]
+        assert len(rows) == 5 and rows == sorted(rows)
+        assert router.num_experts == 5 and router.bias.shape == (5,)
+        torch.testing.assert_close(router.bias, layer.mlp.gate.bias[rows])
+        with torch.no_grad():
+            torch.testing.assert_close(router(hidden)[0], layer.mlp.gate(hidden)[0][:, rows])
