@@ -19,6 +19,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel
 from torch import nn
 
+from slimtorch.quantize.primitives import QuantSpec
+
 log = logging.getLogger(__name__)
 
 AUTO_GROUP_SIZES = (128, 64, 32)
@@ -92,3 +94,19 @@ def fix_group_size(
     }
     size = resolve_group_size(stage, options.group_size, features)
     return config.model_copy(update={"group_size": size})
+
+
+def resolved_spec(config: Any, **extra: Any) -> QuantSpec:
+    """The grid of a layer-wise config (``bits``, ``symmetric``, ``granularity``,
+    ``group_size``), after :func:`fix_group_size` has replaced ``auto``; ``extra`` are further
+    :class:`QuantSpec` fields (``observer``, ``full_range``)."""
+    per_group = config.granularity == "per_group"
+    assert not per_group or config.group_size != "auto", "resolve group_size: auto first"
+    return QuantSpec(
+        bits=config.bits,
+        signed=config.symmetric,
+        symmetric=config.symmetric,
+        granularity=config.granularity,
+        group_size=int(config.group_size) if per_group else None,
+        **extra,
+    )

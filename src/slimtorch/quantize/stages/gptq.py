@@ -27,7 +27,7 @@ from slimtorch.calibrate.statistics import HessianAccumulator
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import WeightState, apply_state, get_state, to_matrix
 from slimtorch.quantize.gptq import gptq_quantize
-from slimtorch.quantize.groups import AUTO_RULE, GroupSize, fix_group_size
+from slimtorch.quantize.groups import AUTO_RULE, GroupSize, fix_group_size, resolved_spec
 from slimtorch.quantize.primitives import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -67,17 +67,7 @@ class GPTQConfig(LayerwiseConfig):
 
     def spec(self) -> QuantSpec:
         """The grid (after :func:`fix_group_size` has replaced ``auto``)."""
-        per_group = self.granularity == "per_group"
-        assert not per_group or self.group_size != "auto", "resolve group_size: auto first"
-        return QuantSpec(
-            bits=self.bits,
-            signed=self.symmetric,
-            symmetric=self.symmetric,
-            granularity=self.granularity,
-            group_size=int(self.group_size) if per_group else None,
-            observer=self.observer,
-            full_range=self.full_range,
-        )
+        return resolved_spec(self, observer=self.observer, full_range=self.full_range)
 
 
 class GPTQCompressor(PerLayerCompressor):

@@ -37,7 +37,7 @@ from slimtorch.core.errors import ConfigError
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import QuantState, WeightState, apply_state, get_state
 from slimtorch.quantize.affine import quantize_weight
-from slimtorch.quantize.groups import AUTO_RULE, GroupSize, fix_group_size
+from slimtorch.quantize.groups import AUTO_RULE, GroupSize, fix_group_size, resolved_spec
 from slimtorch.quantize.primitives import QuantSpec
 from slimtorch.quantize.reconstruct import (
     Inputs,
@@ -75,15 +75,7 @@ class ReconstructConfig(LayerwiseConfig):
     train: ReconstructTraining = Field(default_factory=ReconstructTraining)
 
     def spec(self) -> QuantSpec:
-        per_group = self.granularity == "per_group"
-        assert not per_group or self.group_size != "auto", "resolve group_size: auto first"
-        return QuantSpec(
-            bits=self.bits,
-            signed=self.symmetric,
-            symmetric=self.symmetric,
-            granularity=self.granularity,
-            group_size=int(self.group_size) if per_group else None,
-        )
+        return resolved_spec(self)
 
 
 class _Replay:
