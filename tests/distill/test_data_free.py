@@ -116,16 +116,18 @@ def _kl_and_agreement(
     return float(df.disagreement(s, t, "kl")), agree
 
 
-# (factory, the most KL to the teacher kept, the least gain in top-1 agreement): a sharpened
-# random teacher (last layer x20), 60% of its weights pruned, 100 data-free steps; measured
-# KL 0.059 -> 0.048 and agreement 44% -> 54% (tiny_cnn), 0.74 -> 0.39 and 54% -> 68% (tiny_resnet,
-# whose BatchNorm statistics are the generator's prior)
-RECOVERY = [(tiny_cnn, 0.9, 0.06), (tiny_resnet, 0.6, 0.08)]
+# (factory, learning rate, the most KL to the teacher kept, the least gain in top-1 agreement):
+# a sharpened random teacher (last layer x20), 60% of its weights pruned, 100 data-free steps.
+# Adversarial data-free training is noisy and float rounding differs between CPUs, so the bounds
+# keep wide margins: measured (2026-12-07, AMD EPYC) KL 0.059 -> 0.028 and agreement 44% -> 64%
+# (tiny_cnn at lr 3e-3; at lr 1e-2 it was 0.048 on one machine and 0.053 on another), 0.74 ->
+# 0.39 and 54% -> 68% (tiny_resnet, whose BatchNorm statistics are the generator's prior)
+RECOVERY = [(tiny_cnn, 3e-3, 0.75, 0.1), (tiny_resnet, 1e-2, 0.6, 0.08)]
 
 
-@pytest.mark.parametrize(("factory", "kl_kept", "agree_gain"), RECOVERY)
+@pytest.mark.parametrize(("factory", "lr", "kl_kept", "agree_gain"), RECOVERY)
 def test_the_stage_recovers_a_pruned_tiny_cnn_on_held_out_inputs(
-    factory: object, kl_kept: float, agree_gain: float
+    factory: object, lr: float, kl_kept: float, agree_gain: float
 ) -> None:
     teacher = with_example_input(factory())  # type: ignore[operator]
     last = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1]
@@ -134,7 +136,7 @@ def test_the_stage_recovers_a_pruned_tiny_cnn_on_held_out_inputs(
     held_out = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(7))
     prune = {"method": "prune.magnitude", "sparsity": 0.6}
     recover = {"method": "distill.data_free", "generator": {"warmup": 20, "width": 16},
-               "train": {"steps": 100, "lr": 1e-2, "batch_size": 64}}  # fmt: skip
+               "train": {"steps": 100, "lr": lr, "batch_size": 64}}  # fmt: skip
     ctx = Context(progress=False)
     pruned = st.compress(teacher, [prune], ctx=ctx).model
     recovered = st.compress(teacher, [prune, recover], ctx=ctx).model
