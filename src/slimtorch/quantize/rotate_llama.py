@@ -1,25 +1,35 @@
 """QuaRot's rotations applied to a Llama-family decoder (RMSNorm pre-norm blocks).
 
-:func:`llama_parts` finds (and checks) the pieces the residual stream passes through; then
+:func:`llama_parts` finds (and checks) the pieces the residual stream passes through: the
+layers outside the blocks (:func:`outside_parts`) and each block (:func:`block_parts`). The
+rotation is global (one ``Q`` of the residual width) but every piece needs only ``Q`` and its
+own weights, so it is applied piece by piece, by the same functions in memory
+(:func:`rotate_model`) and block by block in an offloaded run (``quantize.rotate``'s
+layer-wise form):
 
-1. :func:`fold_norms`: every RMSNorm scale moves into the Linears that read it
-   (``input_layernorm`` -> q/k/v, ``post_attention_layernorm`` -> gate/up, the final norm -> the
-   LM head, untied from the embedding first when they share one tensor), the norms' weights
-   become 1, so that ``RMSNorm(h Q) = RMSNorm(h) Q`` for any orthogonal ``Q``;
-2. :func:`rotate_residual`: ``W_E <- W_E Q``; every Linear reading the residual ``W <- W Q``;
-   every Linear writing it (o_proj, down_proj) ``W <- Q^T W`` (bias ``b Q``); head ``W <- W Q``;
-3. :func:`rotate_heads`: per attention head, ``V_h <- V_h R`` (v_proj's rows) and o_proj's
-   matching input columns ``<- R``: the values and the o_proj input lose their outliers too;
-4. :func:`insert_online`: an :class:`~slimtorch.runtime.hadamard.OnlineHadamardLinear` before
-   down_proj (and optionally o_proj), its Linear's weight ``W <- W T``.
+1. per block, :func:`rotate_block`: every RMSNorm scale moves into the Linears that read it
+   (``input_layernorm`` -> q/k/v, ``post_attention_layernorm`` -> gate/up), the norms' weights
+   become 1, so that ``RMSNorm(h Q) = RMSNorm(h) Q`` for any orthogonal ``Q``; every Linear
+   reading the residual ``W <- W Q``, every Linear writing it (o_proj, down_proj)
+   ``W <- Q^T W`` (bias ``b Q``); per attention head (``heads``), ``V_h <- V_h R`` (v_proj's
+   rows) and o_proj's matching input columns ``<- R``: the values lose their outliers too;
+2. outside the blocks, :func:`rotate_outside`: the final norm into the LM head (untied from the
+   embedding first when they share one tensor: :func:`untie_head`), ``W_E <- W_E Q``, head
+   ``W <- W Q``;
+3. :func:`insert_online_block`: an :class:`~slimtorch.runtime.hadamard.OnlineHadamardLinear`
+   before down_proj (and optionally o_proj), its Linear's weight ``W <- W T``.
 
-Each step leaves the model's function unchanged up to float rounding (float64 arithmetic).
+Each step leaves the model's function unchanged up to float rounding (float64 arithmetic), and
+each tensor goes through the same operations in the same order on both paths: the offloaded
+artifact is the in-memory one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,10 +38,12 @@ from slimtorch.core.errors import UnsupportedModelError
 from slimtorch.formats.state import get_state
 from slimtorch.graph.weights import replace_module
 from slimtorch.quantize.rotation import (
+    RotationKind,
     fold_scale_into_inputs,
     hadamard_factor,
     hadamard_matrix,
     head_blocks,
+    orthogonal,
     rotate_inputs,
     rotate_outputs,
 )
@@ -53,17 +65,45 @@ class Block:
     attn: dict[str, nn.Linear]
     post_norm: nn.Module
     mlp: dict[str, nn.Linear]
-
-
-@dataclass
-class LlamaParts:
-    embed: nn.Embedding
-    blocks: list[Block]
-    final_norm: nn.Module
-    head: nn.Linear
     heads: int
     kv_heads: int
     head_dim: int
+
+
+@dataclass
+class Outside:
+    embed: nn.Embedding
+    final_norm: nn.Module
+    head: nn.Linear
+
+
+@dataclass
+class LlamaParts(Outside):
+    blocks: list[Block]
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """What a rotation does, the same for every piece: ``q`` (the residual's, float64),
+    ``head`` (the per-head one, None: no head rotation), ``online`` (the projections that get
+    an online Hadamard: ``down_proj``, ``o_proj``)."""
+
+    q: Tensor
+    head: Tensor | None
+    online: tuple[str, ...]
+
+
+def make_rotation(
+    width: int, head_dim: int, kind: RotationKind, seed: int, heads: bool, online: tuple[str, ...]
+) -> Rotation:
+    """The rotation of a model of residual ``width`` (from the seed alone: no weights)."""
+    r = head_rotation(head_dim) if heads else None
+    return Rotation(orthogonal(width, kind, seed), r, online)
+
+
+def head_rotation(head_dim: int) -> Tensor:
+    """The per-head rotation: the normalised Hadamard of order ``head_dim`` (float64)."""
+    return hadamard_matrix(head_dim) / math.sqrt(head_dim)
 
 
 def _child(module: nn.Module, path: str, where: str) -> nn.Module:
@@ -87,12 +127,15 @@ def _plain_linear(module: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-def check_rmsnorm(norm: nn.Module, name: str, width: int) -> None:
-    """Refuse a norm that is not ``x / rms(x) * w`` (LayerNorm's mean, Gemma's ``1 + w``)."""
+def check_rmsnorm(norm: nn.Module, name: str, width: int, numeric: bool = True) -> None:
+    """Refuse a norm that is not ``x / rms(x) * w`` (LayerNorm's mean, Gemma's ``1 + w``);
+    ``numeric=False``: its shape only (weights still on ``meta``)."""
     weight = getattr(norm, "weight", None)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     if not isinstance(weight, Tensor) or tuple(weight.shape) != (width,) or eps is None:
         raise UnsupportedModelError(f"{WHY}; {name} ({type(norm).__name__}) is no RMSNorm")
+    if not numeric:
+        return
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, width, generator=gen).to(weight.device, weight.dtype) * 3 + 1
     with torch.no_grad():
@@ -105,7 +148,24 @@ def check_rmsnorm(norm: nn.Module, name: str, width: int) -> None:
         )
 
 
-def _block(layer: nn.Module, name: str, width: int) -> Block:
+def _geometry(config: Any, width: int) -> tuple[int, int, int]:
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or width // max(heads, 1))
+    if heads <= 0 or heads % kv:
+        raise UnsupportedModelError(f"{WHY}; its config has {heads} heads, {kv} KV heads")
+    return heads, kv, head_dim
+
+
+def block_parts(layer: nn.Module, name: str, config: Any = None, numeric: bool = True) -> Block:
+    """One decoder block's pieces, checked (``numeric=False``: structure only, for a block whose
+    weights are still on ``meta``); ``config`` gives the head counts (default: its attention's
+    own ``config``, as transformers' Llama-family attentions hold it)."""
+    norm = _child(layer, "input_layernorm", name)
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 1:
+        raise UnsupportedModelError(f"{WHY}; {name}.input_layernorm has no weight vector")
+    width = int(weight.shape[0])
     norms = {n for n, m in layer.named_modules() if n and "norm" in type(m).__name__.lower()}
     extra = sorted(norms - _NORMS)
     if extra:
@@ -113,20 +173,21 @@ def _block(layer: nn.Module, name: str, width: int) -> Block:
     attn = {p: _plain_linear(_child(layer, f"self_attn.{p}", name), f"{name}.self_attn.{p}")
             for p in _ATTN}  # fmt: skip
     mlp = {p: _plain_linear(_child(layer, f"mlp.{p}", name), f"{name}.mlp.{p}") for p in _MLP}
-    block = Block(name, _child(layer, "input_layernorm", name), attn,
-                  _child(layer, "post_attention_layernorm", name), mlp)  # fmt: skip
-    check_rmsnorm(block.input_norm, f"{name}.input_layernorm", width)
-    check_rmsnorm(block.post_norm, f"{name}.post_attention_layernorm", width)
+    if config is None:
+        config = getattr(_child(layer, "self_attn", name), "config", None)
+    heads, kv, head_dim = _geometry(config, width)
+    block = Block(name, norm, attn, _child(layer, "post_attention_layernorm", name), mlp,
+                  heads, kv, head_dim)  # fmt: skip
+    check_rmsnorm(block.input_norm, f"{name}.input_layernorm", width, numeric)
+    check_rmsnorm(block.post_norm, f"{name}.post_attention_layernorm", width, numeric)
     return block
 
 
-def llama_parts(model: nn.Module) -> LlamaParts:
-    """The pieces of a Llama-family causal LM, checked; UnsupportedModelError naming what does
-    not fit otherwise."""
+def outside_parts(model: nn.Module, numeric: bool = True) -> Outside:
+    """The embedding, final norm and LM head of a Llama-family causal LM, checked."""
     base = getattr(model, "model", None)
-    config = getattr(model, "config", None)
     head = getattr(model, "lm_head", None)
-    if base is None or config is None or not isinstance(head, nn.Module):
+    if base is None or getattr(model, "config", None) is None or not isinstance(head, nn.Module):
         raise UnsupportedModelError(
             f"{WHY}; this {type(model).__name__} is not a transformers causal LM with"
             " .model.layers and .lm_head"
@@ -134,17 +195,22 @@ def llama_parts(model: nn.Module) -> LlamaParts:
     embed = _child(base, "embed_tokens", "the model")
     if not isinstance(embed, nn.Embedding):
         raise UnsupportedModelError(f"{WHY}; embed_tokens is a {type(embed).__name__}")
-    width = embed.embedding_dim
-    layers = list(_child(base, "layers", "the model").children())
-    blocks = [_block(layer, f"model.layers.{i}", width) for i, layer in enumerate(layers)]
     final = _child(base, "norm", "the model")
-    check_rmsnorm(final, "model.norm", width)
-    heads = int(getattr(config, "num_attention_heads", 0))
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or width // max(heads, 1))
-    if not blocks or heads <= 0 or heads % kv:
-        raise UnsupportedModelError(f"{WHY}; its config has {heads} heads, {kv} KV heads")
-    return LlamaParts(embed, blocks, final, _plain_linear(head, "lm_head"), heads, kv, head_dim)
+    check_rmsnorm(final, "model.norm", embed.embedding_dim, numeric)
+    return Outside(embed, final, _plain_linear(head, "lm_head"))
+
+
+def llama_parts(model: nn.Module, numeric: bool = True) -> LlamaParts:
+    """The pieces of a Llama-family causal LM, checked; UnsupportedModelError naming what does
+    not fit otherwise (``numeric=False``: structure only, weights still on ``meta``)."""
+    outside = outside_parts(model, numeric)
+    layers = list(_child(model.get_submodule("model"), "layers", "the model").children())
+    config = getattr(model, "config", None)
+    blocks = [block_parts(layer, f"model.layers.{i}", config, numeric)
+              for i, layer in enumerate(layers)]  # fmt: skip
+    if not blocks:
+        raise UnsupportedModelError(f"{WHY}; the model has no decoder layers")
+    return LlamaParts(outside.embed, outside.final_norm, outside.head, blocks)
 
 
 def _set(param: Tensor, value: Tensor) -> None:
@@ -152,7 +218,7 @@ def _set(param: Tensor, value: Tensor) -> None:
         param.copy_(value)
 
 
-def untie_head(model: nn.Module, parts: LlamaParts) -> bool:
+def untie_head(model: nn.Module, parts: Outside) -> bool:
     """Give the LM head its own weight when it shares the embedding's; True if it did."""
     if parts.head.weight is not parts.embed.weight:
         return False
@@ -163,19 +229,22 @@ def untie_head(model: nn.Module, parts: LlamaParts) -> bool:
     return True
 
 
-def fold_norms(parts: LlamaParts) -> None:
-    """Every RMSNorm scale into the Linears that read it; the norms' weights become 1
-    (untie the head first: :func:`untie_head`)."""
-    pairs = [(b.input_norm, [b.attn[p] for p in _ATTN[:3]]) for b in parts.blocks]
-    pairs += [(b.post_norm, [b.mlp["gate_proj"], b.mlp["up_proj"]]) for b in parts.blocks]
-    pairs.append((parts.final_norm, [parts.head]))
-    for norm, linears in pairs:
-        weight = norm.weight
-        assert isinstance(weight, Tensor)  # checked by llama_parts
-        scale = weight.detach()
-        for linear in linears:
-            _set(linear.weight, fold_scale_into_inputs(linear.weight.detach(), scale))
-        _set(weight, torch.ones_like(scale))
+def _by_rows(param: Tensor, fn: Callable[[Tensor], Tensor], chunk: int = 1 << 22) -> None:
+    """``param <- fn(param)`` for a row-wise ``fn``, a slice of rows at a time: the float64
+    temporaries of an embedding or LM head (``W Q``) are a few MiB, not 4x the table."""
+    rows = max(1, chunk // max(1, param.shape[-1]))
+    with torch.no_grad():
+        for part in param.detach().split(rows):
+            part.copy_(fn(part))
+
+
+def _fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    weight = norm.weight
+    assert isinstance(weight, Tensor)  # checked by check_rmsnorm
+    scale = weight.detach()
+    for linear in linears:
+        _by_rows(linear.weight, lambda w: fold_scale_into_inputs(w, scale))
+    _set(weight, torch.ones_like(scale))
 
 
 def _rotate_writer(linear: nn.Linear, q: Tensor) -> None:
@@ -186,29 +255,27 @@ def _rotate_writer(linear: nn.Linear, q: Tensor) -> None:
         _set(linear.bias, b)
 
 
-def rotate_residual(parts: LlamaParts, q: Tensor) -> None:
-    """The residual stream ``h -> h Q`` (norms folded first: :func:`fold_norms`)."""
-    _set(parts.embed.weight, rotate_inputs(parts.embed.weight.detach(), q))
-    for b in parts.blocks:
-        readers = [b.attn[p] for p in _ATTN[:3]] + [b.mlp["gate_proj"], b.mlp["up_proj"]]
-        for linear in readers:
-            _set(linear.weight, rotate_inputs(linear.weight.detach(), q))
-        _rotate_writer(b.attn["o_proj"], q)
-        _rotate_writer(b.mlp["down_proj"], q)
-    _set(parts.head.weight, rotate_inputs(parts.head.weight.detach(), q))
+def rotate_block(block: Block, rotation: Rotation) -> None:
+    """Norms folded, residual ``Q`` and (``rotation.head``) per-head rotations of one block."""
+    readers = [block.attn[p] for p in _ATTN[:3]] + [block.mlp["gate_proj"], block.mlp["up_proj"]]
+    _fold(block.input_norm, readers[:3])
+    _fold(block.post_norm, readers[3:])
+    for linear in readers:
+        _by_rows(linear.weight, lambda w: rotate_inputs(w, rotation.q))
+    _rotate_writer(block.attn["o_proj"], rotation.q)
+    _rotate_writer(block.mlp["down_proj"], rotation.q)
+    if rotation.head is not None:
+        _rotate_writer(block.attn["v_proj"], head_blocks(rotation.head, block.kv_heads))
+        per_head = head_blocks(rotation.head, block.heads)
+        _by_rows(block.attn["o_proj"].weight, lambda w: rotate_inputs(w, per_head))
 
 
-def head_rotation(head_dim: int) -> Tensor:
-    """The per-head rotation: the normalised Hadamard of order ``head_dim`` (float64)."""
-    return hadamard_matrix(head_dim) / math.sqrt(head_dim)
-
-
-def rotate_heads(parts: LlamaParts, r: Tensor) -> None:
-    """Every value head ``V_h -> V_h R``; o_proj's input columns of every head ``-> R``."""
-    for b in parts.blocks:
-        _rotate_writer(b.attn["v_proj"], head_blocks(r, parts.kv_heads))
-        o = b.attn["o_proj"]
-        _set(o.weight, rotate_inputs(o.weight.detach(), head_blocks(r, parts.heads)))
+def rotate_outside(parts: Outside, q: Tensor) -> None:
+    """The final norm into the LM head (untied first: :func:`untie_head`), the embedding
+    ``W_E Q`` and the head ``W Q``."""
+    _fold(parts.final_norm, [parts.head])
+    _by_rows(parts.embed.weight, lambda w: rotate_inputs(w, q))
+    _by_rows(parts.head.weight, lambda w: rotate_inputs(w, q))
 
 
 def online_factor(width: int) -> Tensor:
@@ -220,17 +287,50 @@ def online_factor(width: int) -> Tensor:
     return hadamard_matrix(m) / math.sqrt(m)
 
 
-def insert_online(model: nn.Module, parts: LlamaParts, which: tuple[str, ...]) -> int:
-    """Wrap ``down_proj`` / ``o_proj`` of every block in an online Hadamard (weights ``W T``)."""
-    done = 0
-    for b in parts.blocks:
-        for proj in which:
-            linear = b.mlp[proj] if proj in b.mlp else b.attn[proj]
-            factor = online_factor(linear.in_features)
-            wrapper = OnlineHadamardLinear(linear, factor)
-            w = linear.weight.detach()  # W T row by row: the fast transform, in float64
-            _set(linear.weight, hadamard_transform(w.double(), factor.to(w.device)).to(w.dtype))
-            part = "mlp" if proj in b.mlp else "self_attn"
-            replace_module(model, f"{b.name}.{part}.{proj}", wrapper)
-            done += 1
-    return done
+def _online_path(block: Block, proj: str) -> tuple[nn.Linear, str]:
+    return (block.mlp[proj], f"mlp.{proj}") if proj in block.mlp else (
+        block.attn[proj], f"self_attn.{proj}")  # fmt: skip
+
+
+def _hadamard_rows(factor: Tensor) -> Callable[[Tensor], Tensor]:
+    def rows(w: Tensor) -> Tensor:  # W T in float64
+        return hadamard_transform(w.double(), factor.to(w.device)).to(w.dtype)
+
+    return rows
+
+
+def insert_online_block(root: nn.Module, prefix: str, block: Block, which: tuple[str, ...]) -> int:
+    """Wrap ``which`` (``down_proj`` / ``o_proj``) of ``block`` in an online Hadamard (weights
+    ``W T``); the block is ``root``'s submodule ``prefix`` (``""``: ``root`` is the block)."""
+    for proj in which:
+        linear, path = _online_path(block, proj)
+        factor = online_factor(linear.in_features)
+        wrapper = OnlineHadamardLinear(linear, factor)
+        _by_rows(linear.weight, _hadamard_rows(factor))  # W T: the fast transform
+        replace_module(root, f"{prefix}.{path}" if prefix else path, wrapper)
+    return len(which)
+
+
+def online_records(model: nn.Module, which: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The manifest's ``modules`` entries of the online Hadamards :func:`rotate_model` inserts
+    into ``model`` (which may still be on ``meta``), in the order ``named_modules`` lists them."""
+    out = []
+    for block in llama_parts(model, numeric=False).blocks:
+        for proj in sorted(which, key=lambda p: p not in _ATTN):  # self_attn before mlp
+            linear, path = _online_path(block, proj)
+            config = OnlineHadamardLinear(linear, online_factor(linear.in_features)).config()
+            out.append({"name": f"{block.name}.{path}", "type": "OnlineHadamardLinear",
+                        "config": config})  # fmt: skip
+    return out
+
+
+def rotate_model(model: nn.Module, parts: LlamaParts, rotation: Rotation) -> tuple[bool, int]:
+    """The whole rotation in memory; returns (head untied, online transforms inserted)."""
+    untied = untie_head(model, parts)
+    for block in parts.blocks:
+        rotate_block(block, rotation)
+    rotate_outside(parts, rotation.q)
+    online = 0
+    for block in parts.blocks:
+        online += insert_online_block(model, block.name, block, rotation.online)
+    return untied, online

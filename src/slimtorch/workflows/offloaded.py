@@ -3,10 +3,12 @@
 When the checkpoint does not fit in ``--max-memory``, the recipe runs through
 :func:`slimtorch.calibrate.offload.compress_offloaded`: one block in memory at a time, written
 out as it finishes, resumable from ``--work-dir``. Every stage must be layer-wise (GPTQ, AWQ,
-SmoothQuant, SparseGPT, Wanda, RTN); RTN also quantizes the layers outside the blocks (the
-w4a16 presets' 8-bit embeddings and LM head, stored once when tied). The result holds the
-tensors the in-memory run writes (tests/workflows/test_workflow_offloaded.py, and on
-builtin:smollm2-135m with a kill and a resume, tests/workflows/test_offloaded_smollm2.py).
+SmoothQuant, SparseGPT, Wanda, RTN, QuaRot's rotation); RTN also quantizes the layers outside
+the blocks (the w4a16 presets' 8-bit embeddings and LM head, stored once when tied), and
+``quantize.rotate`` (first in the recipe) rotates each block as it is read and the embedding,
+final norm and LM head where the run handles them (test_workflow_offloaded_rotate.py). The
+result holds the tensors the in-memory run writes (tests/workflows/test_workflow_offloaded.py,
+and on builtin:smollm2-135m with a kill and a resume, tests/workflows/test_offloaded_smollm2.py).
 Under torchrun every rank runs it on its shard of the calibration data (``--max-memory`` is
 each process's budget) and the artifact is the one-process one (docs/distributed.md).
 """
@@ -40,6 +42,7 @@ from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.core.methods import Run
 from slimtorch.graph.weights import select_weights
 from slimtorch.models.hf import from_config, read_architecture
+from slimtorch.quantize.stages.rotate import offloaded_modules
 from slimtorch.recipe import Recipe
 from slimtorch.runtime.conv1d import Conv1DLinear, linearize_conv1d
 from slimtorch.runtime.moe import unfuse_experts
@@ -74,7 +77,12 @@ def _resident_now() -> int:
 
 
 def estimate_peak(
-    model: nn.Module, samples: int, length: int, hessians: bool, outside_stages: bool = False
+    model: nn.Module,
+    samples: int,
+    length: int,
+    hessians: bool,
+    outside_stages: bool = False,
+    rotation: bool = False,
 ) -> dict[str, int]:
     """Rough peak of an offloaded run: the memory in use now plus the largest of the capture
     phase, one block's work and, with ``outside_stages`` (data-free stages such as the w4a16
@@ -96,14 +104,20 @@ def estimate_peak(
     inside = {id(p) for p in model.get_submodule(blocks.container).parameters()}
     largest = max((p.numel() * 4 for p in model.parameters() if id(p) not in inside), default=0)
     at_end = outside + largest if outside_stages else 0  # + one quantized copy
+    # quantize.rotate: Q and the per-head rotations (float64) and each weight's float64
+    # product (a slice of rows at a time for the big ones; a block's writers whole)
+    block_max = max((p.numel() * 4 for p in block.parameters()), default=0)
+    turn = 2 * 8 * hidden**2 + 4 * block_max if rotation else 0
     return {
         "block": _param_bytes(block),
         "statistics": stats,
         "activations": acts,
         "outside_blocks": outside,
         "outside_stages": at_end,
+        "rotation": turn,
         "process": _resident_now(),
-        "peak": max(outside + acts, _param_bytes(block) + stats + acts, at_end) + _resident_now(),
+        "peak": max(outside + acts + turn, _param_bytes(block) + stats + acts + turn, at_end)
+        + _resident_now(),
     }
 
 
@@ -137,6 +151,19 @@ def check_targets(model: nn.Module, recipe: Recipe) -> None:
             select_weights(model, config.targets, config.ignore)  # TargetError: exit 2
 
 
+def check_rotation_first(recipe: Recipe) -> None:
+    """``quantize.rotate`` block by block rotates each block as it is read and the embedding
+    before the first block's inputs are captured: every stage after it sees the rotated model,
+    as in memory. A stage before it would have seen the unrotated one: refused."""
+    names = [s.spec.name for s in recipe.stages]
+    rotations = [i for i, n in enumerate(names) if n == "quantize.rotate"]
+    if rotations and rotations[-1] >= len(rotations):
+        raise ConfigError(
+            f"with --max-memory, quantize.rotate must come before every other stage (the"
+            f" recipe has {names}): put it first"
+        )
+
+
 def _linear_config(model: nn.Module, name: str) -> dict[str, Any]:
     layer = model.get_submodule(name)
     assert isinstance(layer, Conv1DLinear)
@@ -165,9 +192,10 @@ def compress_large(
     if not_layerwise:
         raise ConfigError(
             f"stages {not_layerwise} need the whole model in memory; with --max-memory only"
-            " layer-wise stages run (`slimtorch methods` marks them: quantize.rtn/hqq/gptq/awq/"
-            "smoothquant/mxfp4/nvfp4/fp8, prune.sparsegpt/wanda)"
+            " layer-wise stages run (`slimtorch methods` marks them: quantize.rotate/rtn/hqq/"
+            "gptq/awq/smoothquant/mxfp4/nvfp4/fp8, prune.sparsegpt/wanda)"
         )
+    check_rotation_first(recipe)
     arch = read_architecture(root)
     with empty_parameters():
         model = from_config(arch)
@@ -176,6 +204,7 @@ def compress_large(
         experts = unfuse_experts(model)
     swapped = linearize_conv1d(model)  # GPT-2's Conv1D run as Linear, recorded in the manifest
     check_targets(model, recipe)
+    rotated = offloaded_modules(model, [s.config for s in recipe.stages])  # checks the blocks
     config: Any = getattr(model, "config", None)
     if getattr(config, "use_cache", None):
         config.use_cache = False  # a KV cache is not needed to calibrate
@@ -188,7 +217,8 @@ def compress_large(
     held = min(samples, -(-steps // world) * batch)  # one rank's shard of the activations
     hessians = any(s.spec.name in ("quantize.gptq", "prune.sparsegpt") for s in recipe.stages)
     data_free = any(not s.spec.needs_data for s in recipe.stages)  # RTN: also outside the blocks
-    est = estimate_peak(model, held, 256, hessians, outside_stages=data_free)
+    rotation = any(s.spec.name == "quantize.rotate" for s in recipe.stages)
+    est = estimate_peak(model, held, 256, hessians, outside_stages=data_free, rotation=rotation)
     if est["peak"] > max_memory:
         sizes = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in est.items())
         raise ConfigError(
@@ -207,6 +237,8 @@ def compress_large(
     batches = list(task.train_batches(ctx, steps, batch))
     check_vocab(config, batches)
     recipe_dict = {k: v for k, v in recipe.to_dict().items() if k != "description"}
+    if rotation:  # the LM head is untied (as in memory): the artifact rebuilds it untied
+        arch = {**arch, "config": {**arch["config"], "tie_word_embeddings": False}}
     manifest = {
         "architecture": arch,
         "modules": [
@@ -218,6 +250,7 @@ def compress_large(
                 {"name": n, "type": "UnfusedExperts", "config": model.get_submodule(n).config()}  # type: ignore[operator]
                 for n in experts
             ),
+            *rotated,  # the online Hadamards quantize.rotate puts into every block
         ],
         "metadata": {
             "source": source or str(root),
