@@ -1,8 +1,8 @@
 """Offloaded (``--max-memory``) float-format stages: quantize.mxfp4 / nvfp4 / fp8 block by block.
 
 The offloaded artifact must be the in-memory one: the same tensors and states, every stored part
-(FP4/FP8 codes, block and channel scales, NVFP4's tensor scale) bit-identical; and
-``quantize.fp8 activations: dynamic`` (runtime Fp8Linear swaps) is refused up front.
+(FP4/FP8 codes, block and channel scales, NVFP4's tensor scale) bit-identical, also with
+``quantize.fp8 activations: dynamic`` (runtime Fp8Linear swaps, recorded in the manifest).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import slimtorch as st
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.core.context import Context
-from slimtorch.core.errors import ConfigError, TargetError
+from slimtorch.core.errors import TargetError
 from slimtorch.formats.artifact import read_artifact, read_manifest
 from slimtorch.models.hf import load_directory
 from slimtorch.recipe import load_recipe
@@ -126,12 +126,25 @@ def test_offloaded_nvfp4_beside_gptq_equals_in_memory(float_first: bool, tmp_pat
     assert len(states) == 2 * 7
 
 
-def test_offloaded_fp8_dynamic_is_refused_up_front(tmp_path: Path) -> None:
-    ckpt = _checkpoint(tmp_path / "ckpt", tied=False)
-    with pytest.raises(ConfigError, match=r"activations: dynamic.*--max-memory.*activations: none"):
-        compress_large(ckpt, load_recipe("fp8-dynamic"), tmp_path / "o", None, 10**10,
-                       tmp_path / "w", QUIET, tokenizer="builtin:austen-lm")  # fmt: skip
-    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+@pytest.mark.parametrize("tied", [False, True])
+def test_offloaded_fp8_dynamic_equals_in_memory(tied: bool, tmp_path: Path) -> None:
+    """``activations: dynamic`` swaps each block's Linear layers for Fp8Linear as it streams by:
+    the preset (LM head ignored, then int8 embeddings / head) and every Linear, the LM head
+    included (a tied head is swapped at the end, as in memory); the same buffers, states and
+    manifest records, and the same logits once loaded."""
+    ckpt = _checkpoint(tmp_path / "ckpt", tied=tied)
+    recipe: Any = "fp8-dynamic" if not tied else {
+        "stages": [{"method": "quantize.fp8", "activations": "dynamic"}]}  # fmt: skip
+    off, mem = _both(ckpt, recipe, tmp_path)
+    _assert_same(off, mem)
+    records = read_manifest(off)["modules"]
+    assert records == read_manifest(mem)["modules"]
+    fp8 = [r["name"] for r in records if r["type"] == "Fp8Linear"]
+    assert len(fp8) == 2 * 7 + tied and ("lm_head" in fp8) is tied
+    ids = torch.randint(0, 2048, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = [st.load(p)(ids).logits for p in (off, mem)]  # type: ignore[operator]
+    assert torch.equal(*logits)
 
 
 def test_offloaded_float_targets_matching_nothing_fail_up_front(tmp_path: Path) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import json
 import logging
 import shutil
 import sys
@@ -41,6 +40,7 @@ from torch import nn
 
 from slimtorch.calibrate import distributed
 from slimtorch.calibrate.capture import Forward, _call, capture_block_inputs
+from slimtorch.calibrate.checkpoint import Checkpoint
 from slimtorch.calibrate.offload_work import (
     HOST,
     OffloadPlan,
@@ -63,8 +63,6 @@ from slimtorch.formats.artifact import read_manifest, write_artifact
 from slimtorch.formats.concat import concat_artifacts
 from slimtorch.formats.state import clear_state, iter_states
 from slimtorch.formats.streaming import StreamingArtifactWriter, TensorSpec
-from slimtorch.runtime.moe import checkpoint_parts
-from slimtorch.runtime.moe_layouts import take_part
 
 DATA_FREE = "data_free_layers"  # the artifact's note (ModelInfo) of layers compressed without data
 
@@ -108,51 +106,6 @@ def return_freed_memory(mmap_threshold: int | None = None) -> bool:
     return True
 
 
-class Checkpoint:
-    """The tensors of a Hugging Face directory's safetensors shards, read one at a time."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        files = sorted(root.glob("*.safetensors"))
-        if not files:
-            raise UserInputError(
-                f"{root} has no *.safetensors weights; offloaded compression reads safetensors"
-                " shards (save_pretrained(..., safe_serialization=True))"
-            )
-        self.where: dict[str, Path] = {}
-        shapes: dict[str, list[int]] = {}
-        for file in files:
-            with safe_open(str(file), "pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    self.where[key] = file
-                    shapes[key] = list(f.get_slice(key).get_shape())
-        # a model parameter stored under another name or inside a fused tensor (Mixtral's
-        # original experts.{i}.w1, fused experts.gate_up_proj: transposed, interleaved, MXFP4)
-        self.parts = checkpoint_parts(shapes, _config(root))
-        self.where.update({n: self.where[key] for n, (key, _) in self.parts.items()})
-
-    def get(self, name: str) -> torch.Tensor:
-        key, part = self.parts.get(name, (name, None))
-        with safe_open(str(self.where[key]), "pt") as f:
-            if part is None:
-                return f.get_tensor(key)
-            if part.step == 1 and not part.transposed and part.scales is None:
-                return f.get_slice(key)[part.expert, part.first : part.end]
-            expert = f.get_slice(key)[part.expert : part.expert + 1][0]
-        scales = None
-        if part.scales is not None:
-            with safe_open(str(self.where[part.scales]), "pt") as f:
-                scales = f.get_slice(part.scales)[part.expert : part.expert + 1][0]
-        return take_part(expert, part, scales)
-
-
-def _config(root: Path) -> Any:
-    """``root``'s config.json ({} if none or unreadable: the layout then comes from shapes)."""
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((root / "config.json").read_text())
-    return {}
-
-
 def materialize(
     module: nn.Module,
     prefix: str,
@@ -180,9 +133,15 @@ def materialize(
         target._parameters[leaf] = nn.Parameter(value, requires_grad=param.requires_grad)
 
 
-def release(module: nn.Module) -> None:
+def release(module: nn.Module, buffers: bool = False) -> None:
     """Free ``module``'s parameters (back to ``meta``) and the compression states it holds
-    (written out already: they are as big as the quantized weights)."""
+    (written out already: they are as big as the quantized weights); with ``buffers``, its
+    buffers too (a finished block: the codes of the runtime modules swapped in, Fp8Linear's)."""
+    if buffers:
+        for sub in module.modules():
+            for leaf, buf in list(sub._buffers.items()):
+                if buf is not None and buf.device.type != "meta":
+                    sub._buffers[leaf] = buf.to("meta")
     for _mname, owner, pname, _state in iter_states(module):
         clear_state(owner, pname)
     for sub in module.modules():
@@ -292,7 +251,7 @@ def compress_offloaded(
             _block_artifact(block, name, plan.work_dir / f"block{i:05d}", mine)
         calls[i] = []
         work.block_done(i)  # a barrier, then rank 0 marks the block done
-        release(block)
+        release(block, buffers=True)
         return_freed_memory()
     if not work.lead:
         work.leave()

@@ -7,7 +7,10 @@ SmoothQuant, SparseGPT, Wanda, RTN, QuaRot's rotation); RTN also quantizes the l
 the blocks (the w4a16 presets' 8-bit embeddings and LM head, stored once when tied), and
 ``quantize.rotate`` (first in the recipe) rotates each block as it is read and the embedding,
 final norm and LM head where the run handles them (test_workflow_offloaded_rotate.py). The
-result holds the tensors the in-memory run writes (tests/workflows/test_workflow_offloaded.py,
+stages that swap runtime modules in (``quantize.activations``, ``quantize.fp8 activations:
+dynamic``) swap each block's layers as it streams by, and the manifest records every runtime
+module from :func:`runtime_records`, computed up front on the ``meta`` model
+(test_workflow_offloaded_swaps.py). The result holds the tensors the in-memory run writes (tests/workflows/test_workflow_offloaded.py,
 and on builtin:smollm2-135m with a kill and a resume, tests/workflows/test_offloaded_smollm2.py).
 Under torchrun every rank runs it on its shard of the calibration data (``--max-memory`` is
 each process's budget) and the artifact is the one-process one (docs/distributed.md).
@@ -15,6 +18,7 @@ each process's budget) and the artifact is the one-process one (docs/distributed
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -24,27 +28,33 @@ import resource
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from slimtorch.artifact.save import runtime_modules
 from slimtorch.calibrate import distributed
+from slimtorch.calibrate.checkpoint import Checkpoint
 from slimtorch.calibrate.offload import (
-    Checkpoint,
     OffloadPlan,
     compress_offloaded,
     empty_parameters,
     fingerprint,
 )
-from slimtorch.calibrate.sequential import find_blocks
+from slimtorch.calibrate.sequential import DataFree, find_blocks
+from slimtorch.calibrate.swaps import skip_bare_parts
 from slimtorch.calibrate.tasks import make_task
 from slimtorch.calibrate.text import missing_tokenizer, model_tokenizer
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.core.methods import Run
-from slimtorch.graph.weights import select_weights
+from slimtorch.graph.weights import replace_module, select_weights
 from slimtorch.models.hf import from_config, read_architecture
-from slimtorch.quantize.stages.rotate import offloaded_modules
+from slimtorch.quantize.stages.activations import ActivationsConfig, wrap_activations
+from slimtorch.quantize.stages.floats import Fp8Config, fp8_dynamic
+from slimtorch.quantize.stages.rotate import RotateConfig, offloaded_modules
 from slimtorch.recipe import Recipe
-from slimtorch.runtime.conv1d import Conv1DLinear, linearize_conv1d
+from slimtorch.runtime import OnlineHadamardLinear
+from slimtorch.runtime.conv1d import linearize_conv1d
 from slimtorch.runtime.moe import unfuse_experts
 
 log = logging.getLogger(__name__)
@@ -164,10 +174,47 @@ def check_rotation_first(recipe: Recipe) -> None:
         )
 
 
-def _linear_config(model: nn.Module, name: str) -> dict[str, Any]:
-    layer = model.get_submodule(name)
-    assert isinstance(layer, Conv1DLinear)
-    return layer.config()
+def _swap(sim: nn.Module, config: Any) -> bool:
+    """Apply the modules one stage swaps in to ``sim`` (on ``meta``); False: it swaps none."""
+    if isinstance(config, ActivationsConfig):
+        wrap_activations(sim, config)
+    elif isinstance(config, Fp8Config) and config.activations == "dynamic":
+        fp8_dynamic(sim, config)
+    elif isinstance(config, RotateConfig):
+        for rec in offloaded_modules(sim, [config]):  # its online Hadamards, as it records them
+            m = int(rec["config"]["factor"])
+            linear = sim.get_submodule(rec["name"])
+            hadamard = OnlineHadamardLinear(linear, torch.zeros(m, m, device="meta"))
+            replace_module(sim, rec["name"], hadamard)
+    else:
+        return False
+    return True
+
+
+def runtime_records(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """The manifest's ``modules`` of the offloaded artifact, as the in-memory run saves them
+    (names, configs, order): the stages that swap runtime modules in (quantize.rotate's online
+    Hadamards from its records, quantize.activations, quantize.fp8 activations: dynamic through
+    the functions they run) applied in recipe order to a copy of ``model``, still on ``meta``
+    (no memory), with its GPT-2 Conv1D and MoE experts already swapped. A swap before a
+    calibrated stage may not touch the layers outside the blocks: those are compressed again
+    from the checkpoint at the end (refused with the fix)."""
+    sim = copy.deepcopy(model)
+    container = find_blocks(model).container + "."
+    later = [s.spec.needs_data for s in recipe.stages]
+    for k, stage in enumerate(recipe.stages):
+        before = {r["name"] for r in runtime_modules(sim)}
+        if not _swap(sim, stage.config) or not any(later[k + 1 :]):
+            continue
+        outside = sorted({r["name"] for r in runtime_modules(sim)} - before)
+        outside = [n for n in outside if not n.startswith(container)]
+        if outside:
+            raise ConfigError(
+                f"with --max-memory, {stage.spec.name} before a calibrated stage cannot swap"
+                f" layers outside the blocks ({', '.join(outside)}); put it after the calibrated"
+                " stages, or ignore those layers"
+            )
+    return runtime_modules(sim)
 
 
 def compress_large(
@@ -193,7 +240,7 @@ def compress_large(
         raise ConfigError(
             f"stages {not_layerwise} need the whole model in memory; with --max-memory only"
             " layer-wise stages run (`slimtorch methods` marks them: quantize.rotate/rtn/hqq/"
-            "gptq/awq/smoothquant/mxfp4/nvfp4/fp8, prune.sparsegpt/wanda)"
+            "gptq/awq/smoothquant/mxfp4/nvfp4/fp8/activations, prune.sparsegpt/wanda)"
         )
     check_rotation_first(recipe)
     arch = read_architecture(root)
@@ -201,10 +248,11 @@ def compress_large(
         model = from_config(arch)
         # fused 3-D experts as one Linear each, on meta like the rest: the checkpoint's
         # per-expert, Mixtral-original or fused tensors are read per expert (Checkpoint)
-        experts = unfuse_experts(model)
-    swapped = linearize_conv1d(model)  # GPT-2's Conv1D run as Linear, recorded in the manifest
+        unfuse_experts(model)
+    linearize_conv1d(model)  # GPT-2's Conv1D run as Linear, recorded in the manifest
     check_targets(model, recipe)
-    rotated = offloaded_modules(model, [s.config for s in recipe.stages])  # checks the blocks
+    offloaded_modules(model, [s.config for s in recipe.stages])  # rotate: checks the blocks
+    records = runtime_records(model, recipe)  # swapped or inserted runtime modules
     config: Any = getattr(model, "config", None)
     if getattr(config, "use_cache", None):
         config.use_cache = False  # a KV cache is not needed to calibrate
@@ -234,6 +282,9 @@ def compress_large(
     task = make_task("causal-lm", data, tokenizer)
     run = Run(ctx, task, original=None)
     compressors = [s.spec.layerwise(s.config, run) for s in recipe.stages]  # type: ignore[misc]
+    for compressor in compressors:  # a block of runtime modules only has nothing to compress
+        if isinstance(compressor, DataFree):
+            skip_bare_parts(compressor)
     batches = list(task.train_batches(ctx, steps, batch))
     check_vocab(config, batches)
     recipe_dict = {k: v for k, v in recipe.to_dict().items() if k != "description"}
@@ -241,17 +292,7 @@ def compress_large(
         arch = {**arch, "config": {**arch["config"], "tie_word_embeddings": False}}
     manifest = {
         "architecture": arch,
-        "modules": [
-            *(
-                {"name": n, "type": "Conv1DLinear", "config": _linear_config(model, n)}
-                for n in swapped
-            ),
-            *(
-                {"name": n, "type": "UnfusedExperts", "config": model.get_submodule(n).config()}  # type: ignore[operator]
-                for n in experts
-            ),
-            *rotated,  # the online Hadamards quantize.rotate puts into every block
-        ],
+        "modules": records,  # Conv1DLinear, UnfusedExperts, online Hadamards, ...
         "metadata": {
             "source": source or str(root),
             "recipe": recipe_dict,

@@ -10,8 +10,9 @@ exactly elsewhere).
 
 All three also run offloaded (``slimtorch compress --max-memory``): each block as it streams
 by, then the layers outside the blocks (:func:`_blockwise`); ``quantize.fp8 activations:
-dynamic`` is refused there, since the offloaded artifact records no runtime modules swapped in
-during compression.
+dynamic`` there swaps each block's Linear layers (under their full names,
+:class:`~slimtorch.calibrate.swaps.SwapParts`) and the manifest records the Fp8Linear modules
+from :func:`fp8_dynamic` run on the ``meta`` model up front: the artifact is the in-memory one.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from pydantic import Field
 from torch import nn
 
 from slimtorch.calibrate.sequential import DataFree
+from slimtorch.calibrate.swaps import SwapParts
 from slimtorch.core.config import StageConfig
-from slimtorch.core.errors import ConfigError, TargetError, UnsupportedModelError
+from slimtorch.core.errors import TargetError, UnsupportedModelError
 from slimtorch.core.methods import Run, register_method
 from slimtorch.formats.state import QuantState, clear_state, get_state
 from slimtorch.graph.weights import WeightRef, replace_module, select_weights
@@ -57,8 +59,7 @@ class Fp8Config(FloatConfig):
     activations: Literal["none", "dynamic"] = Field(
         "none",
         description="'none': weight-only (W8A16); 'dynamic': Linear layers become Fp8Linear"
-        " with activations quantized to E4M3 per token at run time (W8A8; in memory only,"
-        " an offloaded --max-memory run refuses it)",
+        " with activations quantized to E4M3 per token at run time (W8A8)",
     )
 
 
@@ -89,12 +90,12 @@ def _blockwise(stage: str, fn: Quantizer) -> Callable[[FloatConfig, Run], DataFr
 
     def build(config: FloatConfig, run: Run) -> DataFree:
         if isinstance(config, Fp8Config) and config.activations == "dynamic":
-            raise ConfigError(
-                f"{stage} activations: dynamic swaps Linear layers for Fp8Linear modules, which"
-                " an offloaded run (--max-memory) cannot record in its artifact; compress in"
-                " memory (no --max-memory, or one at least twice the checkpoint's float32 size),"
-                " or use activations: none (FP8 weights only, W8A16)"
-            )
+            dynamic = config
+
+            def swap(part: nn.Module) -> None:
+                fp8_dynamic(part, dynamic, "skip")
+
+            return SwapParts(swap)
 
         def apply(part: nn.Module, each: FloatConfig) -> None:
             _quantize(part, each, run, stage, fn)
@@ -104,8 +105,15 @@ def _blockwise(stage: str, fn: Quantizer) -> Callable[[FloatConfig, Run], DataFr
     return build
 
 
-def _to_fp8_linears(model: nn.Module, refs: list[WeightRef]) -> None:
-    """Replace the Linear layers of ``refs`` by dynamic W8A8 :class:`Fp8Linear` modules."""
+def fp8_dynamic(model: nn.Module, config: Fp8Config, missing: str | None = None) -> int:
+    """Replace the selected Linear layers by dynamic W8A8 :class:`Fp8Linear` modules; returns
+    how many. ``missing`` overrides the config's (``"skip"``: one part of an offloaded run). On
+    ``meta`` layers the new modules are empty ``meta`` ones (the structure alone: the offloaded
+    run's manifest records)."""
+    each = config.model_copy(update={"missing": missing}) if missing else config
+    refs = _refs(model, each, "quantize.fp8")
+    if not refs:
+        return 0
     linears = [r for r in refs if isinstance(r.module, nn.Linear) and r.param == "weight"]
     others = sorted({r.kind for r in refs} - {"Linear"})
     if others or not linears:
@@ -122,6 +130,12 @@ def _to_fp8_linears(model: nn.Module, refs: list[WeightRef]) -> None:
     for ref in linears:
         linear = ref.module
         assert isinstance(linear, nn.Linear)
+        if linear.weight.device.type == "meta":
+            with torch.device("meta"):
+                new = Fp8Linear(linear.in_features, linear.out_features,
+                                linear.bias is not None, "dynamic")  # fmt: skip
+            replace_module(model, ref.module_name, new.train(linear.training))
+            continue
         state = get_state(linear, "weight")
         mask = state.mask if state is not None else None
         q = floats.fp8_per_channel(linear.weight.detach(), mask)
@@ -133,6 +147,7 @@ def _to_fp8_linears(model: nn.Module, refs: list[WeightRef]) -> None:
         clear_state(linear, "weight")
         device = linear.weight.device
         replace_module(model, ref.module_name, new.to(device).train(linear.training))
+    return len(linears)
 
 
 @register_method(
@@ -143,10 +158,9 @@ def _to_fp8_linears(model: nn.Module, refs: list[WeightRef]) -> None:
 )
 def fp8(model: nn.Module, config: Fp8Config, run: Run) -> None:
     if config.activations == "dynamic":
-        refs = _refs(model, config, "quantize.fp8")
-        if refs:
-            _to_fp8_linears(model, refs)
-            log.info("quantize.fp8: %d Linear layers to W8A8 Fp8Linear", len(refs))
+        count = fp8_dynamic(model, config)
+        if count:
+            log.info("quantize.fp8: %d Linear layers to W8A8 Fp8Linear", count)
         return
     _quantize(model, config, run, "quantize.fp8", floats.fp8_per_channel)
 
