@@ -118,11 +118,12 @@ def _kl_and_agreement(
 
 # (factory, learning rate, the most KL to the teacher kept, the least gain in top-1 agreement):
 # a sharpened random teacher (last layer x20), 60% of its weights pruned, 100 data-free steps.
-# Adversarial data-free training is noisy and float rounding differs between CPUs, so the bounds
-# keep wide margins: measured (2026-12-07, AMD EPYC) KL 0.059 -> 0.028 and agreement 44% -> 64%
-# (tiny_cnn at lr 3e-3; at lr 1e-2 it was 0.048 on one machine and 0.053 on another), 0.74 ->
-# 0.39 and 54% -> 68% (tiny_resnet, whose BatchNorm statistics are the generator's prior)
-RECOVERY = [(tiny_cnn, 3e-3, 0.75, 0.1), (tiny_resnet, 1e-2, 0.6, 0.08)]
+# Adversarial data-free training is noisy and float rounding differs between CPUs (tiny_cnn at
+# lr 1e-2: KL ratio 0.81 on one machine, 0.906 on another), so the bounds hold for every run
+# seed 0-5 with margin (2026-12-07, AMD EPYC): KL ratio 0.48-0.59 and agreement +15-22 points
+# (tiny_cnn, lr 3e-3); 0.39-0.64 and +10-18 points (tiny_resnet, lr 1e-2, whose BatchNorm
+# statistics are the generator's prior)
+RECOVERY = [(tiny_cnn, 3e-3, 0.75, 0.1), (tiny_resnet, 1e-2, 0.75, 0.06)]
 
 
 @pytest.mark.parametrize(("factory", "lr", "kl_kept", "agree_gain"), RECOVERY)
