@@ -11,8 +11,6 @@ are computed up front on the ``meta`` model (workflows/offloaded.py), as quantiz
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
 from slimtorch.calibrate.sequential import Accumulator, DataFree
@@ -39,13 +37,8 @@ def rooted(block: nn.Module, name: str) -> nn.Module:
 class SwapParts(DataFree):
     """The layer-wise form of a module-swapping stage: ``fn(model)`` swaps the layers it selects
     (none selected: nothing, no error) on each block under its full name, and on the model
-    without its blocks (the layers outside them, called by the offloaded run)."""
-
-    def __init__(self, fn: Callable[[nn.Module], None]) -> None:
-        super().__init__(fn)
-
-    def observe(self, name: str, block: nn.Module) -> dict[str, Accumulator]:
-        return {}
+    without its blocks (the layers outside them, called by the offloaded run). Observing and
+    construction are :class:`DataFree`'s; only the rooting of each block is its own."""
 
     def compress(self, name: str, block: nn.Module, stats: dict[str, Accumulator]) -> None:
         self.fn(rooted(block, name))

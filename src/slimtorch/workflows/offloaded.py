@@ -28,7 +28,6 @@ import resource
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from slimtorch.artifact.save import runtime_modules
@@ -47,13 +46,12 @@ from slimtorch.calibrate.text import missing_tokenizer, model_tokenizer
 from slimtorch.core.context import Context
 from slimtorch.core.errors import ConfigError, UserInputError
 from slimtorch.core.methods import Run
-from slimtorch.graph.weights import replace_module, select_weights
+from slimtorch.graph.weights import select_weights
 from slimtorch.models.hf import from_config, read_architecture
 from slimtorch.quantize.stages.activations import ActivationsConfig, wrap_activations
 from slimtorch.quantize.stages.floats import Fp8Config, fp8_dynamic
-from slimtorch.quantize.stages.rotate import RotateConfig, offloaded_modules
+from slimtorch.quantize.stages.rotate import RotateConfig, insert_online_meta, offloaded_modules
 from slimtorch.recipe import Recipe
-from slimtorch.runtime import OnlineHadamardLinear
 from slimtorch.runtime.conv1d import linearize_conv1d
 from slimtorch.runtime.moe import unfuse_experts
 
@@ -181,11 +179,7 @@ def _swap(sim: nn.Module, config: Any) -> bool:
     elif isinstance(config, Fp8Config) and config.activations == "dynamic":
         fp8_dynamic(sim, config)
     elif isinstance(config, RotateConfig):
-        for rec in offloaded_modules(sim, [config]):  # its online Hadamards, as it records them
-            m = int(rec["config"]["factor"])
-            linear = sim.get_submodule(rec["name"])
-            hadamard = OnlineHadamardLinear(linear, torch.zeros(m, m, device="meta"))
-            replace_module(sim, rec["name"], hadamard)
+        insert_online_meta(sim, config)  # its online Hadamards, as it records them
     else:
         return False
     return True

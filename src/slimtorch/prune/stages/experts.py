@@ -195,9 +195,7 @@ def _merge_into_kept(
 def _keep(experts: UnfusedExperts, router: nn.Module, kept: list[int]) -> UnfusedExperts:
     """A smaller :class:`UnfusedExperts` with the ``kept`` experts; the router's per-expert rows
     (every parameter/buffer whose first dimension is the expert count) cut to match."""
-    new = UnfusedExperts.from_config({**experts.config(), "num_experts": len(kept)})
-    for i, j in enumerate(kept):
-        new._modules[str(i)] = experts._modules[str(j)]
+    new = experts.subset(kept)
     index = torch.tensor(kept)
     with torch.no_grad():
         for pname, tensor in [*router.named_parameters(), *router.named_buffers()]:

@@ -33,6 +33,7 @@ from slimtorch.core.config import StageConfig
 from slimtorch.core.errors import ConfigError, UnsupportedModelError
 from slimtorch.core.info import update_info
 from slimtorch.core.methods import Run, register_method
+from slimtorch.graph.weights import replace_module
 from slimtorch.models.hf import hf_architecture
 from slimtorch.quantize.rotate_llama import (
     Block,
@@ -50,6 +51,7 @@ from slimtorch.quantize.rotate_llama import (
     untie_head,
 )
 from slimtorch.quantize.rotation import RotationKind, max_abs_error, orthogonal
+from slimtorch.runtime import OnlineHadamardLinear
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +220,14 @@ def offloaded_modules(model: nn.Module, configs: list[Any]) -> list[dict[str, An
             llama_parts(model, numeric=False)
             out += online_records(model, config.online())
     return out
+
+
+def insert_online_meta(model: nn.Module, config: RotateConfig) -> None:
+    """The online Hadamards the rotation inserts, put into ``model`` still on ``meta`` (the
+    structure alone, from :func:`offloaded_modules`' records): what the offloaded run's
+    manifest records."""
+    for rec in offloaded_modules(model, [config]):
+        m = int(rec["config"]["factor"])
+        linear = model.get_submodule(rec["name"])
+        hadamard = OnlineHadamardLinear(linear, torch.zeros(m, m, device="meta"))
+        replace_module(model, rec["name"], hadamard)
